@@ -28,6 +28,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/certpem"
+
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/trellis-mesh/trellis/internal/statefile"
@@ -536,7 +538,7 @@ func newIntermediate(td spiffeid.TrustDomain, root *x509.Certificate, rootKey cr
 // and checks they can serve: a CA certificate allowed to sign certificates,
 // valid now, with a matching key.
 func parseSuppliedCA(what string, certPEM, keyPEM []byte, now time.Time) (*x509.Certificate, crypto.Signer, error) {
-	certs, err := ParseCertsPEM(certPEM)
+	certs, err := certpem.ParseCerts(certPEM)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s certificate: %w", what, err)
 	}
@@ -553,7 +555,7 @@ func parseSuppliedCA(what string, certPEM, keyPEM []byte, now time.Time) (*x509.
 	if len(keyPEM) == 0 {
 		return cert, nil, nil
 	}
-	key, err := ParseKeyPEM(keyPEM)
+	key, err := certpem.ParseKey(keyPEM)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s key: %w", what, err)
 	}

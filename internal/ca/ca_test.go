@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/certpem"
+
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -381,7 +383,7 @@ func TestStateFilePermissions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	roots, err := ParseCertsPEM(bundle)
+	roots, err := certpem.ParseCerts(bundle)
 	if err != nil || len(roots) != 1 || !roots[0].Equal(c.Bundle()[0]) {
 		t.Fatalf("bundle.pem does not hold the root: %v", err)
 	}
@@ -415,10 +417,10 @@ func TestLoadErrorsNameTheFile(t *testing.T) {
 func TestInitWithSuppliedRoot(t *testing.T) {
 	src, clock := newTestCA(t)
 	p := src.cur.Load()
-	rootPEM := EncodeCertsPEM(p.roots[0].cert)
-	rootKeyPEM, _ := EncodeKeyPEM(p.roots[0].key)
-	interPEM := EncodeCertsPEM(p.issuer.cert)
-	interKeyPEM, _ := EncodeKeyPEM(p.issuer.key)
+	rootPEM := certpem.EncodeCerts(p.roots[0].cert)
+	rootKeyPEM, _ := certpem.EncodeKey(p.roots[0].key)
+	interPEM := certpem.EncodeCerts(p.issuer.cert)
+	interKeyPEM, _ := certpem.EncodeKey(p.issuer.key)
 	cfg := func() Config { return Config{StateDir: t.TempDir(), Now: clock.Now} }
 
 	t.Run("root and key", func(t *testing.T) {
@@ -453,14 +455,14 @@ func TestInitWithSuppliedRoot(t *testing.T) {
 			t.Fatalf("no warning about the unrenewable intermediate: %v", w)
 		}
 	})
-	otherKey, _ := EncodeKeyPEM(ecKey(t))
+	otherKey, _ := certpem.EncodeKey(ecKey(t))
 	for name, opts := range map[string]InitOptions{
 		"mismatched key":           {RootCertPEM: rootPEM, RootKeyPEM: otherKey},
 		"key without cert":         {RootKeyPEM: rootKeyPEM},
 		"root without any key":     {RootCertPEM: rootPEM},
-		"intermediate as root":     {RootCertPEM: EncodeCertsPEM(sign(t, src, ordersID)[0]), RootKeyPEM: otherKey},
+		"intermediate as root":     {RootCertPEM: certpem.EncodeCerts(sign(t, src, ordersID)[0]), RootKeyPEM: otherKey},
 		"intermediate, no root":    {IntermediateCertPEM: interPEM, IntermediateKeyPEM: interKeyPEM},
-		"intermediate, wrong root": {RootCertPEM: EncodeCertsPEM(mustRoot(t, clock.Now())), RootKeyPEM: nil, IntermediateCertPEM: interPEM, IntermediateKeyPEM: interKeyPEM},
+		"intermediate, wrong root": {RootCertPEM: certpem.EncodeCerts(mustRoot(t, clock.Now())), RootKeyPEM: nil, IntermediateCertPEM: interPEM, IntermediateKeyPEM: interKeyPEM},
 	} {
 		t.Run(name, func(t *testing.T) {
 			opts.TrustDomain = "cluster.local"

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/certpem"
+
 	"github.com/trellis-mesh/trellis/internal/statefile"
 )
 
@@ -130,13 +132,13 @@ func readState(dir string) (*parsedState, error) {
 	p := &parsedState{trustDomain: st.TrustDomain}
 	active := 0
 	for i, r := range st.Roots {
-		certs, err := ParseCertsPEM([]byte(r.Cert))
+		certs, err := certpem.ParseCerts([]byte(r.Cert))
 		if err != nil || len(certs) != 1 {
 			return nil, corrupt("roots[%d].cert: %v", i, errOrCount(err, len(certs)))
 		}
 		pr := parsedRoot{status: r.Status, cert: certs[0], leavesValidUntil: r.LeavesValidUntil}
 		if r.Key != "" {
-			if pr.key, err = ParseKeyPEM([]byte(r.Key)); err != nil {
+			if pr.key, err = certpem.ParseKey([]byte(r.Key)); err != nil {
 				return nil, corrupt("roots[%d].key: %v", i, err)
 			}
 		}
@@ -152,11 +154,11 @@ func readState(dir string) (*parsedState, error) {
 	if active != 1 {
 		return nil, corrupt("%d active roots, want exactly one", active)
 	}
-	certs, err := ParseCertsPEM([]byte(st.Issuer.Cert))
+	certs, err := certpem.ParseCerts([]byte(st.Issuer.Cert))
 	if err != nil || len(certs) != 1 {
 		return nil, corrupt("issuer.cert: %v", errOrCount(err, len(certs)))
 	}
-	key, err := ParseKeyPEM([]byte(st.Issuer.Key))
+	key, err := certpem.ParseKey([]byte(st.Issuer.Key))
 	if err != nil {
 		return nil, corrupt("issuer.key: %v", err)
 	}
@@ -185,9 +187,9 @@ func errOrCount(err error, n int) error {
 func writeState(dir string, p *parsedState) error {
 	st := state{Version: stateVersion, TrustDomain: p.trustDomain}
 	for _, r := range p.roots {
-		rs := rootState{Status: r.status, Cert: string(EncodeCertsPEM(r.cert)), LeavesValidUntil: r.leavesValidUntil}
+		rs := rootState{Status: r.status, Cert: string(certpem.EncodeCerts(r.cert)), LeavesValidUntil: r.leavesValidUntil}
 		if r.key != nil {
-			k, err := EncodeKeyPEM(r.key)
+			k, err := certpem.EncodeKey(r.key)
 			if err != nil {
 				return err
 			}
@@ -195,11 +197,11 @@ func writeState(dir string, p *parsedState) error {
 		}
 		st.Roots = append(st.Roots, rs)
 	}
-	k, err := EncodeKeyPEM(p.issuer.key)
+	k, err := certpem.EncodeKey(p.issuer.key)
 	if err != nil {
 		return err
 	}
-	st.Issuer = issuerState{Cert: string(EncodeCertsPEM(p.issuer.cert)), Key: string(k), Supplied: p.issuer.supplied}
+	st.Issuer = issuerState{Cert: string(certpem.EncodeCerts(p.issuer.cert)), Key: string(k), Supplied: p.issuer.supplied}
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode CA state: %w", err)
@@ -210,7 +212,7 @@ func writeState(dir string, p *parsedState) error {
 	if err := statefile.WriteAtomic(filepath.Join(dir, stateFileName), append(data, '\n'), 0o600); err != nil {
 		return err
 	}
-	return statefile.WriteAtomic(filepath.Join(dir, bundleFileName), EncodeCertsPEM(p.bundle()...), 0o644)
+	return statefile.WriteAtomic(filepath.Join(dir, bundleFileName), certpem.EncodeCerts(p.bundle()...), 0o644)
 }
 
 func (p *parsedState) bundle() []*x509.Certificate {

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/certpem"
+
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
@@ -188,7 +190,7 @@ and write key.pem, cert.pem and bundle.pem. The key never leaves this machine.`,
 			if err != nil {
 				return fmt.Errorf("read the trust bundle: %w (it is bundle.pem in the control plane's state directory)", err)
 			}
-			bundle, err := ca.ParseCertsPEM(pem)
+			bundle, err := certpem.ParseCerts(pem)
 			if err != nil {
 				return fmt.Errorf("%s: %w", bundleFile, err)
 			}

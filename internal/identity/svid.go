@@ -14,11 +14,12 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/certpem"
+
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/trellis-mesh/trellis/internal/ca"
 	"github.com/trellis-mesh/trellis/internal/statefile"
 )
 
@@ -83,7 +84,7 @@ func (s *SVID) WriteFiles(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("write SVID: %w", err)
 	}
-	keyPEM, err := ca.EncodeKeyPEM(s.Key)
+	keyPEM, err := certpem.EncodeKey(s.Key)
 	if err != nil {
 		return fmt.Errorf("write SVID: %w", err)
 	}
@@ -93,8 +94,8 @@ func (s *SVID) WriteFiles(dir string) error {
 		perm os.FileMode
 	}{
 		{KeyFile, keyPEM, 0o600},
-		{CertFile, ca.EncodeCertsPEM(s.Chain...), 0o644},
-		{BundleFile, ca.EncodeCertsPEM(s.Bundle...), 0o644},
+		{CertFile, certpem.EncodeCerts(s.Chain...), 0o644},
+		{BundleFile, certpem.EncodeCerts(s.Bundle...), 0o644},
 	} {
 		if err := statefile.WriteAtomic(filepath.Join(dir, f.name), f.data, f.perm); err != nil {
 			return fmt.Errorf("write SVID: %w", err)
@@ -124,15 +125,15 @@ func LoadFiles(dir string, now time.Time) (*SVID, error) {
 	if err != nil {
 		return nil, err
 	}
-	key, err := ca.ParseKeyPEM(keyPEM)
+	key, err := certpem.ParseKey(keyPEM)
 	if err != nil {
 		return nil, fmt.Errorf("load SVID: %s: %w", filepath.Join(dir, KeyFile), err)
 	}
-	chain, err := ca.ParseCertsPEM(certPEM)
+	chain, err := certpem.ParseCerts(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("load SVID: %s: %w", filepath.Join(dir, CertFile), err)
 	}
-	bundle, err := ca.ParseCertsPEM(bundlePEM)
+	bundle, err := certpem.ParseCerts(bundlePEM)
 	if err != nil {
 		return nil, fmt.Errorf("load SVID: %s: %w", filepath.Join(dir, BundleFile), err)
 	}

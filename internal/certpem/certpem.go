@@ -1,4 +1,6 @@
-package ca
+// Package certpem reads and writes certificates and private keys as PEM, in
+// the formats openssl, cfssl and step produce and expect.
+package certpem
 
 import (
 	"crypto"
@@ -8,8 +10,8 @@ import (
 	"fmt"
 )
 
-// EncodeCertsPEM returns certs as concatenated PEM CERTIFICATE blocks.
-func EncodeCertsPEM(certs ...*x509.Certificate) []byte {
+// EncodeCerts returns certs as concatenated PEM CERTIFICATE blocks.
+func EncodeCerts(certs ...*x509.Certificate) []byte {
 	var out []byte
 	for _, c := range certs {
 		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
@@ -17,8 +19,8 @@ func EncodeCertsPEM(certs ...*x509.Certificate) []byte {
 	return out
 }
 
-// EncodeKeyPEM returns key as a PKCS#8 PEM block.
-func EncodeKeyPEM(key crypto.Signer) ([]byte, error) {
+// EncodeKey returns key as a PKCS#8 PEM block.
+func EncodeKey(key crypto.Signer) ([]byte, error) {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return nil, fmt.Errorf("encode private key: %w", err)
@@ -26,9 +28,9 @@ func EncodeKeyPEM(key crypto.Signer) ([]byte, error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
 
-// ParseCertsPEM parses every CERTIFICATE block in data. Other block types are
+// ParseCerts parses every CERTIFICATE block in data. Other block types are
 // an error, so a key pasted into a certificate file is caught.
-func ParseCertsPEM(data []byte) ([]*x509.Certificate, error) {
+func ParseCerts(data []byte) ([]*x509.Certificate, error) {
 	var certs []*x509.Certificate
 	for {
 		var block *pem.Block
@@ -51,9 +53,9 @@ func ParseCertsPEM(data []byte) ([]*x509.Certificate, error) {
 	return certs, nil
 }
 
-// ParseKeyPEM parses the first private key in data: PKCS#8, SEC 1 (EC) or
+// ParseKey parses the first private key in data: PKCS#8, SEC 1 (EC) or
 // PKCS#1 (RSA), which covers what openssl, cfssl and step write.
-func ParseKeyPEM(data []byte) (crypto.Signer, error) {
+func ParseKey(data []byte) (crypto.Signer, error) {
 	for {
 		var block *pem.Block
 		block, data = pem.Decode(data)
