@@ -31,8 +31,8 @@ import (
 const (
 	renewPermille  = 700
 	jitterPermille = 50 // ± share of the lifetime
-	backoffBase   = time.Second
-	backoffMax    = time.Minute
+	backoffBase    = time.Second
+	backoffMax     = time.Minute
 	// maxWait caps each sleep so that a suspended machine or a clock jump
 	// is noticed within a minute rather than at the old deadline.
 	maxWait = time.Minute
@@ -58,6 +58,10 @@ func Backoff(attempt int, jitter float64) time.Duration {
 	}
 	return d + time.Duration(float64(d)*0.2*jitter)
 }
+
+// CredentialJoinToken is the credential type of bootstrap join tokens
+// ('trellis token create').
+const CredentialJoinToken = "join-token"
 
 // Config configures a Source.
 type Config struct {

@@ -149,20 +149,23 @@ func TestServiceRefusals(t *testing.T) {
 		wantText string
 	}{
 		{
-			name:     "token for another identity",
-			src:      func() *identity.Source { return cp.source(t, "shipping", "payments", cp.token(t, "shipping", "orders-api")) },
+			name: "token for another identity",
+			src: func() *identity.Source {
+				return cp.source(t, "shipping", "payments", cp.token(t, "shipping", "orders-api"))
+			},
 			wantCode: codes.InvalidArgument, wantText: "authenticated as",
 		},
 		{
-			name:     "forged token",
-			src:      func() *identity.Source { return cp.source(t, "shipping", "orders-api", "trellis-jt1.001122334455.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA") },
+			name: "forged token",
+			src: func() *identity.Source {
+				return cp.source(t, "shipping", "orders-api", "trellis-jt1.001122334455.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+			},
 			wantCode: codes.Unauthenticated,
 		},
 		{
 			name: "unknown credential type",
 			src: func() *identity.Source {
-				s := cp.source(t, "shipping", "orders-api", "x")
-				return withCredential(t, cp, s, &identityv1.Credential{Type: "password", Value: "x"})
+				return withCredential(t, cp, &identityv1.Credential{Type: "password", Value: "x"})
 			},
 			wantCode: codes.InvalidArgument, wantText: "join-token",
 		},
@@ -179,7 +182,7 @@ func TestServiceRefusals(t *testing.T) {
 	}
 }
 
-func withCredential(t *testing.T, cp *controlPlane, _ *identity.Source, cred *identityv1.Credential) *identity.Source {
+func withCredential(t *testing.T, cp *controlPlane, cred *identityv1.Credential) *identity.Source {
 	src, err := identity.NewSource(identity.Config{
 		Addr: cp.addr, ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/shipping/sa/orders-api"),
 		ServerID: meshid.ControlPlane(td), Bundle: cp.ca.Bundle(), Credential: cred,

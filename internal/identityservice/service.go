@@ -34,6 +34,7 @@ import (
 
 	identityv1 "github.com/trellis-mesh/trellis/api/identity/v1"
 	"github.com/trellis-mesh/trellis/internal/ca"
+	"github.com/trellis-mesh/trellis/internal/identity"
 	"github.com/trellis-mesh/trellis/internal/jointoken"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 )
@@ -51,7 +52,7 @@ type Authenticator interface {
 var ErrUnauthenticated = errors.New("unauthenticated")
 
 // JoinTokenType is the credential type of bootstrap join tokens.
-const JoinTokenType = "join-token"
+const JoinTokenType = identity.CredentialJoinToken
 
 // JoinTokens authenticates bootstrap join tokens from a token store.
 type JoinTokens struct {

@@ -17,7 +17,7 @@ import (
 	"time"
 )
 
-var trellisBin string
+var trellisBin, proxyBin string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "trellis-e2e-")
@@ -26,7 +26,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	trellisBin = filepath.Join(dir, "trellis")
-	build := exec.Command("go", "build", "-o", trellisBin, "../../cmd/trellis")
+	proxyBin = filepath.Join(dir, "trellis-proxy")
+	build := exec.Command("go", "build", "-o", dir, "../../cmd/trellis", "../../cmd/trellis-proxy")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build trellis:", err)

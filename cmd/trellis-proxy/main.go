@@ -1,0 +1,217 @@
+// Command trellis-proxy is the Trellis sidecar. It runs beside one workload,
+// holds the workload's identity (obtained from the identity service with a
+// key generated here, or loaded from files with --static) and keeps it
+// renewed, and serves its admin endpoints. The traffic listeners build on
+// this; the binary stays lean: no Kubernetes client, no CA code (see
+// deps_test.go).
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+
+	identityv1 "github.com/trellis-mesh/trellis/api/identity/v1"
+	"github.com/trellis-mesh/trellis/internal/admin"
+	"github.com/trellis-mesh/trellis/internal/certpem"
+	"github.com/trellis-mesh/trellis/internal/identity"
+	"github.com/trellis-mesh/trellis/internal/meshid"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stderr); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "trellis-proxy:", err)
+		stop()
+		os.Exit(1)
+	}
+}
+
+// config is the proxy's validated configuration.
+type config struct {
+	adminAddr      string
+	static         string
+	identityAddr   string
+	caBundle       string
+	trustDomain    string
+	namespace      string
+	serviceAccount string
+	joinTokenFile  string
+	ttl            time.Duration
+}
+
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("trellis-proxy", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.adminAddr, "admin-addr", "127.0.0.1:15000", "address of the admin endpoints (/live, /ready, /config)")
+	fs.StringVar(&c.static, "static", "", "load the identity from key.pem, cert.pem and bundle.pem in this directory instead of the identity service")
+	fs.StringVar(&c.identityAddr, "identity-addr", "127.0.0.1:15012", "address of the identity service")
+	fs.StringVar(&c.caBundle, "ca-bundle", "", "PEM trust bundle to verify the identity service with")
+	fs.StringVar(&c.trustDomain, "trust-domain", meshid.DefaultTrustDomain, "trust domain of the mesh")
+	fs.StringVar(&c.namespace, "namespace", "", "namespace of the workload")
+	fs.StringVar(&c.serviceAccount, "service-account", "", "service account of the workload")
+	fs.StringVar(&c.joinTokenFile, "join-token-file", "", "file holding the join token for the first certificate")
+	fs.DurationVar(&c.ttl, "cert-ttl", 0, "workload certificate lifetime to ask for (default: the control plane's)")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, `Usage: trellis-proxy [flags]
+
+Examples:
+  trellis-proxy --ca-bundle .trellis/bundle.pem --namespace shipping \
+    --service-account orders-api --join-token-file token
+  trellis-proxy --static ./orders
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected arguments %q: every setting is a flag (see --help)", fs.Args())
+	}
+	if c.static != "" {
+		return c, nil
+	}
+	var missing []string
+	for _, f := range []struct{ name, val string }{
+		{"--ca-bundle", c.caBundle}, {"--namespace", c.namespace}, {"--service-account", c.serviceAccount}, {"--join-token-file", c.joinTokenFile},
+	} {
+		if f.val == "" {
+			missing = append(missing, f.name)
+		}
+	}
+	if len(missing) > 0 {
+		return c, fmt.Errorf("missing %s: give them to obtain an identity from the identity service, or use --static DIR", strings.Join(missing, ", "))
+	}
+	return c, nil
+}
+
+func run(ctx context.Context, args []string, stderr io.Writer) error {
+	cfg, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+
+	var (
+		holder   *identity.Holder
+		source   string
+		runAgent func(context.Context) error
+	)
+	if cfg.static != "" {
+		svid, err := identity.LoadFiles(cfg.static, time.Now())
+		if err != nil {
+			return err
+		}
+		holder = &identity.Holder{}
+		holder.Set(svid)
+		source = "static " + cfg.static
+		log.Info("identity loaded from files", "id", svid.ID, "notAfter", svid.NotAfter().UTC())
+	} else {
+		src, err := newSource(cfg, log)
+		if err != nil {
+			return err
+		}
+		holder = &src.Holder
+		source = "identity-service " + cfg.identityAddr
+		runAgent = src.Run
+	}
+
+	lis, err := net.Listen("tcp", cfg.adminAddr)
+	if err != nil {
+		return fmt.Errorf("admin endpoints: %w (choose another --admin-addr)", err)
+	}
+	srv := &http.Server{
+		Handler:           admin.Handler(func() bool { return holder.Current() != nil }, func() admin.State { return adminState(holder, source) }),
+		ReadHeaderTimeout: 5 * time.Second,
+	}
+	log.Info("admin endpoints listening", "addr", lis.Addr().String())
+
+	eg, ctx := errgroup.WithContext(ctx)
+	if runAgent != nil {
+		eg.Go(func() error { return runAgent(ctx) })
+	}
+	eg.Go(func() error {
+		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	eg.Go(func() error {
+		<-ctx.Done()
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(shutdownCtx)
+	})
+	return eg.Wait()
+}
+
+func newSource(cfg config, log *slog.Logger) (*identity.Source, error) {
+	td, err := spiffeid.TrustDomainFromString(cfg.trustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("--trust-domain %q: %w", cfg.trustDomain, err)
+	}
+	id, err := meshid.Workload(td, cfg.namespace, cfg.serviceAccount)
+	if err != nil {
+		return nil, err
+	}
+	pem, err := os.ReadFile(cfg.caBundle)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-bundle: %w", err)
+	}
+	bundle, err := certpem.ParseCerts(pem)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-bundle %s: %w", cfg.caBundle, err)
+	}
+	token, err := os.ReadFile(cfg.joinTokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("--join-token-file: %w", err)
+	}
+	return identity.NewSource(identity.Config{
+		Log: log, Addr: cfg.identityAddr, ID: id, ServerID: meshid.ControlPlane(td), Bundle: bundle, TTL: cfg.ttl,
+		Credential: &identityv1.Credential{Type: identity.CredentialJoinToken, Value: strings.TrimSpace(string(token))},
+	})
+}
+
+func adminState(h *identity.Holder, source string) admin.State {
+	st := admin.State{Source: source}
+	svid := h.Current()
+	if svid == nil {
+		return st
+	}
+	leaf := svid.Chain[0]
+	id := &admin.Identity{
+		SPIFFEID:        svid.ID.String(),
+		Serial:          leaf.SerialNumber.Text(16),
+		NotBefore:       leaf.NotBefore.UTC(),
+		NotAfter:        leaf.NotAfter.UTC(),
+		SecondsToExpiry: time.Until(leaf.NotAfter).Seconds(),
+	}
+	for _, r := range svid.Bundle {
+		sum := sha256.Sum256(r.Raw)
+		id.TrustBundle = append(id.TrustBundle, hex.EncodeToString(sum[:]))
+	}
+	st.Identity = id
+	return st
+}

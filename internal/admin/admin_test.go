@@ -1,0 +1,49 @@
+package admin
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+)
+
+func TestEndpoints(t *testing.T) {
+	ready := false
+	state := State{Source: "static /x"}
+	srv := httptest.NewServer(Handler(func() bool { return ready }, func() State { return state }))
+	defer srv.Close()
+
+	get := func(path string) (int, string) {
+		t.Helper()
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var buf [4096]byte
+		n, _ := resp.Body.Read(buf[:])
+		return resp.StatusCode, string(buf[:n])
+	}
+	if code, _ := get("/live"); code != http.StatusOK {
+		t.Fatalf("/live = %d", code)
+	}
+	if code, _ := get("/ready"); code != http.StatusServiceUnavailable {
+		t.Fatalf("/ready before the certificate = %d, want 503", code)
+	}
+	ready = true
+	state.Identity = &Identity{SPIFFEID: "spiffe://cluster.local/ns/a/sa/b"}
+	if code, _ := get("/ready"); code != http.StatusOK {
+		t.Fatalf("/ready with a certificate = %d, want 200", code)
+	}
+	code, body := get("/config")
+	var got State
+	if err := json.Unmarshal([]byte(body), &got); err != nil || code != http.StatusOK {
+		t.Fatalf("/config = %d %q: %v", code, body, err)
+	}
+	if got.Identity == nil || got.Identity.SPIFFEID != state.Identity.SPIFFEID || got.Source != state.Source {
+		t.Fatalf("/config = %+v", got)
+	}
+	if resp, err := http.Post(srv.URL+"/ready", "text/plain", nil); err != nil || resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Fatalf("POST /ready: %v %v", resp.StatusCode, err)
+	}
+}
