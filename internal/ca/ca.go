@@ -18,7 +18,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"math/big"
 	"net/url"
 	"os"
@@ -88,9 +87,9 @@ type CA struct {
 
 	// cur is the state signing reads without locking; mutations replace it.
 	cur atomic.Pointer[parsedState]
-	// leafBound is the in-memory upper bound of leaf expiry under the issuer's
-	// root, as UnixNano; it is persisted when it passes the recorded bound.
-	leafBound atomic.Int64
+	// leafBound caches the recorded upper bound of leaf expiry under the
+	// issuer's root, so most signatures skip the locked state update.
+	leafBound atomic.Pointer[leafBound]
 	// mu serializes mutations within this process; the file lock serializes
 	// them across processes.
 	mu sync.Mutex
@@ -210,11 +209,9 @@ func Load(cfg Config) (*CA, error) {
 
 func (c *CA) install(p *parsedState) {
 	c.cur.Store(p)
-	bound := int64(math.MinInt64) // nothing issued under this root yet
-	if r := c.rootOf(p); r != nil && !r.leavesValidUntil.IsZero() {
-		bound = r.leavesValidUntil.UnixNano()
+	if r := c.rootOf(p); r != nil {
+		c.leafBound.Store(&leafBound{root: r.cert, until: r.leavesValidUntil})
 	}
-	c.leafBound.Store(bound)
 }
 
 // rootOf returns the root entry the current issuer chains to.
@@ -304,7 +301,7 @@ func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*
 	if err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
 	}
-	if err := c.noteLeafExpiry(leaf.NotAfter); err != nil {
+	if err := c.noteLeafExpiry(p.issuer.root, leaf.NotAfter); err != nil {
 		// The certificate is valid; failing to record the bound only makes a
 		// later root retirement less informed, so report and carry on.
 		c.cfg.Log.Warn("could not record certificate expiry bound", "err", err)
@@ -324,20 +321,32 @@ func CheckTTL(ttl time.Duration, now, issuerNotAfter time.Time) error {
 	return nil
 }
 
-// noteLeafExpiry raises the recorded bound on leaf expiry under the current
-// root when notAfter passes it, persisting with slack so that this happens
-// about once an hour, not on every signature.
-func (c *CA) noteLeafExpiry(notAfter time.Time) error {
-	if notAfter.UnixNano() <= c.leafBound.Load() {
+// leafBound is the recorded bound on leaf expiry under one root.
+type leafBound struct {
+	root  *x509.Certificate
+	until time.Time
+}
+
+// noteLeafExpiry raises the recorded bound on the expiry of leaves issued
+// under root when notAfter passes it. The bound is persisted with slack, so
+// this happens about once an hour rather than on every signature.
+func (c *CA) noteLeafExpiry(root *x509.Certificate, notAfter time.Time) error {
+	if b := c.leafBound.Load(); b != nil && b.root.Equal(root) && !notAfter.After(b.until) {
 		return nil
 	}
 	return c.mutate(func(p *parsedState) (bool, error) {
-		r := c.rootOf(p)
-		if r == nil || !notAfter.After(r.leavesValidUntil) {
-			return false, nil
+		for i := range p.roots {
+			r := &p.roots[i]
+			if !r.cert.Equal(root) {
+				continue
+			}
+			if !notAfter.After(r.leavesValidUntil) {
+				return false, nil
+			}
+			r.leavesValidUntil = notAfter.Add(leafExpirySlack)
+			return true, nil
 		}
-		r.leavesValidUntil = notAfter.Add(leafExpirySlack)
-		return true, nil
+		return false, nil // the root was retired meanwhile (forced)
 	})
 }
 

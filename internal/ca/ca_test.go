@@ -559,3 +559,16 @@ func BenchmarkSign(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "signatures/s")
 }
+
+func TestRetireWithoutIssuedCertificatesNeedsNoWait(t *testing.T) {
+	c, _ := newTestCA(t)
+	if err := c.PrepareRoot(nil, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.ActivateRoot(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.RetireRoot(false); err != nil {
+		t.Fatalf("nothing was issued under the old root, yet retire refused: %v", err)
+	}
+}

@@ -73,9 +73,9 @@ func (c *CA) ActivateRoot() error {
 		old := p.activeRoot()
 		old.status = rootRetiring
 		// Every certificate under the old root came from an intermediate it
-		// signed; none outlives the bound recorded while it issued, and none
-		// outlives the intermediate that issued last.
-		if old.leavesValidUntil.IsZero() || old.leavesValidUntil.After(p.issuer.cert.NotAfter) {
+		// signed, so none outlives the intermediate that issued last, nor the
+		// bound recorded at each signature (zero: nothing was issued).
+		if old.leavesValidUntil.After(p.issuer.cert.NotAfter) {
 			old.leavesValidUntil = p.issuer.cert.NotAfter
 		}
 		next.status = rootActive
