@@ -30,6 +30,9 @@ func newCACommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "ca",
 		Short: "Manage the certificate authority that issues workload identities",
+		Example: `  trellis ca init
+  trellis ca inspect
+  trellis ca rotate-root prepare`,
 	}
 	cmd.AddCommand(newCAInitCommand(), newCAInspectCommand(), newCARotateRootCommand())
 	return cmd

@@ -35,6 +35,9 @@ func newIdentityCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "identity",
 		Short: "Issue and request workload identities (X.509-SVIDs)",
+		Example: `  trellis identity issue -n shipping --service-account orders-api --out ./orders
+  trellis identity serve
+  trellis identity request -n shipping --service-account orders-api --token-file token --out ./orders`,
 	}
 	cmd.AddCommand(newIdentityIssueCommand(), newIdentityServeCommand(), newIdentityRequestCommand())
 	return cmd

@@ -17,6 +17,8 @@ func NewRoot(stdout, stderr io.Writer) *cobra.Command {
 		Short: "Trellis: a zero-trust service mesh",
 		Long: `Trellis gives every workload a SPIFFE identity, makes every connection
 between workloads mutual TLS, and decides who may call whom by identity.`,
+		Example: `  trellis ca init && trellis identity issue -n shipping --service-account orders-api --out ./orders
+  trellis <command> --help`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -26,6 +28,7 @@ between workloads mutual TLS, and decides who may call whom by identity.`,
 		newCACommand(),
 		newIdentityCommand(),
 		newTokenCommand(),
+		newPolicyCommand(),
 	)
 	return root
 }

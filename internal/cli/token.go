@@ -15,6 +15,9 @@ func newTokenCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "token",
 		Short: "Manage join tokens that bootstrap workload identities outside Kubernetes",
+		Example: `  trellis token create -n shipping --service-account orders-api --ttl 1h
+  trellis token list
+  trellis token revoke 3f2a9c01b7de`,
 	}
 	var stateDir string
 	var (
