@@ -1,8 +1,9 @@
 // Command trellis-proxy is the Trellis sidecar. It runs beside one workload,
 // holds the workload's identity (obtained from the identity service with a
 // key generated here, or loaded from files with --static) and keeps it
-// renewed, and serves its admin endpoints. The traffic listeners build on
-// this; the binary stays lean: no Kubernetes client, no CA code (see
+// renewed, serves the workload's inbound and outbound traffic as mutual TLS
+// with the listeners and destinations of --config, and serves its admin
+// endpoints. The binary stays lean: no Kubernetes client, no CA code (see
 // deps_test.go).
 package main
 
@@ -23,6 +24,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 
@@ -31,6 +35,8 @@ import (
 	"github.com/trellis-mesh/trellis/internal/certpem"
 	"github.com/trellis-mesh/trellis/internal/identity"
 	"github.com/trellis-mesh/trellis/internal/meshid"
+	"github.com/trellis-mesh/trellis/internal/proxy"
+	proxyconfig "github.com/trellis-mesh/trellis/internal/proxy/config"
 )
 
 func main() {
@@ -48,6 +54,7 @@ func main() {
 
 // config is the proxy's validated configuration.
 type config struct {
+	configFile     string
 	adminAddr      string
 	static         string
 	identityAddr   string
@@ -63,7 +70,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	var c config
 	fs := flag.NewFlagSet("trellis-proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.adminAddr, "admin-addr", "127.0.0.1:15000", "address of the admin endpoints (/live, /ready, /config)")
+	fs.StringVar(&c.configFile, "config", "", "proxy configuration file (kind: ProxyConfig): listeners, destinations, policies")
+	fs.StringVar(&c.adminAddr, "admin-addr", "127.0.0.1:15000", "address of the admin endpoints (/live, /ready, /config, /metrics, POST /shutdown)")
 	fs.StringVar(&c.static, "static", "", "load the identity from key.pem, cert.pem and bundle.pem in this directory instead of the identity service")
 	fs.StringVar(&c.identityAddr, "identity-addr", "127.0.0.1:15012", "address of the identity service")
 	fs.StringVar(&c.caBundle, "ca-bundle", "", "PEM trust bundle to verify the identity service with")
@@ -78,7 +86,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 Examples:
   trellis-proxy --ca-bundle .trellis/bundle.pem --namespace shipping \
     --service-account orders-api --join-token-file token
-  trellis-proxy --static ./orders
+  trellis-proxy --static ./orders --config proxy.yaml
 
 Flags:
 `)
@@ -138,12 +146,44 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		runAgent = src.Run
 	}
 
+	var px *proxy.Proxy
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if cfg.configFile != "" {
+		pcfg, err := proxyconfig.Load(cfg.configFile)
+		if err != nil {
+			return err
+		}
+		px, err = proxy.New(proxy.Options{Config: pcfg, Identity: holder, Log: log, Metrics: proxy.NewMetrics(reg)})
+		if err != nil {
+			return err
+		}
+	}
+
 	lis, err := net.Listen("tcp", cfg.adminAddr)
 	if err != nil {
 		return fmt.Errorf("admin endpoints: %w (choose another --admin-addr)", err)
 	}
+	ctx, shutdown := context.WithCancel(ctx)
+	defer shutdown()
 	srv := &http.Server{
-		Handler:           admin.Handler(func() bool { return holder.Current() != nil }, func() admin.State { return adminState(holder, source) }),
+		Handler: admin.Handler(admin.Endpoints{
+			Ready: func() bool {
+				if px != nil {
+					return px.Ready()
+				}
+				return holder.Current() != nil
+			},
+			State: func() admin.State {
+				st := adminState(holder, source)
+				if px != nil {
+					st.PolicyVersion = px.PolicyVersion()
+				}
+				return st
+			},
+			Metrics:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+			Shutdown: shutdown,
+		}),
 		ReadHeaderTimeout: 5 * time.Second,
 	}
 	log.Info("admin endpoints listening", "addr", lis.Addr().String())
@@ -151,6 +191,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	eg, ctx := errgroup.WithContext(ctx)
 	if runAgent != nil {
 		eg.Go(func() error { return runAgent(ctx) })
+	}
+	if px != nil {
+		eg.Go(func() error { return px.Run(ctx) })
 	}
 	eg.Go(func() error {
 		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
@@ -160,11 +203,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	})
 	eg.Go(func() error {
 		<-ctx.Done()
-		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), proxy.DrainTimeout+time.Second)
 		defer cancel()
 		return srv.Shutdown(shutdownCtx)
 	})
-	return eg.Wait()
+	err = eg.Wait()
+	log.Info("stopped")
+	return err
 }
 
 func newSource(cfg config, log *slog.Logger) (*identity.Source, error) {

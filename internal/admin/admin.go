@@ -1,7 +1,7 @@
 // Package admin serves the proxy's admin endpoints on a loopback port:
-// liveness, readiness, and the identity and configuration the proxy runs
-// with. Operators and the control plane's CLI read them; nothing on this
-// port changes the proxy's behaviour except an explicit shutdown request.
+// liveness, readiness, Prometheus metrics, the identity and configuration
+// the proxy runs with, and a graceful shutdown for Jobs. Nothing else on
+// this port changes the proxy's behaviour.
 package admin
 
 import (
@@ -27,11 +27,26 @@ type State struct {
 	// Source says where the identity comes from: "identity-service ADDR" or
 	// "static DIR".
 	Source string `json:"source"`
+	// PolicyVersion identifies the policies in force.
+	PolicyVersion string `json:"policyVersion,omitempty"`
+	// Config is the proxy configuration in force, when it has one.
+	Config any `json:"config,omitempty"`
 }
 
-// Handler returns the admin mux. ready reports whether the proxy can serve
-// traffic; state returns what /config shows.
-func Handler(ready func() bool, state func() State) http.Handler {
+// Endpoints are what the admin mux serves; nil fields are not served.
+type Endpoints struct {
+	// Ready reports whether the proxy can serve traffic.
+	Ready func() bool
+	// State returns what /config shows.
+	State func() State
+	// Metrics serves /metrics.
+	Metrics http.Handler
+	// Shutdown starts a graceful shutdown (POST /shutdown).
+	Shutdown func()
+}
+
+// Handler returns the admin mux.
+func Handler(e Endpoints) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /live", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -39,9 +54,9 @@ func Handler(ready func() bool, state func() State) http.Handler {
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if !ready() {
+		if !e.Ready() {
 			w.WriteHeader(http.StatusServiceUnavailable)
-			_, _ = w.Write([]byte("not ready: no workload certificate yet\n"))
+			_, _ = w.Write([]byte("not ready: no workload certificate yet, or shutting down\n"))
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))
@@ -50,7 +65,17 @@ func Handler(ready func() bool, state func() State) http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		_ = enc.Encode(state())
+		_ = enc.Encode(e.State())
 	})
+	if e.Metrics != nil {
+		mux.Handle("GET /metrics", e.Metrics)
+	}
+	if e.Shutdown != nil {
+		mux.HandleFunc("POST /shutdown", func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			_, _ = w.Write([]byte("shutting down: draining in-flight requests\n"))
+			e.Shutdown()
+		})
+	}
 	return mux
 }

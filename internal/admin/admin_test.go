@@ -10,7 +10,12 @@ import (
 func TestEndpoints(t *testing.T) {
 	ready := false
 	state := State{Source: "static /x"}
-	srv := httptest.NewServer(Handler(func() bool { return ready }, func() State { return state }))
+	shutdowns := 0
+	srv := httptest.NewServer(Handler(Endpoints{
+		Ready:    func() bool { return ready },
+		State:    func() State { return state },
+		Shutdown: func() { shutdowns++ },
+	}))
 	defer srv.Close()
 
 	get := func(path string) (int, string) {
@@ -45,5 +50,11 @@ func TestEndpoints(t *testing.T) {
 	}
 	if resp, err := http.Post(srv.URL+"/ready", "text/plain", nil); err != nil || resp.StatusCode != http.StatusMethodNotAllowed {
 		t.Fatalf("POST /ready: %v %v", resp.StatusCode, err)
+	}
+	if code, _ := get("/shutdown"); code != http.StatusMethodNotAllowed || shutdowns != 0 {
+		t.Fatalf("GET /shutdown = %d and shut down %d times; only POST may", code, shutdowns)
+	}
+	if resp, err := http.Post(srv.URL+"/shutdown", "text/plain", nil); err != nil || resp.StatusCode != http.StatusOK || shutdowns != 1 {
+		t.Fatalf("POST /shutdown: %v, %d shutdowns", err, shutdowns)
 	}
 }

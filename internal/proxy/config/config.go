@@ -1,0 +1,197 @@
+// Package config is the proxy's configuration: which workload it stands
+// beside, where it listens for inbound (mesh) and outbound (application)
+// traffic, which destinations exist and which identity each endpoint must
+// present. A static file supplies it for tests, benchmarks and hand-run
+// sidecars; the control plane will push the same structure.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	yaml "go.yaml.in/yaml/v2"
+
+	"github.com/trellis-mesh/trellis/internal/meshid"
+)
+
+// Protocol is how the proxy handles a port's traffic.
+type Protocol string
+
+// Protocols. An empty protocol is sniffed from the first bytes.
+const (
+	ProtocolSniff       Protocol = ""
+	ProtocolHTTP        Protocol = "http"
+	ProtocolHTTP2       Protocol = "http2" // prior-knowledge h2c to the app
+	ProtocolGRPC        Protocol = "grpc"
+	ProtocolTCP         Protocol = "tcp"
+	ProtocolServerFirst Protocol = "server-first" // MySQL, MariaDB, SMTP…: the server greets first
+)
+
+// IsHTTP reports whether requests on the port are parsed and authorized one
+// by one.
+func (p Protocol) IsHTTP() bool {
+	return p == ProtocolHTTP || p == ProtocolHTTP2 || p == ProtocolGRPC
+}
+
+// ParseProtocol accepts a declared protocol as Kubernetes writes it, either
+// as appProtocol or as the prefix of a port name ("http-web", "grpc",
+// "mysql-main"). Unknown names mean sniffing.
+func ParseProtocol(s string) Protocol {
+	name, _, _ := strings.Cut(strings.ToLower(s), "-")
+	switch name {
+	case "http", "http1", "http/1.1":
+		return ProtocolHTTP
+	case "http2", "h2c", "kubernetes.io/h2c":
+		return ProtocolHTTP2
+	case "grpc", "grpc-web":
+		return ProtocolGRPC
+	case "tcp", "tls", "https", "redis", "mongo":
+		return ProtocolTCP
+	case "mysql", "mariadb", "server-first", "smtp", "postgres", "postgresql":
+		return ProtocolServerFirst
+	}
+	return ProtocolSniff
+}
+
+// Config is the proxy's whole configuration.
+type Config struct {
+	APIVersion string   `yaml:"apiVersion"`
+	Kind       string   `yaml:"kind"`
+	Workload   Workload `yaml:"workload"`
+	// AppHost is where the application listens; 127.0.0.1 unless set.
+	AppHost  string     `yaml:"appHost"`
+	Inbound  []Inbound  `yaml:"inbound"`
+	Outbound []Outbound `yaml:"outbound"`
+	// Policies is a directory of PeerAuthentication and
+	// AuthorizationPolicy files; without it every port is PERMISSIVE and
+	// every caller allowed, as in a mesh with no policy.
+	Policies string `yaml:"policies"`
+}
+
+// Workload identifies the workload the proxy serves, for policy selection.
+type Workload struct {
+	Namespace string            `yaml:"namespace"`
+	Name      string            `yaml:"name"`
+	Labels    map[string]string `yaml:"labels"`
+}
+
+// Inbound is a listener for traffic to the workload.
+type Inbound struct {
+	Listen string `yaml:"listen"`
+	// AppPort is the workload port traffic is forwarded to and policies
+	// are evaluated for.
+	AppPort  uint32   `yaml:"appPort"`
+	Protocol Protocol `yaml:"protocol"`
+}
+
+// Outbound is a listener the application sends traffic for one destination
+// service to.
+type Outbound struct {
+	Listen string `yaml:"listen"`
+	// Service names the destination, "name.namespace".
+	Service   string     `yaml:"service"`
+	Protocol  Protocol   `yaml:"protocol"`
+	Endpoints []Endpoint `yaml:"endpoints"`
+}
+
+// Endpoint is one instance of a destination and the identity it must prove.
+type Endpoint struct {
+	Address  string `yaml:"address"`
+	Identity string `yaml:"identity"`
+}
+
+// Load reads and validates a configuration file.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("proxy config: %w", err)
+	}
+	var c Config
+	if err := yaml.UnmarshalStrict(data, &c); err != nil {
+		return nil, fmt.Errorf("proxy config %s: %v", path, err)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("proxy config %s: %w", path, err)
+	}
+	return &c, nil
+}
+
+// Validate checks the configuration and fills defaults. Every problem is
+// reported with its field path.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	if c.APIVersion != "trellis.dev/v1" {
+		bad("apiVersion", "%q is not supported: use trellis.dev/v1", c.APIVersion)
+	}
+	if c.Kind != "ProxyConfig" {
+		bad("kind", "%q is not supported: use ProxyConfig", c.Kind)
+	}
+	if err := meshid.ValidateName("namespace", c.Workload.Namespace); err != nil {
+		bad("workload.namespace", "%v", err)
+	}
+	if err := meshid.ValidateName("name", c.Workload.Name); err != nil {
+		bad("workload.name", "%v", err)
+	}
+	if c.AppHost == "" {
+		c.AppHost = "127.0.0.1"
+	} else if _, err := netip.ParseAddr(c.AppHost); err != nil {
+		bad("appHost", "%q is not an IP address", c.AppHost)
+	}
+	listens := map[string]string{}
+	checkListen := func(field, addr string) {
+		if _, err := netip.ParseAddrPort(addr); err != nil {
+			bad(field, "%q is not an ip:port address such as 127.0.0.1:15006", addr)
+			return
+		}
+		if prev, dup := listens[addr]; dup {
+			bad(field, "%s is also %s", addr, prev)
+		}
+		listens[addr] = field
+	}
+	checkProtocol := func(field string, p Protocol) {
+		switch p {
+		case ProtocolSniff, ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP, ProtocolServerFirst:
+		default:
+			bad(field, "%q is not one of http, http2, grpc, tcp, server-first (or empty to sniff)", p)
+		}
+	}
+	for i, in := range c.Inbound {
+		f := fmt.Sprintf("inbound[%d]", i)
+		checkListen(f+".listen", in.Listen)
+		if in.AppPort == 0 || in.AppPort > 65535 {
+			bad(f+".appPort", "must be a port number from 1 to 65535")
+		}
+		checkProtocol(f+".protocol", in.Protocol)
+	}
+	for i, out := range c.Outbound {
+		f := fmt.Sprintf("outbound[%d]", i)
+		checkListen(f+".listen", out.Listen)
+		if name, ns, ok := strings.Cut(out.Service, "."); !ok || meshid.ValidateName("service", name) != nil || meshid.ValidateName("namespace", ns) != nil {
+			bad(f+".service", "%q is not of the form name.namespace", out.Service)
+		}
+		checkProtocol(f+".protocol", out.Protocol)
+		if len(out.Endpoints) == 0 {
+			bad(f+".endpoints", "is empty: list at least one address and identity")
+		}
+		for j, ep := range out.Endpoints {
+			ef := fmt.Sprintf("%s.endpoints[%d]", f, j)
+			if _, err := netip.ParseAddrPort(ep.Address); err != nil {
+				bad(ef+".address", "%q is not an ip:port address", ep.Address)
+			}
+			if _, err := spiffeid.FromString(ep.Identity); err != nil {
+				bad(ef+".identity", "%q is not a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA: %v", ep.Identity, err)
+			}
+		}
+	}
+	if len(c.Inbound)+len(c.Outbound) == 0 {
+		bad("inbound", "no inbound or outbound listener: the proxy would do nothing")
+	}
+	return errors.Join(errs...)
+}

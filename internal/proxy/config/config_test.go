@@ -1,0 +1,68 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const valid = `apiVersion: trellis.dev/v1
+kind: ProxyConfig
+workload: {namespace: shipping, name: orders-api, labels: {app: orders-api}}
+inbound:
+  - {listen: "127.0.0.1:16443", appPort: 8080, protocol: http}
+outbound:
+  - listen: 127.0.0.1:15080
+    service: payments.shipping
+    protocol: tcp
+    endpoints:
+      - {address: "127.0.0.1:17443", identity: "spiffe://cluster.local/ns/shipping/sa/payments"}
+`
+
+func write(t *testing.T, s string) string {
+	p := filepath.Join(t.TempDir(), "proxy.yaml")
+	if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadValid(t *testing.T) {
+	c, err := Load(write(t, valid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.AppHost != "127.0.0.1" || c.Inbound[0].AppPort != 8080 || c.Outbound[0].Endpoints[0].Identity == "" {
+		t.Fatalf("loaded %+v", c)
+	}
+}
+
+func TestLoadErrorsNameTheField(t *testing.T) {
+	for _, tc := range []struct{ edit, want string }{
+		{strings.Replace(valid, "appPort: 8080", "appPort: 0", 1), "inbound[0].appPort"},
+		{strings.Replace(valid, "protocol: http}", "protocol: htp}", 1), `inbound[0].protocol: "htp"`},
+		{strings.Replace(valid, "payments.shipping", "payments", 1), "outbound[0].service"},
+		{strings.Replace(valid, "spiffe://cluster.local/ns/shipping/sa/payments", "cluster.local/ns/shipping/sa/payments", 1), "outbound[0].endpoints[0].identity"},
+		{strings.Replace(valid, "127.0.0.1:15080", "127.0.0.1:16443", 1), "is also inbound[0].listen"},
+		{strings.Replace(valid, "kind: ProxyConfig", "kind: Proxy", 1), "kind"},
+		{valid + "extra: 1\n", "field extra not found"},
+	} {
+		_, err := Load(write(t, tc.edit))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("err = %v, want it to mention %q", err, tc.want)
+		}
+	}
+}
+
+func TestParseProtocol(t *testing.T) {
+	for in, want := range map[string]Protocol{
+		"http": ProtocolHTTP, "http-web": ProtocolHTTP, "grpc": ProtocolGRPC, "grpc-api": ProtocolGRPC,
+		"kubernetes.io/h2c": ProtocolHTTP2, "tcp-redis": ProtocolTCP, "mysql": ProtocolServerFirst,
+		"mysql-primary": ProtocolServerFirst, "metrics": ProtocolSniff, "": ProtocolSniff,
+	} {
+		if got := ParseProtocol(in); got != want {
+			t.Errorf("ParseProtocol(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

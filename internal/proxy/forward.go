@@ -1,0 +1,184 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// bufPool recycles the 32 KiB buffers of request bodies and TCP relays; a
+// fresh buffer per request is what makes a naive Go proxy GC-bound.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+type proxyBufferPool struct{}
+
+func (proxyBufferPool) Get() []byte  { return *bufPool.Get().(*[]byte) }
+func (proxyBufferPool) Put(b []byte) { bufPool.Put(&b) }
+
+// forwarders caches one ReverseProxy per (scheme, address, transport): they
+// are stateless apart from their configuration, and building one per request
+// would allocate for nothing.
+var forwarders sync.Map
+
+type forwarderKey struct {
+	scheme, addr string
+	transport    http.RoundTripper
+	what         string
+}
+
+// forward sends r to scheme://addr through transport and copies the
+// response back; failures become a 502/503 whose body says what failed.
+func forward(w http.ResponseWriter, r *http.Request, scheme, addr string, transport http.RoundTripper, logger *slog.Logger, what string) {
+	key := forwarderKey{scheme, addr, transport, what}
+	v, ok := forwarders.Load(key)
+	if !ok {
+		v, _ = forwarders.LoadOrStore(key, &httputil.ReverseProxy{
+			Rewrite: func(pr *httputil.ProxyRequest) {
+				pr.Out.URL.Scheme = scheme
+				pr.Out.URL.Host = addr
+				pr.Out.Host = pr.In.Host
+			},
+			Transport:     transport,
+			BufferPool:    proxyBufferPool{},
+			FlushInterval: -1, // stream: gRPC and server-sent events must not wait for a buffer to fill
+			ErrorLog:      httpErrorLog(logger),
+			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+				code, why := upstreamError(err)
+				if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+					return // the caller went away; nobody to answer
+				}
+				w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+				w.WriteHeader(code)
+				fmt.Fprintf(w, "trellis: %s unavailable: %s\n", what, why)
+			},
+		})
+	}
+	v.(*httputil.ReverseProxy).ServeHTTP(w, r)
+}
+
+// upstreamError maps a transport error to a status and a short reason.
+func upstreamError(err error) (int, string) {
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return http.StatusServiceUnavailable, "connection refused (is it running and listening?)"
+	case errors.Is(err, errWrongIdentity):
+		return http.StatusBadGateway, "the endpoint did not prove the expected identity (secure naming)"
+	case errors.Is(err, context.DeadlineExceeded):
+		return http.StatusGatewayTimeout, "timed out"
+	default:
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return http.StatusGatewayTimeout, "timed out"
+		}
+		return http.StatusBadGateway, err.Error()
+	}
+}
+
+// statusRecorder remembers the status code for metrics. It forwards
+// Flush and Unwrap so streaming and upgrades keep working through it.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.status = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Flush() {
+	if f, ok := s.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// newAppTransports returns the transports to the local application: HTTP/1.1
+// with keep-alive, and prior-knowledge h2c for HTTP/2 and gRPC apps.
+func newAppTransports() (http1, h2c http.RoundTripper) {
+	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+	t1 := &http.Transport{
+		DialContext:         dialer.DialContext,
+		MaxIdleConns:        1024,
+		MaxIdleConnsPerHost: 256,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+		ForceAttemptHTTP2:   false,
+	}
+	t2 := &http.Transport{
+		DialContext:        dialer.DialContext,
+		IdleConnTimeout:    90 * time.Second,
+		DisableCompression: true,
+		Protocols:          new(http.Protocols),
+	}
+	t2.Protocols.SetUnencryptedHTTP2(true)
+	return t1, t2
+}
+
+// relay copies both directions between a and b until both are done, with
+// pooled buffers, half-closing so that protocols that signal the end of a
+// request by closing their write side keep working.
+func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel string) {
+	p.conns.Add(1)
+	defer p.conns.Done()
+	var open, received, sent interface{ Add(float64) }
+	if p.metrics != nil {
+		g := p.metrics.open.WithLabelValues(direction, source, destination, tlsLabel)
+		g.Inc()
+		defer g.Dec()
+		received = p.metrics.bytes.WithLabelValues(direction, source, destination, tlsLabel, "received")
+		sent = p.metrics.bytes.WithLabelValues(direction, source, destination, tlsLabel, "sent")
+		open = g
+	}
+	_ = open
+	var wg sync.WaitGroup
+	wg.Add(2)
+	copyHalf := func(dst, src net.Conn, counter interface{ Add(float64) }) {
+		defer wg.Done()
+		bp := bufPool.Get().(*[]byte)
+		n, _ := io.CopyBuffer(dst, src, *bp)
+		bufPool.Put(bp)
+		if counter != nil {
+			counter.Add(float64(n))
+		}
+		closeWrite(dst)
+	}
+	go copyHalf(b, a, received)
+	copyHalf(a, b, sent)
+	wg.Wait()
+	a.Close()
+	b.Close()
+}
+
+// closeWrite half-closes c when it supports it, or closes it.
+func closeWrite(c net.Conn) {
+	type closeWriter interface{ CloseWrite() error }
+	for c != nil {
+		if cw, ok := c.(closeWriter); ok {
+			_ = cw.CloseWrite()
+			return
+		}
+		if inner := unwrapConn(c); inner != nil {
+			c = inner
+			continue
+		}
+		_ = c.Close()
+		return
+	}
+}
+
+// httpErrorLog routes net/http's internal log lines (TLS handshake noise,
+// malformed requests) through slog at debug level.
+func httpErrorLog(l *slog.Logger) *log.Logger {
+	return slog.NewLogLogger(l.Handler(), slog.LevelDebug)
+}

@@ -1,0 +1,320 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/policy/authz"
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+	"github.com/trellis-mesh/trellis/internal/proxy/sniff"
+)
+
+// peekConn is an accepted connection whose first bytes have been peeked at.
+// It carries what the proxy learned about it to the HTTP servers.
+type peekConn struct {
+	net.Conn
+	r    *bufio.Reader
+	meta *connMeta
+}
+
+func (c *peekConn) Read(b []byte) (int, error) { return c.r.Read(b) }
+
+// metaConn carries connMeta on a connection whose TLS the proxy has already
+// terminated. It deliberately hides the *tls.Conn from net/http: HTTP inside
+// mesh mTLS is served like h2c (prior-knowledge HTTP/2 or HTTP/1.1), because
+// the mesh ALPN names are not ones net/http knows.
+type metaConn struct {
+	net.Conn
+	meta *connMeta
+}
+
+// unwrapConn returns the connection a wrapper relays to.
+func unwrapConn(c net.Conn) net.Conn {
+	switch w := c.(type) {
+	case *peekConn:
+		return w.Conn
+	case *metaConn:
+		return w.Conn
+	}
+	return nil
+}
+
+// connMeta is what a request handler needs to know about its connection.
+type connMeta struct {
+	direction string // "inbound" or "outbound"
+	appPort   uint32
+	protocol  config.Protocol
+	appAddr   string
+	// peer is filled for inbound connections.
+	peer      string // principal without spiffe://, "" when plaintext
+	peerNS    string
+	peerIP    netip.Addr
+	tls       bool
+	route     *route // outbound only
+	tlsLabel  string
+	peerLabel string
+}
+
+type metaKey struct{}
+
+func metaFrom(ctx context.Context) *connMeta {
+	m, _ := ctx.Value(metaKey{}).(*connMeta)
+	return m
+}
+
+// peek reads until the first bytes are classified, the buffer is full, or
+// the deadline passes; nothing is consumed. A TLS ClientHello is read whole
+// (within the buffer) so that its ALPN can route the connection.
+func peek(r *bufio.Reader, c net.Conn, timeout time.Duration) (sniff.Kind, []byte) {
+	_ = c.SetReadDeadline(time.Now().Add(timeout))
+	defer c.SetReadDeadline(time.Time{})
+	for n := 1; ; {
+		b, err := r.Peek(n)
+		k := sniff.Classify(b)
+		switch k {
+		case sniff.TLS:
+			if _, perr := sniff.ParseClientHello(b); !errors.Is(perr, sniff.ErrNeedMore) {
+				return k, b
+			}
+		case sniff.Unknown:
+		default:
+			return k, b
+		}
+		if err != nil || n >= r.Size() {
+			return k, b
+		}
+		// Take whatever has arrived, and wait for at least one more byte.
+		n = min(max(len(b)+1, r.Buffered()), r.Size())
+	}
+}
+
+// handleInbound classifies a connection to the workload and applies the
+// port's mTLS mode before anything reaches the application.
+func (p *Proxy) handleInbound(c net.Conn, in config.Inbound) {
+	if !p.waitReady() {
+		p.refuse(c, "inbound", "no certificate yet")
+		return
+	}
+	st := p.policies.Load()
+	mode := st.ports.Mode(in.AppPort)
+	r := bufio.NewReaderSize(c, 4096)
+	timeout := firstBytesTimeout
+	if in.Protocol == config.ProtocolServerFirst || in.Protocol == config.ProtocolSniff {
+		// A server-first client says nothing until the app greets it; a
+		// mesh peer's ClientHello is immediate.
+		timeout = sniffTimeout
+	}
+	kind, first := peek(r, c, timeout)
+	remote, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	meta := &connMeta{direction: "inbound", appPort: in.AppPort, protocol: in.Protocol, peerIP: remote.Addr().Unmap(),
+		appAddr: net.JoinHostPort(p.opts.Config.AppHost, strconv.Itoa(int(in.AppPort)))}
+	pc := &peekConn{Conn: c, r: r, meta: meta}
+
+	if kind == sniff.Unknown && len(first) == 0 && timeout == firstBytesTimeout {
+		p.refuse(c, "inbound", "peer sent nothing", "port", in.AppPort)
+		return
+	}
+	if kind == sniff.TLS {
+		ch, err := sniff.ParseClientHello(first)
+		if err == nil && isMeshALPN(ch.ALPN) {
+			if mode == policy.ModeDisable {
+				p.refuse(c, "inbound", "mesh mTLS to a DISABLE port", "port", in.AppPort)
+				return
+			}
+			p.serveMesh(pc)
+			return
+		}
+		// The application's own TLS (or a malformed hello): opaque bytes.
+	}
+	if mode == policy.ModeStrict {
+		p.refuse(c, "inbound", "plaintext on a STRICT port", "port", in.AppPort, "sniffed", kind.String())
+		return
+	}
+	meta.tlsLabel, meta.peerLabel = "false", "unknown"
+	if (kind == sniff.HTTP1 || kind == sniff.HTTP2) && in.Protocol != config.ProtocolTCP && in.Protocol != config.ProtocolServerFirst ||
+		in.Protocol.IsHTTP() && kind != sniff.TLS {
+		p.inboundConns.push(pc)
+		return
+	}
+	p.serveInboundTCP(pc, meta)
+}
+
+// serveMesh completes the mTLS handshake and dispatches on ALPN.
+func (p *Proxy) serveMesh(pc *peekConn) {
+	tc := tls.Server(pc, p.serverTLS())
+	ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
+	defer cancel()
+	if err := tc.HandshakeContext(ctx); err != nil {
+		p.refuse(pc, "inbound", "mTLS handshake failed", "err", err.Error())
+		return
+	}
+	state := tc.ConnectionState()
+	id, err := peerPrincipal(state)
+	if err != nil {
+		p.refuse(tc, "inbound", "peer certificate has no SPIFFE ID", "err", err.Error())
+		return
+	}
+	m := pc.meta
+	m.tls, m.tlsLabel = true, "true"
+	m.peer = strings.TrimPrefix(id.String(), "spiffe://")
+	m.peerLabel = id.String()
+	m.peerNS = namespaceOf(id.Path())
+	switch state.NegotiatedProtocol {
+	case ALPNHTTP2, ALPNHTTP1:
+		if m.protocol == config.ProtocolTCP || m.protocol == config.ProtocolServerFirst {
+			p.refuse(tc, "inbound", "HTTP over mTLS to a TCP port", "port", m.appPort)
+			return
+		}
+		p.inboundConns.push(&metaConn{Conn: tc, meta: m})
+	case ALPNTCP:
+		p.serveInboundTCP(&metaConn{Conn: tc, meta: m}, m)
+	default:
+		p.refuse(tc, "inbound", "no mesh ALPN negotiated")
+	}
+}
+
+// namespaceOf returns NS from a SPIFFE path /ns/NS/sa/SA.
+func namespaceOf(path string) string {
+	rest, ok := strings.CutPrefix(path, "/ns/")
+	if !ok {
+		return ""
+	}
+	ns, _, _ := strings.Cut(rest, "/")
+	return ns
+}
+
+// serveInboundTCP authorizes an opaque TCP connection once and relays it to
+// the application.
+func (p *Proxy) serveInboundTCP(pc net.Conn, m *connMeta) {
+	req := authz.Request{HTTP: false, Port: m.appPort, Principal: m.peer, Namespace: m.peerNS, IP: m.peerIP}
+	res := p.policies.Load().authz.Evaluate(&req)
+	decision, policyRef := decisionLabels4(res)
+	if p.metrics != nil {
+		p.metrics.connections.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef).Inc()
+	}
+	if !res.Allowed {
+		p.refuse(pc, "inbound", "denied by authorization", "policy", policyRef, "peer", m.peerLabel, "port", m.appPort)
+		return
+	}
+	up, err := net.DialTimeout("tcp", m.appAddr, dialTimeout)
+	if err != nil {
+		p.refuse(pc, "inbound", "application unreachable", "app", m.appAddr, "err", err.Error())
+		return
+	}
+	p.relay(pc, up, "inbound", m.peerLabel, p.selfLabel(), m.tlsLabel)
+}
+
+// decisionLabels4 names the decision and the responsible policy for metrics.
+func decisionLabels4(res authz.Result) (decision, policyRef string) {
+	decision = "allow"
+	if !res.Allowed {
+		decision = "deny"
+	}
+	policyRef = ""
+	if res.Policy != nil {
+		policyRef = res.Policy.Ref
+	}
+	return decision, policyRef
+}
+
+func (p *Proxy) selfLabel() string {
+	if svid := p.opts.Identity.Current(); svid != nil {
+		return svid.ID.String()
+	}
+	return "unknown"
+}
+
+// buildServers creates the two HTTP servers the proxy feeds classified
+// connections to: inbound (plaintext callers and mesh peers alike, after
+// the proxy has terminated their mTLS) and outbound (the application).
+func (p *Proxy) buildServers() {
+	p.inboundConns = newChanListener("inbound")
+	p.outboundConns = newChanListener("outbound")
+
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	connMetaCtx := func(ctx context.Context, c net.Conn) context.Context {
+		switch c := c.(type) {
+		case *peekConn:
+			return context.WithValue(ctx, metaKey{}, c.meta)
+		case *metaConn:
+			return context.WithValue(ctx, metaKey{}, c.meta)
+		}
+		return ctx
+	}
+	newServer := func(h http.HandlerFunc) *http.Server {
+		return &http.Server{
+			Handler:           h,
+			Protocols:         protocols,
+			ConnContext:       connMetaCtx,
+			ReadHeaderTimeout: firstBytesTimeout,
+			MaxHeaderBytes:    64 << 10,
+			ErrorLog:          httpErrorLog(p.log),
+			HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: 1000},
+		}
+	}
+	p.inboundHTTP = newServer(p.serveInboundHTTP)
+	p.outboundHTTP = newServer(p.serveOutboundHTTP)
+}
+
+// serveInboundHTTP authorizes one request and forwards it to the application.
+func (p *Proxy) serveInboundHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	m := metaFrom(r.Context())
+	if m == nil {
+		http.Error(w, "trellis: internal error: connection without metadata", http.StatusInternalServerError)
+		return
+	}
+	req := authz.Request{
+		HTTP: true, Port: m.appPort, Principal: m.peer, Namespace: m.peerNS, IP: m.peerIP,
+		Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Headers: r.Header,
+	}
+	res := p.policies.Load().authz.Evaluate(&req)
+	decision, policyRef := decisionLabels4(res)
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	if !res.Allowed {
+		denied(rec, res, m)
+	} else {
+		transport := p.appHTTP1
+		if m.protocol == config.ProtocolHTTP2 || m.protocol == config.ProtocolGRPC || r.ProtoMajor == 2 && m.protocol == config.ProtocolSniff && !m.tls {
+			transport = p.appH2C
+		}
+		forward(rec, r, "http", m.appAddr, transport, p.log, "the application")
+	}
+	if p.metrics != nil {
+		p.metrics.requests.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef, statusClass(rec.status)).Inc()
+		p.metrics.duration.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel).Observe(time.Since(start).Seconds())
+	}
+}
+
+// denied answers a request authorization refused: 403, the policy in a
+// header for tools, and a body for humans.
+func denied(w http.ResponseWriter, res authz.Result, m *connMeta) {
+	by := "no matching ALLOW policy"
+	if res.Policy != nil {
+		by = res.Policy.Ref
+	}
+	caller := "a plaintext caller"
+	if m.peer != "" {
+		caller = m.peer
+	}
+	w.Header().Set("X-Trellis-Denied-By", by)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusForbidden)
+	if res.Policy != nil {
+		fmt.Fprintf(w, "RBAC: access denied: %s policy %s rule %d refused %s\n", res.Policy.Action, by, res.Rule, caller)
+		return
+	}
+	fmt.Fprintf(w, "RBAC: access denied: no ALLOW policy matched %s\n", caller)
+}

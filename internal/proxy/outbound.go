@@ -1,0 +1,198 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+	"github.com/trellis-mesh/trellis/internal/proxy/sniff"
+)
+
+// route is one destination the application calls: its endpoints, the
+// identity each must prove, and a round-robin cursor.
+type route struct {
+	service   string
+	protocol  config.Protocol
+	endpoints []endpoint
+	next      atomic.Uint64
+}
+
+type endpoint struct {
+	addr  string
+	id    spiffeid.ID
+	label string
+}
+
+func newRoute(out config.Outbound) *route {
+	r := &route{service: out.Service, protocol: out.Protocol}
+	for _, ep := range out.Endpoints {
+		id := spiffeid.RequireFromString(ep.Identity) // validated with the config
+		r.endpoints = append(r.endpoints, endpoint{addr: ep.Address, id: id, label: id.String()})
+	}
+	return r
+}
+
+// Pick chooses the endpoint for the n-th request: round robin, the choice
+// every mesh starts from and the one that needs no state about peers.
+func Pick(n uint64, count int) int { return int(n % uint64(count)) }
+
+func (r *route) pick() *endpoint {
+	return &r.endpoints[Pick(r.next.Add(1)-1, len(r.endpoints))]
+}
+
+// handleOutbound serves one connection from the application to a
+// destination: HTTP is parsed and each request sent over a pooled mTLS
+// connection; anything else is one mTLS stream.
+func (p *Proxy) handleOutbound(c net.Conn, rt *route) {
+	if !p.waitReady() {
+		p.refuse(c, "outbound", "no certificate yet")
+		return
+	}
+	r := bufio.NewReaderSize(c, 4096)
+	meta := &connMeta{direction: "outbound", protocol: rt.protocol, route: rt, tlsLabel: "true", peerLabel: p.selfLabel()}
+	pc := &peekConn{Conn: c, r: r, meta: meta}
+	switch rt.protocol {
+	case config.ProtocolHTTP, config.ProtocolHTTP2, config.ProtocolGRPC:
+		p.outboundConns.push(pc)
+		return
+	case config.ProtocolTCP, config.ProtocolServerFirst:
+		p.serveOutboundTCP(pc)
+		return
+	}
+	// Undeclared: a client of a server-first protocol says nothing, so
+	// wait only briefly before treating the stream as opaque.
+	kind, _ := peek(r, c, sniffTimeout)
+	if kind == sniff.HTTP1 || kind == sniff.HTTP2 {
+		p.outboundConns.push(pc)
+		return
+	}
+	p.serveOutboundTCP(pc)
+}
+
+// serveOutboundTCP relays an opaque stream over its own mTLS connection to
+// one endpoint, trying the others if it cannot be reached.
+func (p *Proxy) serveOutboundTCP(pc *peekConn) {
+	rt := pc.meta.route
+	var lastErr error
+	for range rt.endpoints {
+		ep := rt.pick()
+		ctx, cancel := context.WithTimeout(context.Background(), dialTimeout+handshakeTimeout)
+		up, err := p.dialMesh(ctx, ep.addr, ALPNTCP, ep.id)
+		cancel()
+		if err != nil {
+			lastErr = err
+			if errors.Is(err, errWrongIdentity) {
+				p.logSecureNaming(ep, err)
+			}
+			continue
+		}
+		if p.metrics != nil {
+			p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), ep.label, "true", "allow", "").Inc()
+		}
+		p.relay(pc, up, "outbound", p.selfLabel(), ep.label, "true")
+		return
+	}
+	p.refuse(pc, "outbound", "no endpoint reachable", "service", rt.service, "err", fmt.Sprint(lastErr))
+}
+
+func (p *Proxy) logSecureNaming(ep *endpoint, err error) {
+	if p.logLimit.allow("secure-naming/" + ep.addr) {
+		p.log.Error("endpoint refused: it did not prove the expected identity", "endpoint", ep.addr, "want", ep.id.String(), "err", err)
+	}
+}
+
+// serveOutboundHTTP sends one application request to an endpoint of its
+// destination over the pooled mTLS connection to that endpoint.
+func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	m := metaFrom(r.Context())
+	ep := m.route.pick()
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	transport := p.mesh.h2
+	if isUpgrade(r) {
+		transport = p.mesh.h1
+	}
+	forward(rec, r, "http", ep.addr, transport, p.log, m.route.service+" at "+ep.addr)
+	if p.metrics != nil {
+		p.metrics.requests.WithLabelValues("outbound", m.peerLabel, ep.label, "true", "", "", statusClass(rec.status)).Inc()
+		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, ep.label, "true").Observe(time.Since(start).Seconds())
+	}
+}
+
+func isUpgrade(r *http.Request) bool {
+	return r.Header.Get("Upgrade") != "" && r.ProtoMajor == 1
+}
+
+// meshTransport holds the pooled connections to peer proxies: one transport
+// multiplexing HTTP/2 requests over long-lived mTLS connections, and an
+// HTTP/1.1 one for upgrades (WebSocket), which need a connection of their
+// own. Both speak prior-knowledge HTTP inside the mTLS stream the proxy
+// opened itself, so net/http never sees the mesh ALPN.
+type meshTransport struct {
+	h2, h1 *http.Transport
+
+	mu  sync.RWMutex
+	ids map[string]spiffeid.ID // endpoint address → identity it must prove
+}
+
+func newMeshTransport(p *Proxy) *meshTransport {
+	mt := &meshTransport{ids: map[string]spiffeid.ID{}}
+	for _, out := range p.opts.Config.Outbound {
+		for _, ep := range out.Endpoints {
+			mt.ids[ep.Address] = spiffeid.RequireFromString(ep.Identity)
+		}
+	}
+	dial := func(alpn string) func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return func(ctx context.Context, _, addr string) (net.Conn, error) {
+			mt.mu.RLock()
+			want, ok := mt.ids[addr]
+			mt.mu.RUnlock()
+			if !ok {
+				return nil, fmt.Errorf("no identity known for endpoint %s", addr)
+			}
+			c, err := p.dialMesh(ctx, addr, alpn, want)
+			if err != nil {
+				if errors.Is(err, errWrongIdentity) {
+					p.logSecureNaming(&endpoint{addr: addr, id: want}, err)
+				}
+				return nil, err
+			}
+			return &metaConn{Conn: c}, nil
+		}
+	}
+	mt.h2 = &http.Transport{
+		DialContext:        dial(ALPNHTTP2),
+		Protocols:          new(http.Protocols),
+		IdleConnTimeout:    5 * time.Minute,
+		DisableCompression: true,
+		HTTP2: &http.HTTP2Config{
+			SendPingTimeout:  30 * time.Second, // ping idle connections to notice dead peers
+			PingTimeout:      5 * time.Second,
+			WriteByteTimeout: 30 * time.Second,
+		},
+	}
+	mt.h2.Protocols.SetUnencryptedHTTP2(true)
+	mt.h1 = &http.Transport{
+		DialContext:         dial(ALPNHTTP1),
+		Protocols:           new(http.Protocols),
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+	}
+	mt.h1.Protocols.SetHTTP1(true)
+	return mt
+}
+
+func (mt *meshTransport) closeIdle() {
+	mt.h2.CloseIdleConnections()
+	mt.h1.CloseIdleConnections()
+}

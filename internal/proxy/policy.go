@@ -1,0 +1,110 @@
+package proxy
+
+import (
+	"context"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/meshid"
+	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/policy/authz"
+	"github.com/trellis-mesh/trellis/internal/policy/mtls"
+)
+
+// policyState is what the hot path consults: the mTLS mode of each port and
+// the compiled authorization for this workload. It is replaced whole.
+type policyState struct {
+	ports   mtls.Ports
+	authz   *authz.Evaluator
+	version string
+}
+
+// compilePolicies turns a validated policy set into the proxy's state for wl.
+func compilePolicies(set *policy.Set, wl policy.Workload, version string) (*policyState, error) {
+	idx, err := authz.Compile(set.AuthorizationPolicies, meshid.RootNamespace)
+	if err != nil {
+		return nil, err
+	}
+	return &policyState{
+		ports:   mtls.ForWorkload(set.PeerAuthentications, meshid.RootNamespace, wl),
+		authz:   idx.ForWorkload(wl),
+		version: version,
+	}, nil
+}
+
+// loadPolicyDir loads and compiles a policy directory; with dir empty the
+// state is the mesh without policy: PERMISSIVE, everything allowed.
+func loadPolicyDir(dir string, wl policy.Workload) (*policyState, error) {
+	set := &policy.Set{}
+	version := "none"
+	if dir != "" {
+		var err error
+		if set, err = policy.LoadDir(dir); err != nil {
+			return nil, err
+		}
+		version = dirStamp(dir)
+	}
+	return compilePolicies(set, wl, version)
+}
+
+// dirStamp summarizes the policy files' names, sizes and modification times;
+// it changes whenever a file is edited, added or removed.
+func dirStamp(dir string) string {
+	var b strings.Builder
+	_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return nil
+		}
+		if fi, err := d.Info(); err == nil {
+			b.WriteString(path)
+			b.WriteString(fi.ModTime().UTC().Format(time.RFC3339Nano))
+			b.WriteString(strconv.FormatInt(fi.Size(), 10))
+		}
+		return nil
+	})
+	return b.String()
+}
+
+// watchPolicies reloads the policy directory when it changes. An invalid
+// change is logged and the previous policies stay in force: a bad edit never
+// removes protection.
+func (p *Proxy) watchPolicies(ctx context.Context, dir string, every time.Duration) error {
+	last := p.policies.Load().version
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		stamp := dirStamp(dir)
+		if stamp == last {
+			continue
+		}
+		last = stamp
+		st, err := loadPolicyDir(dir, p.workload)
+		if err != nil {
+			p.log.Error("policy change rejected; the previous policies stay in force", "dir", dir, "err", err)
+			continue
+		}
+		p.policies.Store(st)
+		p.log.Info("policies reloaded", "dir", dir)
+	}
+}
+
+// policyDirExists is used to fail early on a typo in --config's policies.
+func policyDirExists(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return &fs.PathError{Op: "open", Path: dir, Err: fs.ErrInvalid}
+	}
+	return nil
+}

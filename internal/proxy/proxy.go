@@ -1,0 +1,321 @@
+// Package proxy is the Trellis data plane: the sidecar that terminates mesh
+// mTLS for its workload (inbound) and originates it for the workload's calls
+// (outbound), enforcing PeerAuthentication modes and AuthorizationPolicies
+// per connection or per request, checking that every server it reaches
+// proves the identity the destination should have (secure naming), and
+// recording golden metrics.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/trellis-mesh/trellis/internal/identity"
+	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+)
+
+// Timeouts. A peer gets a bounded time to say anything and to finish the
+// TLS handshake, so that idle or slow-loris connections cannot pile up.
+const (
+	firstBytesTimeout = 10 * time.Second
+	handshakeTimeout  = 10 * time.Second
+	dialTimeout       = 5 * time.Second
+	// sniffTimeout is how long a port without a declared protocol waits for
+	// the client's first bytes before treating the connection as opaque TCP
+	// (a server-speaks-first protocol); short, so such clients barely notice.
+	sniffTimeout = 100 * time.Millisecond
+	// readyWait is how long traffic waits for the first certificate before
+	// it is refused.
+	readyWait = 5 * time.Second
+	// DrainTimeout bounds how long shutdown waits for in-flight requests.
+	DrainTimeout = 10 * time.Second
+)
+
+// Options configure a Proxy.
+type Options struct {
+	Config   *config.Config
+	Identity *identity.Holder
+	Log      *slog.Logger
+	Metrics  *Metrics
+	// Now is the clock used to verify peer certificates; nil means time.Now.
+	Now func() time.Time
+	// PolicyReload is how often the policy directory is checked for edits.
+	PolicyReload time.Duration
+}
+
+// Proxy is one sidecar.
+type Proxy struct {
+	opts     Options
+	log      *slog.Logger
+	metrics  *Metrics
+	verifier peerVerifier
+	workload policy.Workload
+	policies atomic.Pointer[policyState]
+
+	inboundHTTP   *http.Server // requests to the workload, plaintext or from mesh peers
+	outboundHTTP  *http.Server // the application's HTTP calls
+	inboundConns  *chanListener
+	outboundConns *chanListener
+
+	appHTTP1, appH2C http.RoundTripper // to the local application
+	mesh             *meshTransport    // to peer proxies
+
+	// conns tracks opaque TCP streams so shutdown can wait for them.
+	conns sync.WaitGroup
+	// draining is set once shutdown starts: new connections are refused.
+	draining atomic.Bool
+	logLimit *logLimiter
+}
+
+// New validates opts and builds a proxy; Run starts it.
+func New(opts Options) (*Proxy, error) {
+	if opts.Config == nil || opts.Identity == nil {
+		return nil, errors.New("proxy: a configuration and an identity are required")
+	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.PolicyReload == 0 {
+		opts.PolicyReload = 2 * time.Second
+	}
+	cfg := opts.Config
+	if cfg.Policies != "" {
+		if err := policyDirExists(cfg.Policies); err != nil {
+			return nil, fmt.Errorf("proxy: policies: %w", err)
+		}
+	}
+	p := &Proxy{
+		opts:     opts,
+		log:      opts.Log,
+		metrics:  opts.Metrics,
+		verifier: peerVerifier{holder: opts.Identity, now: opts.Now},
+		workload: policy.Workload{Namespace: cfg.Workload.Namespace, Name: cfg.Workload.Name, Labels: cfg.Workload.Labels},
+		logLimit: newLogLimiter(time.Minute),
+	}
+	st, err := loadPolicyDir(cfg.Policies, p.workload)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: %w", err)
+	}
+	p.policies.Store(st)
+	p.appHTTP1, p.appH2C = newAppTransports()
+	p.mesh = newMeshTransport(p)
+	p.buildServers()
+	return p, nil
+}
+
+// Ready reports whether the proxy holds a certificate and can serve.
+func (p *Proxy) Ready() bool { return p.opts.Identity.Current() != nil && !p.draining.Load() }
+
+// PolicyVersion identifies the policies in force, for /config.
+func (p *Proxy) PolicyVersion() string { return p.policies.Load().version }
+
+// Run listens on every configured address and serves until ctx ends, then
+// drains: listeners close, in-flight requests get up to DrainTimeout.
+func (p *Proxy) Run(ctx context.Context) error {
+	cfg := p.opts.Config
+	var listeners []net.Listener
+	closeAll := func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}
+	for _, in := range cfg.Inbound {
+		l, err := net.Listen("tcp", in.Listen)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("inbound listener for app port %d: %w", in.AppPort, err)
+		}
+		listeners = append(listeners, l)
+	}
+	for _, out := range cfg.Outbound {
+		l, err := net.Listen("tcp", out.Listen)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("outbound listener for %s: %w", out.Service, err)
+		}
+		listeners = append(listeners, l)
+	}
+
+	eg, ctx := errgroup.WithContext(ctx)
+	for i, in := range cfg.Inbound {
+		l := listeners[i]
+		eg.Go(func() error { return p.acceptLoop(ctx, l, func(c net.Conn) { p.handleInbound(c, in) }) })
+	}
+	for i, out := range cfg.Outbound {
+		l := listeners[len(cfg.Inbound)+i]
+		route := newRoute(out)
+		eg.Go(func() error { return p.acceptLoop(ctx, l, func(c net.Conn) { p.handleOutbound(c, route) }) })
+	}
+	for _, srv := range []struct {
+		s *http.Server
+		l *chanListener
+	}{{p.inboundHTTP, p.inboundConns}, {p.outboundHTTP, p.outboundConns}} {
+		eg.Go(func() error {
+			if err := srv.s.Serve(srv.l); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+	}
+	if cfg.Policies != "" {
+		eg.Go(func() error { return p.watchPolicies(ctx, cfg.Policies, p.opts.PolicyReload) })
+	}
+	eg.Go(func() error {
+		<-ctx.Done()
+		p.draining.Store(true)
+		closeAll()
+		p.shutdown()
+		return nil
+	})
+	return eg.Wait()
+}
+
+// shutdown drains the HTTP servers and waits (bounded) for TCP streams.
+func (p *Proxy) shutdown() {
+	ctx, cancel := context.WithTimeout(context.Background(), DrainTimeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, s := range []*http.Server{p.inboundHTTP, p.outboundHTTP} {
+		wg.Add(1)
+		go func() { defer wg.Done(); _ = s.Shutdown(ctx) }()
+	}
+	done := make(chan struct{})
+	go func() { p.conns.Wait(); close(done) }()
+	wg.Wait()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		p.log.Warn("drain timed out; closing the remaining TCP streams")
+	}
+	p.mesh.closeIdle()
+}
+
+// acceptLoop accepts until ctx ends, handing each connection to handle on
+// its own goroutine.
+func (p *Proxy) acceptLoop(ctx context.Context, l net.Listener, handle func(net.Conn)) error {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("accept on %s: %w", l.Addr(), err)
+		}
+		if p.draining.Load() {
+			c.Close()
+			continue
+		}
+		go handle(c)
+	}
+}
+
+// waitReady holds a connection that arrives before the first certificate,
+// briefly, rather than failing it.
+func (p *Proxy) waitReady() bool {
+	if p.opts.Identity.Current() != nil {
+		return true
+	}
+	deadline := time.Now().Add(readyWait)
+	for time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		if p.opts.Identity.Current() != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// chanListener is a net.Listener fed by the proxy after it has classified a
+// connection, so one http.Server serves every connection of a kind.
+type chanListener struct {
+	addr   net.Addr
+	conns  chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+}
+
+func newChanListener(addr string) *chanListener {
+	return &chanListener{addr: staticAddr(addr), conns: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return l.addr }
+
+// push hands c to the server, or closes it if the server is gone.
+func (l *chanListener) push(c net.Conn) {
+	select {
+	case l.conns <- c:
+	case <-l.closed:
+		c.Close()
+	}
+}
+
+type staticAddr string
+
+func (a staticAddr) Network() string { return "proxy" }
+func (a staticAddr) String() string  { return string(a) }
+
+// logLimiter lets one log line per cause through per interval, so a flood of
+// bad connections cannot flood the log.
+type logLimiter struct {
+	every time.Duration
+	mu    sync.Mutex
+	last  map[string]time.Time
+}
+
+func newLogLimiter(every time.Duration) *logLimiter {
+	return &logLimiter{every: every, last: map[string]time.Time{}}
+}
+
+func (l *logLimiter) allow(cause string) bool {
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if t, ok := l.last[cause]; ok && now.Sub(t) < l.every {
+		return false
+	}
+	l.last[cause] = now
+	return true
+}
+
+// refuse records and (rate-limited) logs a connection refused before any
+// request, then closes it.
+func (p *Proxy) refuse(c net.Conn, direction, reason string, attrs ...any) {
+	c.Close()
+	if p.metrics != nil {
+		p.metrics.refused.WithLabelValues(direction, reason).Inc()
+	}
+	if p.logLimit.allow(direction + "/" + reason) {
+		p.log.Warn("connection refused", append([]any{"direction", direction, "reason", reason, "peer", c.RemoteAddr().String()}, attrs...)...)
+	}
+}
