@@ -105,8 +105,7 @@ func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter 
 
 // newAppTransports returns the transports to the local application: HTTP/1.1
 // with keep-alive, and prior-knowledge h2c for HTTP/2 and gRPC apps.
-func newAppTransports() (http1, h2c http.RoundTripper) {
-	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+func newAppTransports(dialer *net.Dialer) (http1, h2c http.RoundTripper) {
 	t1 := &http.Transport{
 		DialContext:         dialer.DialContext,
 		MaxIdleConns:        1024,

@@ -206,7 +206,7 @@ func (p *Proxy) serveInboundTCP(pc net.Conn, m *connMeta) {
 		p.refuse(pc, "inbound", "denied by authorization", "policy", policyRef, "peer", m.peerLabel, "port", m.appPort)
 		return
 	}
-	up, err := net.DialTimeout("tcp", m.appAddr, dialTimeout)
+	up, err := p.dialer.Dial("tcp", m.appAddr)
 	if err != nil {
 		p.refuse(pc, "inbound", "application unreachable", "app", m.appAddr, "err", err.Error())
 		return

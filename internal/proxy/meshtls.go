@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -102,8 +101,7 @@ func (p *Proxy) dialMesh(ctx context.Context, addr, alpn string, want spiffeid.I
 		},
 		NextProtos: []string{alpn},
 	}
-	d := net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
-	raw, err := d.DialContext(ctx, "tcp", addr)
+	raw, err := p.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}

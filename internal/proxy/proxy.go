@@ -22,6 +22,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/identity"
 	"github.com/trellis-mesh/trellis/internal/policy"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
+	"github.com/trellis-mesh/trellis/internal/proxy/intercept"
 )
 
 // Timeouts. A peer gets a bounded time to say anything and to finish the
@@ -69,6 +70,13 @@ type Proxy struct {
 
 	appHTTP1, appH2C http.RoundTripper // to the local application
 	mesh             *meshTransport    // to peer proxies
+	// dialer opens every connection the proxy makes; under transparent
+	// interception it marks them so the iptables rules let them pass.
+	dialer *net.Dialer
+
+	routes        []*route          // one per configured outbound destination
+	routesByAddr  map[string]*route // original destination → route (transparent)
+	inboundByPort map[uint32]config.Inbound
 
 	// conns tracks opaque TCP streams so shutdown can wait for them.
 	conns sync.WaitGroup
@@ -110,7 +118,23 @@ func New(opts Options) (*Proxy, error) {
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
 	p.policies.Store(st)
-	p.appHTTP1, p.appH2C = newAppTransports()
+	p.dialer = &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+	if cfg.Transparent != nil {
+		p.dialer.Control = intercept.MarkControl
+	}
+	p.routesByAddr = map[string]*route{}
+	for _, out := range cfg.Outbound {
+		rt := newRoute(out)
+		p.routes = append(p.routes, rt)
+		for _, a := range out.Addresses {
+			p.routesByAddr[a] = rt
+		}
+	}
+	p.inboundByPort = map[uint32]config.Inbound{}
+	for _, in := range cfg.Inbound {
+		p.inboundByPort[in.AppPort] = in
+	}
+	p.appHTTP1, p.appH2C = newAppTransports(p.dialer)
 	p.mesh = newMeshTransport(p)
 	p.buildServers()
 	return p, nil
@@ -126,38 +150,58 @@ func (p *Proxy) PolicyVersion() string { return p.policies.Load().version }
 // drains: listeners close, in-flight requests get up to DrainTimeout.
 func (p *Proxy) Run(ctx context.Context) error {
 	cfg := p.opts.Config
-	var listeners []net.Listener
+	type served struct {
+		l      net.Listener
+		handle func(net.Conn)
+	}
+	var listeners []served
 	closeAll := func() {
-		for _, l := range listeners {
-			l.Close()
+		for _, s := range listeners {
+			s.l.Close()
 		}
+	}
+	listen := func(addr, what string, handle func(net.Conn)) error {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		listeners = append(listeners, served{l, handle})
+		return nil
 	}
 	for _, in := range cfg.Inbound {
-		l, err := net.Listen("tcp", in.Listen)
-		if err != nil {
-			closeAll()
-			return fmt.Errorf("inbound listener for app port %d: %w", in.AppPort, err)
+		if in.Listen == "" {
+			continue
 		}
-		listeners = append(listeners, l)
+		if err := listen(in.Listen, fmt.Sprintf("inbound listener for app port %d", in.AppPort), func(c net.Conn) { p.handleInbound(c, in) }); err != nil {
+			return err
+		}
 	}
-	for _, out := range cfg.Outbound {
-		l, err := net.Listen("tcp", out.Listen)
-		if err != nil {
-			closeAll()
-			return fmt.Errorf("outbound listener for %s: %w", out.Service, err)
+	for i, out := range cfg.Outbound {
+		if out.Listen == "" {
+			continue
 		}
-		listeners = append(listeners, l)
+		rt := p.routes[i]
+		if err := listen(out.Listen, "outbound listener for "+out.Service, func(c net.Conn) { p.handleOutbound(c, rt) }); err != nil {
+			return err
+		}
+	}
+	if t := cfg.Transparent; t != nil {
+		if t.Inbound != "" {
+			if err := listen(t.Inbound, "transparent inbound listener", p.handleTransparentInbound); err != nil {
+				return err
+			}
+		}
+		if t.Outbound != "" {
+			if err := listen(t.Outbound, "transparent outbound listener", p.handleTransparentOutbound); err != nil {
+				return err
+			}
+		}
 	}
 
 	eg, ctx := errgroup.WithContext(ctx)
-	for i, in := range cfg.Inbound {
-		l := listeners[i]
-		eg.Go(func() error { return p.acceptLoop(ctx, l, func(c net.Conn) { p.handleInbound(c, in) }) })
-	}
-	for i, out := range cfg.Outbound {
-		l := listeners[len(cfg.Inbound)+i]
-		route := newRoute(out)
-		eg.Go(func() error { return p.acceptLoop(ctx, l, func(c net.Conn) { p.handleOutbound(c, route) }) })
+	for _, s := range listeners {
+		eg.Go(func() error { return p.acceptLoop(ctx, s.l, s.handle) })
 	}
 	for _, srv := range []struct {
 		s *http.Server

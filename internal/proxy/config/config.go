@@ -66,6 +66,9 @@ type Config struct {
 	AppHost  string     `yaml:"appHost"`
 	Inbound  []Inbound  `yaml:"inbound"`
 	Outbound []Outbound `yaml:"outbound"`
+	// Transparent, when set, adds the listeners that iptables REDIRECT
+	// rules send intercepted traffic to.
+	Transparent *Transparent `yaml:"transparent"`
 	// Policies is a directory of PeerAuthentication and
 	// AuthorizationPolicy files; without it every port is PERMISSIVE and
 	// every caller allowed, as in a mesh with no policy.
@@ -79,7 +82,16 @@ type Workload struct {
 	Labels    map[string]string `yaml:"labels"`
 }
 
-// Inbound is a listener for traffic to the workload.
+// Transparent names the listeners of transparent interception: all inbound
+// TCP to the workload is redirected to Inbound, all outbound TCP from it to
+// Outbound, and the original destination says where it was going.
+type Transparent struct {
+	Inbound  string `yaml:"inbound"`
+	Outbound string `yaml:"outbound"`
+}
+
+// Inbound is a workload port: a listener of its own, or (without listen) a
+// port reached through the transparent inbound listener.
 type Inbound struct {
 	Listen string `yaml:"listen"`
 	// AppPort is the workload port traffic is forwarded to and policies
@@ -88,10 +100,12 @@ type Inbound struct {
 	Protocol Protocol `yaml:"protocol"`
 }
 
-// Outbound is a listener the application sends traffic for one destination
-// service to.
+// Outbound is one destination service the application calls: on a listener
+// of its own, and/or, under transparent interception, at the addresses
+// (virtual IP and port) the application dials.
 type Outbound struct {
-	Listen string `yaml:"listen"`
+	Listen    string   `yaml:"listen"`
+	Addresses []string `yaml:"addresses"`
 	// Service names the destination, "name.namespace".
 	Service   string     `yaml:"service"`
 	Protocol  Protocol   `yaml:"protocol"`
@@ -162,17 +176,55 @@ func (c *Config) Validate() error {
 			bad(field, "%q is not one of http, http2, grpc, tcp, server-first (or empty to sniff)", p)
 		}
 	}
+	if t := c.Transparent; t != nil {
+		if t.Inbound != "" {
+			checkListen("transparent.inbound", t.Inbound)
+		}
+		if t.Outbound != "" {
+			checkListen("transparent.outbound", t.Outbound)
+		}
+	}
+	transparentIn := c.Transparent != nil && c.Transparent.Inbound != ""
+	transparentOut := c.Transparent != nil && c.Transparent.Outbound != ""
+	ports := map[uint32]bool{}
 	for i, in := range c.Inbound {
 		f := fmt.Sprintf("inbound[%d]", i)
-		checkListen(f+".listen", in.Listen)
+		switch {
+		case in.Listen != "":
+			checkListen(f+".listen", in.Listen)
+		case !transparentIn:
+			bad(f+".listen", "is required unless transparent.inbound is set")
+		}
+		if ports[in.AppPort] {
+			bad(f+".appPort", "port %d is listed twice", in.AppPort)
+		}
+		ports[in.AppPort] = true
 		if in.AppPort == 0 || in.AppPort > 65535 {
 			bad(f+".appPort", "must be a port number from 1 to 65535")
 		}
 		checkProtocol(f+".protocol", in.Protocol)
 	}
+	addrs := map[string]string{}
+	endpointIDs := map[string]string{}
 	for i, out := range c.Outbound {
 		f := fmt.Sprintf("outbound[%d]", i)
-		checkListen(f+".listen", out.Listen)
+		if out.Listen != "" {
+			checkListen(f+".listen", out.Listen)
+		} else if len(out.Addresses) == 0 {
+			bad(f+".listen", "is required unless addresses (for transparent interception) are given")
+		}
+		for j, a := range out.Addresses {
+			if !transparentOut {
+				bad(fmt.Sprintf("%s.addresses[%d]", f, j), "needs transparent.outbound: only intercepted traffic has an original destination")
+			}
+			if _, err := netip.ParseAddrPort(a); err != nil {
+				bad(fmt.Sprintf("%s.addresses[%d]", f, j), "%q is not an ip:port address such as 198.18.128.1:80", a)
+			} else if prev, dup := addrs[a]; dup {
+				bad(fmt.Sprintf("%s.addresses[%d]", f, j), "%s is also %s", a, prev)
+			} else {
+				addrs[a] = out.Service
+			}
+		}
 		if name, ns, ok := strings.Cut(out.Service, "."); !ok || meshid.ValidateName("service", name) != nil || meshid.ValidateName("namespace", ns) != nil {
 			bad(f+".service", "%q is not of the form name.namespace", out.Service)
 		}
@@ -187,10 +239,13 @@ func (c *Config) Validate() error {
 			}
 			if _, err := spiffeid.FromString(ep.Identity); err != nil {
 				bad(ef+".identity", "%q is not a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA: %v", ep.Identity, err)
+			} else if prev, ok := endpointIDs[ep.Address]; ok && prev != ep.Identity {
+				bad(ef+".identity", "%s is also listed with identity %s; one endpoint has one identity", ep.Address, prev)
 			}
+			endpointIDs[ep.Address] = ep.Identity
 		}
 	}
-	if len(c.Inbound)+len(c.Outbound) == 0 {
+	if len(c.Inbound)+len(c.Outbound) == 0 && c.Transparent == nil {
 		bad("inbound", "no inbound or outbound listener: the proxy would do nothing")
 	}
 	return errors.Join(errs...)

@@ -1,0 +1,77 @@
+package proxy
+
+import (
+	"net"
+	"net/netip"
+
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+	"github.com/trellis-mesh/trellis/internal/proxy/intercept"
+)
+
+// handleTransparentInbound serves a connection iptables redirected from a
+// workload port: the original destination port says which one.
+func (p *Proxy) handleTransparentInbound(c net.Conn) {
+	dst, err := intercept.Get(c)
+	if err != nil {
+		p.refuse(c, "inbound", "no original destination", "err", err.Error())
+		return
+	}
+	if isListenAddr(dst, p.opts.Config.Transparent.Inbound) {
+		// Someone dialled the capture port itself: there is no workload
+		// port behind it, and forwarding would loop.
+		p.refuse(c, "inbound", "direct connection to the inbound capture port")
+		return
+	}
+	in, ok := p.inboundByPort[uint32(dst.Port())]
+	if !ok {
+		in = config.Inbound{AppPort: uint32(dst.Port()), Protocol: config.ProtocolSniff}
+	}
+	p.handleInbound(c, in)
+}
+
+// handleTransparentOutbound serves a connection the application opened to
+// any address: a known destination goes through the mesh, anything else
+// passes through as plain TCP.
+func (p *Proxy) handleTransparentOutbound(c net.Conn) {
+	dst, err := intercept.Get(c)
+	if err != nil {
+		p.refuse(c, "outbound", "no original destination", "err", err.Error())
+		return
+	}
+	if isListenAddr(dst, p.opts.Config.Transparent.Outbound) {
+		p.refuse(c, "outbound", "direct connection to the outbound capture port")
+		return
+	}
+	if rt, ok := p.routesByAddr[dst.String()]; ok {
+		p.handleOutbound(c, rt)
+		return
+	}
+	p.passthrough(c, dst)
+}
+
+// passthrough relays a connection to a destination outside the mesh
+// unchanged.
+func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
+	up, err := p.dialer.Dial("tcp", dst.String())
+	if err != nil {
+		p.refuse(c, "outbound", "passthrough destination unreachable", "dst", dst.String(), "err", err.Error())
+		return
+	}
+	if p.metrics != nil {
+		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false", "allow", "").Inc()
+	}
+	p.relay(c, up, "outbound", p.selfLabel(), "passthrough", "false")
+}
+
+// isListenAddr reports whether dst is the capture listener at listen
+// (whose host may be a wildcard).
+func isListenAddr(dst netip.AddrPort, listen string) bool {
+	lp, err := netip.ParseAddrPort(listen)
+	if err != nil {
+		return false
+	}
+	if dst.Port() != lp.Port() {
+		return false
+	}
+	return lp.Addr().IsUnspecified() || lp.Addr() == dst.Addr() || dst.Addr().IsLoopback()
+}
