@@ -34,16 +34,18 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 // issuer hands out SVIDs from a real CA.
 type issuer struct {
-	t  *testing.T
-	ca *ca.CA
+	t   *testing.T
+	ca  *ca.CA
+	dir string
 }
 
 func newIssuer(t *testing.T) *issuer {
-	authority, err := ca.Init(ca.Config{StateDir: t.TempDir()}, ca.InitOptions{TrustDomain: "cluster.local"})
+	dir := t.TempDir()
+	authority, err := ca.Init(ca.Config{StateDir: dir}, ca.InitOptions{TrustDomain: "cluster.local"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &issuer{t: t, ca: authority}
+	return &issuer{t: t, ca: authority, dir: dir}
 }
 
 func (i *issuer) svid(id string) *identity.SVID {

@@ -1,0 +1,268 @@
+package proxy
+
+import (
+	"bufio"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/trellis-mesh/trellis/internal/ca"
+	"github.com/trellis-mesh/trellis/internal/identity"
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+)
+
+// echoServer accepts TCP connections and echoes them.
+func echoServer(t *testing.T) uint32 {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	return uint32(l.Addr().(*net.TCPAddr).Port)
+}
+
+// tcpSidecar runs a proxy with one TCP inbound port in front of an echo
+// server and returns its address.
+func tcpSidecar(t *testing.T, iss *issuer) string {
+	t.Helper()
+	in := freeAddr(t)
+	h := &identity.Holder{}
+	h.Set(iss.svid("spiffe://cluster.local/ns/shipping/sa/orders-api"))
+	startProxy(t, &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
+		Inbound:  []config.Inbound{{Listen: in, AppPort: echoServer(t), Protocol: config.ProtocolTCP}},
+	}, h)
+	return in
+}
+
+// svidAt issues an SVID from a CA whose clock reads at, with the minimum
+// lifetime; at in the past gives an expired certificate.
+func svidAt(t *testing.T, td, id string, at time.Time) *identity.SVID {
+	t.Helper()
+	authority, err := ca.Init(ca.Config{StateDir: t.TempDir(), Now: func() time.Time { return at }}, ca.InitOptions{TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sid := spiffeid.RequireFromString(id)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{sid.URL()}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := authority.Sign(csr, sid, ca.MinWorkloadTTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := identity.NewSVID(chain, key, authority.Bundle(), at)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// meshDial connects like a peer proxy would, presenting cert.
+func meshDial(addr string, cert *tls.Certificate) error {
+	cfg := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{ALPNTCP}, MinVersion: tls.VersionTLS13}
+	if cert != nil {
+		cfg.Certificates = []tls.Certificate{*cert}
+	}
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	// In TLS 1.3 the server's verdict on the client certificate arrives
+	// after the handshake: the echo round trip shows it.
+	if _, err := io.WriteString(c, "ping\n"); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if line != "ping\n" {
+		return fmt.Errorf("echo returned %q", line)
+	}
+	return nil
+}
+
+// TestBadClientCertificatesAreRefused covers the certificates a peer must
+// not get in with; a valid one still works after each.
+func TestBadClientCertificatesAreRefused(t *testing.T) {
+	iss := newIssuer(t)
+	addr := tcpSidecar(t, iss)
+	good := iss.svid("spiffe://cluster.local/ns/default/sa/checkout")
+	for _, tc := range []struct {
+		name string
+		cert *tls.Certificate
+	}{
+		{"no certificate", nil},
+		{"foreign CA", svidAt(t, "cluster.local", "spiffe://cluster.local/ns/default/sa/checkout", time.Now()).TLSCertificate()},
+		{"other trust domain", svidAt(t, "evil.example", "spiffe://evil.example/ns/default/sa/checkout", time.Now()).TLSCertificate()},
+		{"expired", expiredFrom(t, iss)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := meshDial(addr, tc.cert); err == nil {
+				t.Fatal("the connection reached the application")
+			}
+			if err := meshDial(addr, good.TLSCertificate()); err != nil {
+				t.Fatalf("a valid peer after the refusal: %v", err)
+			}
+		})
+	}
+}
+
+// expiredFrom signs, with the issuer's own CA, a certificate whose validity
+// ended before now: the CA is loaded again with its clock set in the past.
+func expiredFrom(t *testing.T, iss *issuer) *tls.Certificate {
+	t.Helper()
+	dir := iss.dir
+	past := time.Now().Add(-time.Hour)
+	old, err := ca.Load(ca.Config{StateDir: dir, Now: func() time.Time { return past }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sid := spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/checkout")
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{sid.URL()}}, key)
+	chain, err := old.Sign(csr, sid, ca.MinWorkloadTTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !chain[0].NotAfter.Before(time.Now()) {
+		t.Fatalf("certificate not expired: %v", chain[0].NotAfter)
+	}
+	c := &tls.Certificate{PrivateKey: key, Leaf: chain[0]}
+	for _, x := range chain {
+		c.Certificate = append(c.Certificate, x.Raw)
+	}
+	return c
+}
+
+// TestOversizedHeadersAreRefused sends a request with 100 KB of headers:
+// 431, and the proxy keeps serving.
+func TestOversizedHeadersAreRefused(t *testing.T) {
+	iss := newIssuer(t)
+	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }), ReadHeaderTimeout: time.Second}
+	appL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = app.Serve(appL) }()
+	defer app.Close()
+	in := freeAddr(t)
+	h := &identity.Holder{}
+	h.Set(iss.svid("spiffe://cluster.local/ns/shipping/sa/orders-api"))
+	startProxy(t, &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
+		Inbound:  []config.Inbound{{Listen: in, AppPort: uint32(appL.Addr().(*net.TCPAddr).Port), Protocol: config.ProtocolHTTP}},
+	}, h)
+	req, _ := http.NewRequest("GET", "http://"+in+"/", nil)
+	req.Header.Set("X-Big", strings.Repeat("a", 100<<10))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("status %d, want 431", resp.StatusCode)
+	}
+	resp, err = http.Get("http://" + in + "/")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("normal request afterwards: %v %v", resp, err)
+	}
+	resp.Body.Close()
+}
+
+// TestWebSocketUpgradeThroughTheMesh upgrades an HTTP/1.1 connection
+// through both sidecars and exchanges bytes both ways on it.
+func TestWebSocketUpgradeThroughTheMesh(t *testing.T) {
+	iss := newIssuer(t)
+	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "websocket" {
+			http.Error(w, "upgrade required", http.StatusUpgradeRequired)
+			return
+		}
+		c, rw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		_ = rw.Flush()
+		line, _ := rw.ReadString('\n')
+		_, _ = rw.WriteString("echo: " + line)
+		_ = rw.Flush()
+	}), ReadHeaderTimeout: time.Second}
+	appL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = app.Serve(appL) }()
+	defer app.Close()
+
+	const serverID = "spiffe://cluster.local/ns/shipping/sa/orders-api"
+	in, out := freeAddr(t), freeAddr(t)
+	sh, ch := &identity.Holder{}, &identity.Holder{}
+	sh.Set(iss.svid(serverID))
+	ch.Set(iss.svid("spiffe://cluster.local/ns/default/sa/checkout"))
+	startProxy(t, &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
+		Inbound:  []config.Inbound{{Listen: in, AppPort: uint32(appL.Addr().(*net.TCPAddr).Port), Protocol: config.ProtocolHTTP}},
+	}, sh)
+	startProxy(t, &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "default", Name: "checkout"},
+		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: serverID}}}},
+	}, ch)
+
+	c, err := net.DialTimeout("tcp", out, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	_, _ = io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: orders-api\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d, want 101", resp.StatusCode)
+	}
+	_, _ = io.WriteString(c, "hello over the upgraded connection\n")
+	line, err := br.ReadString('\n')
+	if err != nil || line != "echo: hello over the upgraded connection\n" {
+		t.Fatalf("after the upgrade: %q, %v", line, err)
+	}
+}
