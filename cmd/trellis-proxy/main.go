@@ -146,11 +146,14 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		runAgent = src.Run
 	}
 
-	var px *proxy.Proxy
+	var (
+		px   *proxy.Proxy
+		pcfg *proxyconfig.Config
+	)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if cfg.configFile != "" {
-		pcfg, err := proxyconfig.Load(cfg.configFile)
+		pcfg, err = proxyconfig.Load(cfg.configFile)
 		if err != nil {
 			return err
 		}
@@ -178,6 +181,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				st := adminState(holder, source)
 				if px != nil {
 					st.PolicyVersion = px.PolicyVersion()
+					st.Config = pcfg
 				}
 				return st
 			},

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"context"
 	"io/fs"
 	"os"
@@ -51,8 +53,9 @@ func loadPolicyDir(dir string, wl policy.Workload) (*policyState, error) {
 	return compilePolicies(set, wl, version)
 }
 
-// dirStamp summarizes the policy files' names, sizes and modification times;
-// it changes whenever a file is edited, added or removed.
+// dirStamp summarizes the policy files' names, sizes and modification times
+// as a short hash; it changes whenever a file is edited, added or removed,
+// and serves as the policy version /config reports.
 func dirStamp(dir string) string {
 	var b strings.Builder
 	_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
@@ -66,7 +69,8 @@ func dirStamp(dir string) string {
 		}
 		return nil
 	})
-	return b.String()
+	sum := sha256.Sum256([]byte(b.String()))
+	return hex.EncodeToString(sum[:6])
 }
 
 // watchPolicies reloads the policy directory when it changes. An invalid

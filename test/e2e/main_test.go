@@ -93,9 +93,15 @@ func trellisFails(t *testing.T, dir string, args ...string) string {
 	return r.stderr
 }
 
+// proc is a process started by background; exited is closed when it ends.
+type proc struct {
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
 // background starts a long-running process, waits until a line of its
 // output contains ready, and stops it when the test ends.
-func background(t *testing.T, dir, ready string, name string, args ...string) *exec.Cmd {
+func background(t *testing.T, dir, ready string, name string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Dir = dir
@@ -129,7 +135,7 @@ func background(t *testing.T, dir, ready string, name string, args ...string) *e
 	case <-time.After(20 * time.Second):
 		t.Fatalf("%s did not print %q within 20s", name, ready)
 	}
-	return cmd
+	return &proc{cmd: cmd, exited: exited}
 }
 
 // freePort returns a loopback port that was free a moment ago.

@@ -425,6 +425,44 @@ func TestGarbageAndSilenceDoNotHurtOthers(t *testing.T) {
 	}
 }
 
+// TestAdminConfigAndShutdown reads /config (identity, expiry, policy
+// version) and stops the sidecar with POST /shutdown, as a Job would.
+func TestAdminConfigAndShutdown(t *testing.T) {
+	m := newMesh(t)
+	app := backend(t)
+	inPort := freePort(t)
+	pol := m.policies(seedPolicies)
+	cfgPath := filepath.Join(m.dir, "orders.yaml")
+	if err := os.WriteFile(cfgPath, []byte(serverConfig(inPort, app, "http", pol)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	p := background(t, m.dir, "admin endpoints listening", proxyBin, "--static", m.identity("shipping", "orders-api"), "--config", cfgPath, "--admin-addr", admin)
+	waitFor(t, 10*time.Second, "ready", func() bool { return httpGet(t, "http://"+admin+"/ready") == http.StatusOK })
+	cfg := httpBody(t, "http://"+admin+"/config")
+	for _, want := range []string{`"spiffeId": "spiffe://cluster.local/ns/shipping/sa/orders-api"`, `"notAfter"`, `"policyVersion"`, `"appPort": 8080`} {
+		if want == `"appPort": 8080` {
+			want = fmt.Sprintf(`"appPort": %d`, app)
+		}
+		if !strings.Contains(cfg, want) {
+			t.Errorf("/config lacks %s:\n%s", want, cfg)
+		}
+	}
+	resp, err := http.Post("http://"+admin+"/shutdown", "text/plain", nil)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST /shutdown: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	select {
+	case <-p.exited:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the sidecar did not exit after POST /shutdown")
+	}
+	if code := p.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Fatalf("exit code %d after a graceful shutdown", code)
+	}
+}
+
 func httpBody(t *testing.T, url string) string {
 	t.Helper()
 	c := http.Client{Timeout: 5 * time.Second}

@@ -59,63 +59,63 @@ func ParseProtocol(s string) Protocol {
 
 // Config is the proxy's whole configuration.
 type Config struct {
-	APIVersion string   `yaml:"apiVersion"`
-	Kind       string   `yaml:"kind"`
-	Workload   Workload `yaml:"workload"`
+	APIVersion string   `yaml:"apiVersion" json:"apiVersion,omitempty"`
+	Kind       string   `yaml:"kind" json:"kind,omitempty"`
+	Workload   Workload `yaml:"workload" json:"workload,omitempty"`
 	// AppHost is where the application listens; 127.0.0.1 unless set.
-	AppHost  string     `yaml:"appHost"`
-	Inbound  []Inbound  `yaml:"inbound"`
-	Outbound []Outbound `yaml:"outbound"`
+	AppHost  string     `yaml:"appHost" json:"appHost,omitempty"`
+	Inbound  []Inbound  `yaml:"inbound" json:"inbound,omitempty"`
+	Outbound []Outbound `yaml:"outbound" json:"outbound,omitempty"`
 	// Transparent, when set, adds the listeners that iptables REDIRECT
 	// rules send intercepted traffic to.
-	Transparent *Transparent `yaml:"transparent"`
+	Transparent *Transparent `yaml:"transparent" json:"transparent,omitempty"`
 	// Policies is a directory of PeerAuthentication and
 	// AuthorizationPolicy files; without it every port is PERMISSIVE and
 	// every caller allowed, as in a mesh with no policy.
-	Policies string `yaml:"policies"`
+	Policies string `yaml:"policies" json:"policies,omitempty"`
 }
 
 // Workload identifies the workload the proxy serves, for policy selection.
 type Workload struct {
-	Namespace string            `yaml:"namespace"`
-	Name      string            `yaml:"name"`
-	Labels    map[string]string `yaml:"labels"`
+	Namespace string            `yaml:"namespace" json:"namespace,omitempty"`
+	Name      string            `yaml:"name" json:"name,omitempty"`
+	Labels    map[string]string `yaml:"labels" json:"labels,omitempty"`
 }
 
 // Transparent names the listeners of transparent interception: all inbound
 // TCP to the workload is redirected to Inbound, all outbound TCP from it to
 // Outbound, and the original destination says where it was going.
 type Transparent struct {
-	Inbound  string `yaml:"inbound"`
-	Outbound string `yaml:"outbound"`
+	Inbound  string `yaml:"inbound" json:"inbound,omitempty"`
+	Outbound string `yaml:"outbound" json:"outbound,omitempty"`
 }
 
 // Inbound is a workload port: a listener of its own, or (without listen) a
 // port reached through the transparent inbound listener.
 type Inbound struct {
-	Listen string `yaml:"listen"`
+	Listen string `yaml:"listen" json:"listen,omitempty"`
 	// AppPort is the workload port traffic is forwarded to and policies
 	// are evaluated for.
-	AppPort  uint32   `yaml:"appPort"`
-	Protocol Protocol `yaml:"protocol"`
+	AppPort  uint32   `yaml:"appPort" json:"appPort,omitempty"`
+	Protocol Protocol `yaml:"protocol" json:"protocol,omitempty"`
 }
 
 // Outbound is one destination service the application calls: on a listener
 // of its own, and/or, under transparent interception, at the addresses
 // (virtual IP and port) the application dials.
 type Outbound struct {
-	Listen    string   `yaml:"listen"`
-	Addresses []string `yaml:"addresses"`
+	Listen    string   `yaml:"listen" json:"listen,omitempty"`
+	Addresses []string `yaml:"addresses" json:"addresses,omitempty"`
 	// Service names the destination, "name.namespace".
-	Service   string     `yaml:"service"`
-	Protocol  Protocol   `yaml:"protocol"`
-	Endpoints []Endpoint `yaml:"endpoints"`
+	Service   string     `yaml:"service" json:"service,omitempty"`
+	Protocol  Protocol   `yaml:"protocol" json:"protocol,omitempty"`
+	Endpoints []Endpoint `yaml:"endpoints" json:"endpoints,omitempty"`
 }
 
 // Endpoint is one instance of a destination and the identity it must prove.
 type Endpoint struct {
-	Address  string `yaml:"address"`
-	Identity string `yaml:"identity"`
+	Address  string `yaml:"address" json:"address,omitempty"`
+	Identity string `yaml:"identity" json:"identity,omitempty"`
 }
 
 // Load reads and validates a configuration file.
