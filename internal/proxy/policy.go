@@ -1,9 +1,9 @@
 package proxy
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"context"
 	"io/fs"
 	"os"
 	"path/filepath"
