@@ -345,6 +345,38 @@ func TestServerFirstProtocol(t *testing.T) {
 	}
 }
 
+// TestMariaDBThroughTheMesh runs a real MariaDB server, whose protocol has
+// the server speak first, behind a sidecar: through the mesh, and as a
+// plaintext client on the PERMISSIVE port, neither stalls.
+func TestMariaDBThroughTheMesh(t *testing.T) {
+	mariadbd := "/usr/sbin/mariadbd"
+	if _, err := os.Stat(mariadbd); err != nil {
+		mariadbd = requireTool(t, "mariadbd")
+	}
+	installDB := requireTool(t, "mariadb-install-db")
+	client := requireTool(t, "mariadb")
+	m := newMesh(t)
+	data := filepath.Join(t.TempDir(), "data")
+	if r := run(t, m.dir, "", installDB, "--no-defaults", "--datadir="+data, "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"); r.err != nil {
+		t.Fatalf("mariadb-install-db: %v\n%s%s", r.err, r.stdout, r.stderr)
+	}
+	dbPort, inPort, outPort := freePort(t), freePort(t), freePort(t)
+	background(t, m.dir, "ready for connections", mariadbd, "--no-defaults", "--datadir="+data, "--port="+fmt.Sprint(dbPort),
+		"--bind-address=127.0.0.1", "--socket="+filepath.Join(data, "sock"), "--user=root", "--skip-grant-tables")
+	m.sidecar("db", m.identity("shipping", "orders-db"), serverConfig(inPort, dbPort, "server-first", ""))
+	m.sidecar("checkout", m.identity("default", "checkout-service"), clientConfig(outPort, inPort, "server-first", "spiffe://cluster.local/ns/shipping/sa/orders-db"))
+	for _, port := range []int{outPort, inPort} {
+		start := time.Now()
+		r := run(t, m.dir, "", client, "--no-defaults", "-h", "127.0.0.1", "-P", fmt.Sprint(port), "-u", "root", "-N", "-e", "select 6*7")
+		if r.err != nil || strings.TrimSpace(r.stdout) != "42" {
+			t.Fatalf("query via port %d: %v %q %s", port, r.err, r.stdout, r.stderr)
+		}
+		if took := time.Since(start); took > 2*time.Second {
+			t.Fatalf("query via port %d took %v: the proxy stalled a server-first protocol", port, took)
+		}
+	}
+}
+
 // TestGRPCStreamingThroughTheMesh calls a gRPC server (unary and
 // server-streaming) through both sidecars with h2c on the application side.
 func TestGRPCStreamingThroughTheMesh(t *testing.T) {
