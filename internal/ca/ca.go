@@ -268,6 +268,9 @@ func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*
 	if ttl == 0 {
 		ttl = c.cfg.DefaultTTL
 	}
+	if now.Before(p.issuer.cert.NotBefore) {
+		return nil, fmt.Errorf("sign: the issuing intermediate is not valid until %s: check this machine's clock", p.issuer.cert.NotBefore.UTC().Format(time.RFC3339))
+	}
 	if err := CheckTTL(ttl, now, p.issuer.cert.NotAfter); err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
 	}

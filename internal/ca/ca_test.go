@@ -572,3 +572,11 @@ func TestRetireWithoutIssuedCertificatesNeedsNoWait(t *testing.T) {
 		t.Fatalf("nothing was issued under the old root, yet retire refused: %v", err)
 	}
 }
+
+func TestSignRefusesBeforeTheIntermediateIsValid(t *testing.T) {
+	c, clock := newTestCA(t)
+	clock.Advance(-time.Hour)
+	if _, err := c.Sign(newCSR(t, ecKey(t), ordersID.String()), ordersID, 0); err == nil || !strings.Contains(err.Error(), "clock") {
+		t.Fatalf("signing before the intermediate's NotBefore: %v", err)
+	}
+}

@@ -41,7 +41,13 @@ type issuer struct {
 
 func newIssuer(t *testing.T) *issuer {
 	dir := t.TempDir()
-	authority, err := ca.Init(ca.Config{StateDir: dir}, ca.InitOptions{TrustDomain: "cluster.local"})
+	// The CA was made two hours ago, so that tests can also have it sign
+	// certificates that have already expired.
+	born := time.Now().Add(-2 * time.Hour)
+	if _, err := ca.Init(ca.Config{StateDir: dir, Now: func() time.Time { return born }}, ca.InitOptions{TrustDomain: "cluster.local"}); err != nil {
+		t.Fatal(err)
+	}
+	authority, err := ca.Load(ca.Config{StateDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,24 +56,62 @@ func newIssuer(t *testing.T) *issuer {
 
 func (i *issuer) svid(id string) *identity.SVID {
 	i.t.Helper()
+	return signSVID(i.t, i.ca, id, time.Now())
+}
+
+// signSVID has authority sign a new key for id, as a workload would ask.
+func signSVID(t *testing.T, authority *ca.CA, id string, now time.Time) *identity.SVID {
+	t.Helper()
 	sid := spiffeid.RequireFromString(id)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		i.t.Fatal(err)
+		t.Fatal(err)
 	}
 	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{sid.URL()}}, key)
 	if err != nil {
-		i.t.Fatal(err)
+		t.Fatal(err)
 	}
-	chain, err := i.ca.Sign(csr, sid, ca.MinWorkloadTTL)
+	chain, err := authority.Sign(csr, sid, ca.MinWorkloadTTL)
 	if err != nil {
-		i.t.Fatal(err)
+		t.Fatal(err)
 	}
-	s, err := identity.NewSVID(chain, key, i.ca.Bundle(), time.Now())
+	s, err := identity.NewSVID(chain, key, authority.Bundle(), now)
 	if err != nil {
-		i.t.Fatal(err)
+		t.Fatal(err)
 	}
 	return s
+}
+
+// serveApp runs h as the local application on loopback and returns its port.
+func serveApp(t *testing.T, h http.Handler) uint32 {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: time.Second}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { srv.Close() })
+	return uint32(l.Addr().(*net.TCPAddr).Port)
+}
+
+const ordersID = "spiffe://cluster.local/ns/shipping/sa/orders-api"
+
+// ordersConfig is the configuration of orders-api's sidecar with one
+// inbound port forwarding to appPort.
+func ordersConfig(listen string, appPort uint32, protocol config.Protocol) *config.Config {
+	return &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
+		Inbound:  []config.Inbound{{Listen: listen, AppPort: appPort, Protocol: protocol}},
+	}
+}
+
+// holderFor returns a holder with a fresh SVID for id.
+func (i *issuer) holderFor(id string) *identity.Holder {
+	h := &identity.Holder{}
+	h.Set(i.svid(id))
+	return h
 }
 
 func freeAddr(t *testing.T) string {
@@ -139,43 +183,15 @@ func waitListening(t *testing.T, addr string) {
 // handshake) flow: not one may fail.
 func TestRotationUnderLoad(t *testing.T) {
 	iss := newIssuer(t)
-	const serverID, clientID = "spiffe://cluster.local/ns/shipping/sa/orders-api", "spiffe://cluster.local/ns/default/sa/checkout"
-
-	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }), ReadHeaderTimeout: time.Second}
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = app.Serve(appL) }()
-	defer app.Close()
-	echoL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echoL.Close()
-	go func() {
-		for {
-			c, err := echoL.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-		}
-	}()
+	const serverID, clientID = ordersID, "spiffe://cluster.local/ns/default/sa/checkout"
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }))
+	echo := echoServer(t)
 
 	httpIn, tcpIn, httpOut, tcpOut := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
-	port := func(l net.Listener) uint32 { return uint32(l.Addr().(*net.TCPAddr).Port) }
-	serverH, clientH := &identity.Holder{}, &identity.Holder{}
-	serverH.Set(iss.svid(serverID))
-	clientH.Set(iss.svid(clientID))
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
-		Inbound: []config.Inbound{
-			{Listen: httpIn, AppPort: port(appL), Protocol: config.ProtocolHTTP},
-			{Listen: tcpIn, AppPort: port(echoL), Protocol: config.ProtocolTCP},
-		},
-	}, serverH)
+	serverH, clientH := iss.holderFor(serverID), iss.holderFor(clientID)
+	serverCfg := ordersConfig(httpIn, app, config.ProtocolHTTP)
+	serverCfg.Inbound = append(serverCfg.Inbound, config.Inbound{Listen: tcpIn, AppPort: echo, Protocol: config.ProtocolTCP})
+	startProxy(t, serverCfg, serverH)
 	startProxy(t, &config.Config{
 		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
 		Workload: config.Workload{Namespace: "default", Name: "checkout"},
@@ -264,30 +280,17 @@ func TestDrainFinishesInFlightRequests(t *testing.T) {
 	iss := newIssuer(t)
 	release := make(chan struct{})
 	started := make(chan struct{})
-	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		close(started)
 		<-release
 		_, _ = io.WriteString(w, "finished")
-	}), ReadHeaderTimeout: time.Second}
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = app.Serve(appL) }()
-	defer app.Close()
-
+	}))
 	in := freeAddr(t)
-	h := &identity.Holder{}
-	h.Set(iss.svid("spiffe://cluster.local/ns/shipping/sa/orders-api"))
-	cfg := &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
-		Inbound:  []config.Inbound{{Listen: in, AppPort: uint32(appL.Addr().(*net.TCPAddr).Port), Protocol: config.ProtocolHTTP}},
-	}
+	cfg := ordersConfig(in, app, config.ProtocolHTTP)
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	p, err := New(Options{Config: cfg, Identity: h})
+	p, err := New(Options{Config: cfg, Identity: iss.holderFor(ordersID)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,21 +2,14 @@ package proxy
 
 import (
 	"bufio"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/trellis-mesh/trellis/internal/ca"
 	"github.com/trellis-mesh/trellis/internal/identity"
@@ -48,13 +41,7 @@ func echoServer(t *testing.T) uint32 {
 func tcpSidecar(t *testing.T, iss *issuer) string {
 	t.Helper()
 	in := freeAddr(t)
-	h := &identity.Holder{}
-	h.Set(iss.svid("spiffe://cluster.local/ns/shipping/sa/orders-api"))
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
-		Inbound:  []config.Inbound{{Listen: in, AppPort: echoServer(t), Protocol: config.ProtocolTCP}},
-	}, h)
+	startProxy(t, ordersConfig(in, echoServer(t), config.ProtocolTCP), iss.holderFor(ordersID))
 	return in
 }
 
@@ -66,24 +53,7 @@ func svidAt(t *testing.T, td, id string, at time.Time) *identity.SVID {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sid := spiffeid.RequireFromString(id)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{sid.URL()}}, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := authority.Sign(csr, sid, ca.MinWorkloadTTL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := identity.NewSVID(chain, key, authority.Bundle(), at)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return signSVID(t, authority, id, at)
 }
 
 // meshDial connects like a peer proxy would, presenting cert.
@@ -149,42 +119,20 @@ func expiredFrom(t *testing.T, iss *issuer) *tls.Certificate {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sid := spiffeid.RequireFromString("spiffe://cluster.local/ns/default/sa/checkout")
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{sid.URL()}}, key)
-	chain, err := old.Sign(csr, sid, ca.MinWorkloadTTL)
-	if err != nil {
-		t.Fatal(err)
+	s := signSVID(t, old, "spiffe://cluster.local/ns/default/sa/checkout", past)
+	if !s.NotAfter().Before(time.Now()) {
+		t.Fatalf("certificate not expired: %v", s.NotAfter())
 	}
-	if !chain[0].NotAfter.Before(time.Now()) {
-		t.Fatalf("certificate not expired: %v", chain[0].NotAfter)
-	}
-	c := &tls.Certificate{PrivateKey: key, Leaf: chain[0]}
-	for _, x := range chain {
-		c.Certificate = append(c.Certificate, x.Raw)
-	}
-	return c
+	return s.TLSCertificate()
 }
 
 // TestOversizedHeadersAreRefused sends a request with 100 KB of headers:
 // 431, and the proxy keeps serving.
 func TestOversizedHeadersAreRefused(t *testing.T) {
 	iss := newIssuer(t)
-	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }), ReadHeaderTimeout: time.Second}
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = app.Serve(appL) }()
-	defer app.Close()
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }))
 	in := freeAddr(t)
-	h := &identity.Holder{}
-	h.Set(iss.svid("spiffe://cluster.local/ns/shipping/sa/orders-api"))
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
-		Inbound:  []config.Inbound{{Listen: in, AppPort: uint32(appL.Addr().(*net.TCPAddr).Port), Protocol: config.ProtocolHTTP}},
-	}, h)
+	startProxy(t, ordersConfig(in, app, config.ProtocolHTTP), iss.holderFor(ordersID))
 	req, _ := http.NewRequest("GET", "http://"+in+"/", nil)
 	req.Header.Set("X-Big", strings.Repeat("a", 100<<10))
 	resp, err := http.DefaultClient.Do(req)
@@ -206,7 +154,7 @@ func TestOversizedHeadersAreRefused(t *testing.T) {
 // through both sidecars and exchanges bytes both ways on it.
 func TestWebSocketUpgradeThroughTheMesh(t *testing.T) {
 	iss := newIssuer(t)
-	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") != "websocket" {
 			http.Error(w, "upgrade required", http.StatusUpgradeRequired)
 			return
@@ -221,29 +169,14 @@ func TestWebSocketUpgradeThroughTheMesh(t *testing.T) {
 		line, _ := rw.ReadString('\n')
 		_, _ = rw.WriteString("echo: " + line)
 		_ = rw.Flush()
-	}), ReadHeaderTimeout: time.Second}
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = app.Serve(appL) }()
-	defer app.Close()
-
-	const serverID = "spiffe://cluster.local/ns/shipping/sa/orders-api"
+	}))
 	in, out := freeAddr(t), freeAddr(t)
-	sh, ch := &identity.Holder{}, &identity.Holder{}
-	sh.Set(iss.svid(serverID))
-	ch.Set(iss.svid("spiffe://cluster.local/ns/default/sa/checkout"))
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "shipping", Name: "orders-api"},
-		Inbound:  []config.Inbound{{Listen: in, AppPort: uint32(appL.Addr().(*net.TCPAddr).Port), Protocol: config.ProtocolHTTP}},
-	}, sh)
+	startProxy(t, ordersConfig(in, app, config.ProtocolHTTP), iss.holderFor(ordersID))
 	startProxy(t, &config.Config{
 		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
 		Workload: config.Workload{Namespace: "default", Name: "checkout"},
-		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: serverID}}}},
-	}, ch)
+		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}},
+	}, iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
 
 	c, err := net.DialTimeout("tcp", out, 5*time.Second)
 	if err != nil {
