@@ -55,6 +55,7 @@ func main() {
 // config is the proxy's validated configuration.
 type config struct {
 	configFile     string
+	pprof          bool
 	adminAddr      string
 	static         string
 	identityAddr   string
@@ -72,6 +73,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.configFile, "config", "", "proxy configuration file (kind: ProxyConfig): listeners, destinations, policies")
 	fs.StringVar(&c.adminAddr, "admin-addr", "127.0.0.1:15000", "address of the admin endpoints (/live, /ready, /config, /metrics, POST /shutdown)")
+	fs.BoolVar(&c.pprof, "pprof", false, "serve Go's profiling endpoints under /debug/pprof/ on the admin address")
 	fs.StringVar(&c.static, "static", "", "load the identity from key.pem, cert.pem and bundle.pem in this directory instead of the identity service")
 	fs.StringVar(&c.identityAddr, "identity-addr", "127.0.0.1:15012", "address of the identity service")
 	fs.StringVar(&c.caBundle, "ca-bundle", "", "PEM trust bundle to verify the identity service with")
@@ -185,8 +187,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				}
 				return st
 			},
-			Metrics:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
-			Shutdown: shutdown,
+			Metrics:   promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+			Shutdown:  shutdown,
+			Profiling: cfg.pprof,
 		}),
 		ReadHeaderTimeout: 5 * time.Second,
 	}

@@ -7,6 +7,7 @@ package admin
 import (
 	"encoding/json"
 	"net/http"
+	"net/http/pprof"
 	"time"
 )
 
@@ -43,6 +44,9 @@ type Endpoints struct {
 	Metrics http.Handler
 	// Shutdown starts a graceful shutdown (POST /shutdown).
 	Shutdown func()
+	// Profiling serves Go's pprof endpoints under /debug/pprof/, for
+	// finding where a proxy spends its time; off unless asked for.
+	Profiling bool
 }
 
 // Handler returns the admin mux.
@@ -69,6 +73,12 @@ func Handler(e Endpoints) http.Handler {
 	})
 	if e.Metrics != nil {
 		mux.Handle("GET /metrics", e.Metrics)
+	}
+	if e.Profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	if e.Shutdown != nil {
 		mux.HandleFunc("POST /shutdown", func(w http.ResponseWriter, _ *http.Request) {

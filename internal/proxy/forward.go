@@ -47,10 +47,12 @@ func forward(w http.ResponseWriter, r *http.Request, scheme, addr string, transp
 				pr.Out.URL.Host = addr
 				pr.Out.Host = pr.In.Host
 			},
-			Transport:     transport,
-			BufferPool:    proxyBufferPool{},
-			FlushInterval: -1, // stream: gRPC and server-sent events must not wait for a buffer to fill
-			ErrorLog:      httpErrorLog(logger),
+			Transport:  transport,
+			BufferPool: proxyBufferPool{},
+			// FlushInterval stays 0: a response with a known length goes
+			// out in one write, while streams (no Content-Length, as with
+			// gRPC, or server-sent events) are flushed as they come.
+			ErrorLog: httpErrorLog(logger),
 			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 				code, why := upstreamError(err)
 				if errors.Is(err, context.Canceled) && r.Context().Err() != nil {

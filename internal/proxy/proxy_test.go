@@ -25,7 +25,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 )
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -34,12 +34,12 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 // issuer hands out SVIDs from a real CA.
 type issuer struct {
-	t   *testing.T
+	t   testing.TB
 	ca  *ca.CA
 	dir string
 }
 
-func newIssuer(t *testing.T) *issuer {
+func newIssuer(t testing.TB) *issuer {
 	dir := t.TempDir()
 	// The CA was made two hours ago, so that tests can also have it sign
 	// certificates that have already expired.
@@ -60,7 +60,7 @@ func (i *issuer) svid(id string) *identity.SVID {
 }
 
 // signSVID has authority sign a new key for id, as a workload would ask.
-func signSVID(t *testing.T, authority *ca.CA, id string, now time.Time) *identity.SVID {
+func signSVID(t testing.TB, authority *ca.CA, id string, now time.Time) *identity.SVID {
 	t.Helper()
 	sid := spiffeid.RequireFromString(id)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -83,7 +83,7 @@ func signSVID(t *testing.T, authority *ca.CA, id string, now time.Time) *identit
 }
 
 // serveApp runs h as the local application on loopback and returns its port.
-func serveApp(t *testing.T, h http.Handler) uint32 {
+func serveApp(t testing.TB, h http.Handler) uint32 {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -114,7 +114,7 @@ func (i *issuer) holderFor(id string) *identity.Holder {
 	return h
 }
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -124,7 +124,7 @@ func freeAddr(t *testing.T) string {
 }
 
 // startProxy runs a proxy until the test ends.
-func startProxy(t *testing.T, cfg *config.Config, h *identity.Holder) *Proxy {
+func startProxy(t testing.TB, cfg *config.Config, h *identity.Holder) *Proxy {
 	t.Helper()
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
@@ -162,7 +162,7 @@ func outboundAddrs(c *config.Config) (out []string) {
 	return out
 }
 
-func waitListening(t *testing.T, addr string) {
+func waitListening(t testing.TB, addr string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
