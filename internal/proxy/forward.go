@@ -41,30 +41,36 @@ func forward(w http.ResponseWriter, r *http.Request, scheme, addr string, transp
 	key := forwarderKey{scheme, addr, transport, what}
 	v, ok := forwarders.Load(key)
 	if !ok {
-		v, _ = forwarders.LoadOrStore(key, &httputil.ReverseProxy{
-			Rewrite: func(pr *httputil.ProxyRequest) {
-				pr.Out.URL.Scheme = scheme
-				pr.Out.URL.Host = addr
-				pr.Out.Host = pr.In.Host
-			},
-			Transport:  transport,
-			BufferPool: proxyBufferPool{},
-			// FlushInterval stays 0: a response with a known length goes
-			// out in one write, while streams (no Content-Length, as with
-			// gRPC, or server-sent events) are flushed as they come.
-			ErrorLog: httpErrorLog(logger),
-			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-				code, why := upstreamError(err)
-				if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
-					return // the caller went away; nobody to answer
-				}
-				w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-				w.WriteHeader(code)
-				fmt.Fprintf(w, "trellis: %s unavailable: %s\n", what, why)
-			},
-		})
+		v, _ = forwarders.LoadOrStore(key, newForwarder(scheme, addr, transport, logger, what))
 	}
 	v.(*httputil.ReverseProxy).ServeHTTP(w, r)
+}
+
+// newForwarder returns a reverse proxy to scheme://addr through transport
+// (which may redirect the request elsewhere, as failover does).
+func newForwarder(scheme, addr string, transport http.RoundTripper, logger *slog.Logger, what string) *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = scheme
+			pr.Out.URL.Host = addr
+			pr.Out.Host = pr.In.Host
+		},
+		Transport:  transport,
+		BufferPool: proxyBufferPool{},
+		// FlushInterval stays 0: a response with a known length goes out
+		// in one write, while streams (no Content-Length, as with gRPC, or
+		// server-sent events) are flushed as they come.
+		ErrorLog: httpErrorLog(logger),
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			code, why := upstreamError(err)
+			if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+				return // the caller went away; nobody to answer
+			}
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			w.WriteHeader(code)
+			fmt.Fprintf(w, "trellis: %s unavailable: %s\n", what, why)
+		},
+	}
 }
 
 // upstreamError maps a transport error to a status and a short reason.

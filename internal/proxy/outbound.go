@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httputil"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +25,9 @@ type route struct {
 	protocol  config.Protocol
 	endpoints []endpoint
 	next      atomic.Uint64
+	// http forwards the application's requests, with failover between
+	// endpoints; built by the proxy, which owns the transports.
+	http *httputil.ReverseProxy
 }
 
 type endpoint struct {
@@ -115,18 +119,68 @@ func (p *Proxy) logSecureNaming(ep *endpoint, err error) {
 func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	m := metaFrom(r.Context())
-	ep := m.route.pick()
 	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
-	transport := p.mesh.h2
-	if isUpgrade(r) {
-		transport = p.mesh.h1
-	}
-	forward(rec, r, "http", ep.addr, transport, p.log, m.route.service+" at "+ep.addr)
+	var used *endpoint
+	r = r.WithContext(context.WithValue(r.Context(), usedEndpointKey{}, &used))
+	m.route.http.ServeHTTP(rec, r)
 	if p.metrics != nil {
-		p.metrics.requests.WithLabelValues("outbound", m.peerLabel, ep.label, "true", "", "", statusClass(rec.status)).Inc()
-		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, ep.label, "true").Observe(time.Since(start).Seconds())
+		dest := "unreachable"
+		if used != nil {
+			dest = used.label
+		}
+		p.metrics.requests.WithLabelValues("outbound", m.peerLabel, dest, "true", "", "", statusClass(rec.status)).Inc()
+		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, dest, "true").Observe(time.Since(start).Seconds())
 	}
 }
+
+type usedEndpointKey struct{}
+
+// failover sends a request to the route's next endpoint (round robin) and,
+// when that endpoint cannot be reached or does not prove its identity —
+// failures that happen before any of the request is sent — to the others
+// in turn. Errors after the request went out are returned as they are: a
+// retry could repeat a request the server has acted on.
+type failover struct {
+	route  *route
+	h2, h1 http.RoundTripper
+}
+
+func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
+	transport := f.h2
+	if isUpgrade(req) {
+		transport = f.h1
+	}
+	eps := f.route.endpoints
+	first := Pick(f.route.next.Add(1)-1, len(eps))
+	var lastErr error
+	for i := range eps {
+		ep := &eps[(first+i)%len(eps)]
+		if used, ok := req.Context().Value(usedEndpointKey{}).(**endpoint); ok {
+			*used = ep
+		}
+		out := *req
+		u := *req.URL
+		u.Host = ep.addr
+		out.URL = &u
+		resp, err := transport.RoundTrip(&out)
+		if err == nil {
+			return resp, nil
+		}
+		lastErr = err
+		var de *dialError
+		if !errors.As(err, &de) || req.Context().Err() != nil {
+			return nil, err
+		}
+	}
+	return nil, lastErr
+}
+
+// dialError marks a failure to reach an endpoint: nothing of the request
+// was sent, so another endpoint may be tried.
+type dialError struct{ err error }
+
+func (e *dialError) Error() string { return e.err.Error() }
+func (e *dialError) Unwrap() error { return e.err }
 
 func isUpgrade(r *http.Request) bool {
 	return r.Header.Get("Upgrade") != "" && r.ProtoMajor == 1
@@ -164,7 +218,7 @@ func newMeshTransport(p *Proxy) *meshTransport {
 				if errors.Is(err, errWrongIdentity) {
 					p.logSecureNaming(&endpoint{addr: addr, id: want}, err)
 				}
-				return nil, err
+				return nil, &dialError{err}
 			}
 			return &metaConn{Conn: c}, nil
 		}

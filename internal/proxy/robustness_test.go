@@ -199,3 +199,59 @@ func TestWebSocketUpgradeThroughTheMesh(t *testing.T) {
 		t.Fatalf("after the upgrade: %q, %v", line, err)
 	}
 }
+
+// TestFailoverToAReachableEndpoint lists a dead endpoint first: every
+// HTTP request and TCP stream still succeeds on the live one.
+func TestFailoverToAReachableEndpoint(t *testing.T) {
+	iss := newIssuer(t)
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }))
+	httpIn, tcpIn, dead := freeAddr(t), freeAddr(t), freeAddr(t)
+	serverCfg := ordersConfig(httpIn, app, config.ProtocolHTTP)
+	serverCfg.Inbound = append(serverCfg.Inbound, config.Inbound{Listen: tcpIn, AppPort: echoServer(t), Protocol: config.ProtocolTCP})
+	startProxy(t, serverCfg, iss.holderFor(ordersID))
+	httpOut, tcpOut := freeAddr(t), freeAddr(t)
+	deadFirst := func(live string) []config.Endpoint {
+		return []config.Endpoint{{Address: dead, Identity: ordersID}, {Address: live, Identity: ordersID}}
+	}
+	startProxy(t, &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "default", Name: "checkout"},
+		Outbound: []config.Outbound{
+			{Listen: httpOut, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: deadFirst(httpIn)},
+			{Listen: tcpOut, Service: "echo.shipping", Protocol: config.ProtocolTCP, Endpoints: deadFirst(tcpIn)},
+		},
+	}, iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
+	for i := range 6 {
+		resp, err := http.Get("http://" + httpOut + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != "ok" {
+			t.Fatalf("request %d: %d %q", i, resp.StatusCode, body)
+		}
+		if err := meshEcho(tcpOut); err != nil {
+			t.Fatalf("stream %d: %v", i, err)
+		}
+	}
+}
+
+// meshEcho sends a line through a plaintext connection to addr and expects
+// it back.
+func meshEcho(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "ping\n"); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil || line != "ping\n" {
+		return fmt.Errorf("echo %q, %v", line, err)
+	}
+	return nil
+}
