@@ -278,6 +278,12 @@ func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*
 	if notBefore.Before(p.issuer.cert.NotBefore) {
 		notBefore = p.issuer.cert.NotBefore
 	}
+	notAfter := now.Add(ttl)
+	// Record the bound first: a certificate whose expiry the CA has not
+	// recorded could outlive its root's retirement.
+	if err := c.noteLeafExpiry(p.issuer.root, notAfter); err != nil {
+		return nil, fmt.Errorf("sign: record the certificate's expiry: %w", err)
+	}
 	serial, err := newSerial()
 	if err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
@@ -289,7 +295,7 @@ func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		NotBefore:             notBefore,
-		NotAfter:              now.Add(ttl),
+		NotAfter:              notAfter,
 		URIs:                  []*url.URL{id.URL()},
 		KeyUsage:              usage,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
@@ -303,11 +309,6 @@ func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*
 	leaf, err := x509.ParseCertificate(der)
 	if err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
-	}
-	if err := c.noteLeafExpiry(p.issuer.root, leaf.NotAfter); err != nil {
-		// The certificate is valid; failing to record the bound only makes a
-		// later root retirement less informed, so report and carry on.
-		c.cfg.Log.Warn("could not record certificate expiry bound", "err", err)
 	}
 	return []*x509.Certificate{leaf, p.issuer.cert}, nil
 }
@@ -349,7 +350,7 @@ func (c *CA) noteLeafExpiry(root *x509.Certificate, notAfter time.Time) error {
 			r.leavesValidUntil = notAfter.Add(leafExpirySlack)
 			return true, nil
 		}
-		return false, nil // the root was retired meanwhile (forced)
+		return false, errors.New("the issuing root has been retired; retry to be issued under the new root")
 	})
 }
 

@@ -289,7 +289,7 @@ func TestRootRotationSteps(t *testing.T) {
 	c, clock := newTestCA(t)
 	oldRoot := c.Bundle()[0]
 
-	if err := c.ActivateRoot(); !errors.Is(err, ErrRotationOrder) {
+	if err := c.ActivateRoot(false); !errors.Is(err, ErrRotationOrder) {
 		t.Fatalf("activate before prepare: %v, want ErrRotationOrder", err)
 	}
 	if err := c.RetireRoot(false); !errors.Is(err, ErrRotationOrder) {
@@ -316,11 +316,17 @@ func TestRootRotationSteps(t *testing.T) {
 		t.Fatal("issuance switched to the new root at prepare")
 	}
 
-	// Step 2: activate. Old-root certificates still verify; new ones chain
-	// to the new root.
+	// Step 2: activate refuses while a certificate from before prepare
+	// (whose workload lacks the new root) may be valid; then it switches
+	// issuance. Old-root certificates still verify; new ones chain to the
+	// new root.
+	if err := c.ActivateRoot(false); err == nil || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("activate while pre-prepare certificates are valid: %v, want a refusal naming --force", err)
+	}
+	clock.Advance(DefaultWorkloadTTL + leafExpirySlack)
 	beforeActivate := sign(t, c, ordersID)
 	clock.Advance(time.Hour)
-	if err := c.ActivateRoot(); err != nil {
+	if err := c.ActivateRoot(false); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := verifyAt(beforeActivate, c.Bundle(), clock.Now()); err != nil {
@@ -509,7 +515,7 @@ func TestReloadPicksUpAnotherProcessRotation(t *testing.T) {
 	if err := cli.PrepareRoot(nil, nil, 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := cli.ActivateRoot(); err != nil {
+	if err := cli.ActivateRoot(false); err != nil {
 		t.Fatal(err)
 	}
 	changed, err := c.Reload()
@@ -565,7 +571,7 @@ func TestRetireWithoutIssuedCertificatesNeedsNoWait(t *testing.T) {
 	if err := c.PrepareRoot(nil, nil, 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.ActivateRoot(); err != nil {
+	if err := c.ActivateRoot(false); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.RetireRoot(false); err != nil {

@@ -13,6 +13,9 @@ import (
 //  1. PrepareRoot adds a new root to the bundle; issuance is unchanged.
 //  2. ActivateRoot issues from a new intermediate under the new root; the old
 //     root stays in the bundle, so certificates issued before still verify.
+//     It waits until every certificate issued before step 1 has expired:
+//     each workload has then renewed at least once and received the new
+//     bundle, without which it could not verify peers under the new root.
 //  3. RetireRoot removes the old root from the bundle once no certificate
 //     issued under it can still be valid.
 
@@ -41,6 +44,9 @@ func (c *CA) PrepareRoot(certPEM, keyPEM []byte, ttl time.Duration) error {
 	}
 	root.status = rootPending
 	err = c.mutate(func(p *parsedState) (bool, error) {
+		// Every certificate issued until now carries the old bundle; they
+		// are all expired by the active root's recorded bound.
+		root.leavesValidUntil = p.activeRoot().leavesValidUntil
 		if p.rootWithStatus(rootPending) != nil {
 			return false, fmt.Errorf("%w: a new root is already prepared; run 'trellis ca rotate-root activate' next", ErrRotationOrder)
 		}
@@ -58,14 +64,23 @@ func (c *CA) PrepareRoot(certPEM, keyPEM []byte, ttl time.Duration) error {
 }
 
 // ActivateRoot switches issuance to the prepared root through a new
-// intermediate. The previous root stays trusted until RetireRoot.
-func (c *CA) ActivateRoot() error {
+// intermediate. The previous root stays trusted until RetireRoot. It
+// refuses while a workload may still hold only the old bundle, unless
+// force is set.
+func (c *CA) ActivateRoot(force bool) error {
 	now := c.cfg.Now()
 	err := c.mutate(func(p *parsedState) (bool, error) {
 		next := p.rootWithStatus(rootPending)
 		if next == nil {
 			return false, fmt.Errorf("%w: no prepared root; run 'trellis ca rotate-root prepare' first", ErrRotationOrder)
 		}
+		// Until then, leavesValidUntil of a pending root holds the time by
+		// which every workload has the new bundle (set by PrepareRoot).
+		if !force && now.Before(next.leavesValidUntil) {
+			return false, fmt.Errorf("certificates issued before the new root was prepared may be valid until %s (%s from now), and their workloads do not trust the new root yet; wait until then, or pass --force to break those that have not renewed",
+				next.leavesValidUntil.UTC().Format(time.RFC3339), next.leavesValidUntil.Sub(now).Round(time.Minute))
+		}
+		next.leavesValidUntil = time.Time{}
 		cert, key, err := newIntermediate(c.td, next.cert, next.key, now, c.cfg.IntermediateTTL)
 		if err != nil {
 			return false, err

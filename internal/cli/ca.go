@@ -238,7 +238,7 @@ waiting in between:
 			if err != nil {
 				return err
 			}
-			if err := authority.ActivateRoot(); err != nil {
+			if err := authority.ActivateRoot(force); err != nil {
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), "Issuing from the new root. When every workload has renewed, run: trellis ca rotate-root retire")
@@ -262,6 +262,7 @@ waiting in between:
 			return nil
 		},
 	}
+	activate.Flags().BoolVar(&force, "force", false, "activate even though some workloads may not have the new root in their bundle yet")
 	retire.Flags().BoolVar(&force, "force", false, "retire even though certificates issued under the old root may still be valid")
 	for _, c := range []*cobra.Command{prepare, activate, retire} {
 		addStateDirFlag(c, &stateDir)

@@ -109,8 +109,8 @@ func addIdentityFlags(cmd *cobra.Command, namespace, serviceAccount *string, ttl
 
 func newIdentityServeCommand() *cobra.Command {
 	var (
-		stateDir, listen string
-		checkEvery       time.Duration
+		stateDir, listen   string
+		checkEvery, maxTTL time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -123,13 +123,20 @@ renewed while it runs, and root rotation steps run from the CLI are picked up.`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := logger(cmd)
+			if checkEvery <= 0 {
+				return fmt.Errorf("--check-interval must be positive, such as 10s")
+			}
+			if maxTTL < ca.MinWorkloadTTL {
+				return fmt.Errorf("--max-ttl must be at least %v", ca.MinWorkloadTTL)
+			}
 			authority, err := loadCA(cmd, stateDir)
 			if err != nil {
 				return err
 			}
 			svc := identityservice.New(identityservice.Config{
-				CA:  authority,
-				Log: log,
+				CA:     authority,
+				Log:    log,
+				MaxTTL: maxTTL,
 				Authenticators: []identityservice.Authenticator{
 					identityservice.JoinTokens{Store: jointoken.NewStore(stateDir, nil), TrustDomain: authority.TrustDomain()},
 				},
@@ -158,6 +165,7 @@ renewed while it runs, and root rotation steps run from the CLI are picked up.`,
 	addStateDirFlag(cmd, &stateDir)
 	cmd.Flags().StringVar(&listen, "listen", DefaultIdentityAddr, "address to serve the identity API on")
 	cmd.Flags().DurationVar(&checkEvery, "check-interval", 10*time.Second, "how often to check the CA state for changes and the intermediate for renewal")
+	cmd.Flags().DurationVar(&maxTTL, "max-ttl", ca.DefaultWorkloadTTL, "longest certificate lifetime a workload may ask for")
 	return cmd
 }
 

@@ -36,6 +36,13 @@ const (
 	// maxWait caps each sleep so that a suspended machine or a clock jump
 	// is noticed within a minute rather than at the old deadline.
 	maxWait = time.Minute
+	// fetchTimeout bounds one request, so a server that accepts and never
+	// answers cannot stall renewal.
+	fetchTimeout = 30 * time.Second
+	// minRenewGap keeps a certificate that looks due at once (the client's
+	// clock far ahead of the CA's, or a tiny TTL) from being renewed in a
+	// tight loop.
+	minRenewGap = 30 * time.Second
 )
 
 // RenewAt is when a certificate valid from notBefore to notAfter should be
@@ -138,7 +145,10 @@ func (s *Source) Run(ctx context.Context) error {
 		now := s.cfg.Now()
 		cur := s.Current()
 		if cur == nil || !now.Before(renewAt) {
-			if err := s.Fetch(ctx); err != nil {
+			fctx, cancel := context.WithTimeout(ctx, fetchTimeout)
+			err := s.Fetch(fctx)
+			cancel()
+			if err != nil {
 				if ctx.Err() != nil {
 					return nil
 				}
@@ -153,6 +163,10 @@ func (s *Source) Run(ctx context.Context) error {
 			failures = 0
 			cur = s.Current()
 			renewAt = RenewAt(cur.NotBefore(), cur.NotAfter(), 2*mathrand.Float64()-1)
+			if earliest := s.cfg.Now().Add(minRenewGap); renewAt.Before(earliest) {
+				s.cfg.Log.Warn("the new certificate is already due for renewal: is this machine's clock ahead of the control plane's?", "notBefore", cur.NotBefore().UTC(), "notAfter", cur.NotAfter().UTC())
+				renewAt = earliest
+			}
 			s.cfg.Log.Info("workload certificate obtained", "id", cur.ID, "notAfter", cur.NotAfter().UTC(), "renewAt", renewAt.UTC())
 		}
 		// Sleep in bounded steps and re-read the clock, so a missed timer

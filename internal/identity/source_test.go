@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -179,6 +180,70 @@ func TestServiceRefusals(t *testing.T) {
 				t.Fatalf("err = %v, want it to mention %q", err, tc.wantText)
 			}
 		})
+	}
+}
+
+// staticAuth authenticates every credential as one fixed identity; it
+// stands in for an authenticator that a compromised or misconfigured
+// credential source could make return anything.
+type staticAuth struct{ id spiffeid.ID }
+
+func (staticAuth) Type() string { return "static" }
+func (a staticAuth) Authenticate(context.Context, string) (spiffeid.ID, error) {
+	return a.id, nil
+}
+
+// TestControlPlaneIdentityIsNeverIssued: no credential, whatever it says,
+// buys the identity workloads trust the control plane by.
+func TestControlPlaneIdentityIsNeverIssued(t *testing.T) {
+	dir := t.TempDir()
+	authority, err := ca.Init(ca.Config{StateDir: dir}, ca.InitOptions{TrustDomain: td.Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpID := meshid.ControlPlane(td)
+	svc := identityservice.New(identityservice.Config{CA: authority, Authenticators: []identityservice.Authenticator{staticAuth{cpID}}})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(grpc.Creds(svc.ServerCredentials()))
+	svc.Register(g)
+	go func() { _ = g.Serve(lis) }()
+	defer g.Stop()
+	src, err := identity.NewSource(identity.Config{
+		Addr: lis.Addr().String(), ID: cpID, ServerID: cpID, Bundle: authority.Bundle(),
+		Credential: &identityv1.Credential{Type: "static", Value: "x"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Fetch(ctx(t)); status.Code(errors.Unwrap(err)) != codes.PermissionDenied && !strings.Contains(fmt.Sprint(err), "PermissionDenied") {
+		t.Fatalf("asking for the control plane's identity: %v, want PermissionDenied", err)
+	}
+	if _, _, err := jointoken.NewStore(dir, nil).Create(meshid.RootNamespace, meshid.ControlPlaneServiceAccount, time.Hour, 1); err == nil {
+		t.Fatal("a join token for the control plane's identity was created")
+	}
+}
+
+// TestBadRequestDoesNotSpendTheToken: a request refused for its TTL or CSR
+// leaves the single-use token for the corrected retry.
+func TestBadRequestDoesNotSpendTheToken(t *testing.T) {
+	cp := startControlPlane(t)
+	tok := cp.token(t, "shipping", "orders-api")
+	greedy, err := identity.NewSource(identity.Config{
+		Addr: cp.addr, ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/shipping/sa/orders-api"),
+		ServerID: meshid.ControlPlane(td), Bundle: cp.ca.Bundle(), TTL: 30 * 24 * time.Hour,
+		Credential: &identityv1.Credential{Type: identityservice.JoinTokenType, Value: tok},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := greedy.Fetch(ctx(t)); err == nil || !strings.Contains(err.Error(), "maximum") {
+		t.Fatalf("a 30-day certificate: %v, want a refusal naming the maximum", err)
+	}
+	if err := cp.source(t, "shipping", "orders-api", tok).Fetch(ctx(t)); err != nil {
+		t.Fatalf("the corrected request with the same token: %v", err)
 	}
 }
 

@@ -85,6 +85,10 @@ type Config struct {
 	Now func() time.Time
 	// ServingTTL is the lifetime of the service's own certificate.
 	ServingTTL time.Duration
+	// MaxTTL caps the lifetime a workload may ask for, so that one stolen
+	// credential cannot buy a certificate valid for months; zero means
+	// ca.DefaultWorkloadTTL.
+	MaxTTL time.Duration
 }
 
 // Service implements the Identity gRPC service.
@@ -108,6 +112,9 @@ func New(cfg Config) *Service {
 	}
 	if cfg.ServingTTL == 0 {
 		cfg.ServingTTL = ca.DefaultWorkloadTTL
+	}
+	if cfg.MaxTTL == 0 {
+		cfg.MaxTTL = ca.DefaultWorkloadTTL
 	}
 	s := &Service{cfg: cfg, auths: map[string]Authenticator{}, id: meshid.ControlPlane(cfg.CA.TrustDomain())}
 	for _, a := range cfg.Authenticators {
@@ -142,6 +149,8 @@ func (s *Service) TLSConfig() *tls.Config {
 			return err
 		},
 		NextProtos: []string{"h2"},
+		// Resumption would skip the client certificate check at handshake.
+		SessionTicketsDisabled: true,
 	}
 }
 
@@ -192,19 +201,32 @@ func (s *Service) stale(c *tls.Certificate, now time.Time) bool {
 
 // SignCertificate implements identityv1.IdentityServer.
 func (s *Service) SignCertificate(ctx context.Context, req *identityv1.SignCertificateRequest) (*identityv1.SignCertificateResponse, error) {
+	ttl := req.GetTtl().AsDuration() // zero when absent: the CA's default
+	// Check what can be checked before authenticating, so that a malformed
+	// request does not spend a single-use credential.
+	if err := s.precheck(req.GetCsr(), ttl); err != nil {
+		s.cfg.Log.Warn("identity request refused", "peer", peerAddr(ctx), "err", err)
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	id, via, err := s.authenticate(ctx, req.GetCredential())
 	if err != nil {
 		s.cfg.Log.Warn("identity request refused", "peer", peerAddr(ctx), "err", err)
 		return nil, err
 	}
-	ttl := req.GetTtl().AsDuration() // zero when absent: the CA's default
+	if id == s.id {
+		// Whoever held this identity could pose as the control plane to
+		// every workload; it is issued only in-process.
+		s.cfg.Log.Warn("identity request refused: the control plane's identity was asked for", "peer", peerAddr(ctx), "via", via)
+		return nil, status.Errorf(codes.PermissionDenied, "%s is reserved for the control plane", id)
+	}
 	chain, err := s.cfg.CA.Sign(req.GetCsr(), id, ttl)
 	if err != nil {
 		s.cfg.Log.Warn("identity request refused", "id", id, "via", via, "err", err)
 		if errors.Is(err, ca.ErrInvalidCSR) || errors.Is(err, ca.ErrTTL) {
 			return nil, status.Error(codes.InvalidArgument, err.Error())
 		}
-		return nil, status.Error(codes.Internal, err.Error())
+		// Details (paths, lock errors) stay in the server's log.
+		return nil, status.Error(codes.Internal, "the certificate authority could not sign; see the control plane's log")
 	}
 	resp := &identityv1.SignCertificateResponse{
 		SpiffeId:  id.String(),
@@ -220,6 +242,28 @@ func (s *Service) SignCertificate(ctx context.Context, req *identityv1.SignCerti
 	return resp, nil
 }
 
+// precheck validates the parts of a request that do not depend on who the
+// caller is: the TTL bound and the CSR's form (its identity is checked
+// against the authenticated one when signing).
+func (s *Service) precheck(csrDER []byte, ttl time.Duration) error {
+	if ttl > s.cfg.MaxTTL {
+		return fmt.Errorf("%w: %v is longer than this control plane's maximum %v", ca.ErrTTL, ttl, s.cfg.MaxTTL)
+	}
+	csr, err := x509.ParseCertificateRequest(csrDER)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ca.ErrInvalidCSR, err)
+	}
+	if len(csr.URIs) != 1 {
+		return fmt.Errorf("%w: an X.509-SVID request has exactly one URI SAN, this has %d", ca.ErrInvalidCSR, len(csr.URIs))
+	}
+	want, err := spiffeid.FromURI(csr.URIs[0])
+	if err != nil {
+		return fmt.Errorf("%w: URI SAN is not a SPIFFE ID: %v", ca.ErrInvalidCSR, err)
+	}
+	_, err = ca.ValidateCSR(csrDER, want)
+	return err
+}
+
 // authenticate decides who the caller is: by credential when one is sent,
 // otherwise by the SVID it presented on this connection.
 func (s *Service) authenticate(ctx context.Context, cred *identityv1.Credential) (spiffeid.ID, string, error) {
@@ -233,7 +277,8 @@ func (s *Service) authenticate(ctx context.Context, cred *identityv1.Credential)
 			if errors.Is(err, ErrUnauthenticated) {
 				return spiffeid.ID{}, "", status.Error(codes.Unauthenticated, err.Error())
 			}
-			return spiffeid.ID{}, "", status.Error(codes.Internal, err.Error())
+			s.cfg.Log.Error("authenticator failed", "type", cred.GetType(), "err", err)
+			return spiffeid.ID{}, "", status.Error(codes.Internal, "the credential could not be checked; see the control plane's log")
 		}
 		return id, cred.GetType(), nil
 	}
@@ -245,15 +290,12 @@ func (s *Service) authenticate(ctx context.Context, cred *identityv1.Credential)
 	if !ok || len(info.State.PeerCertificates) == 0 {
 		return spiffeid.ID{}, "", status.Error(codes.Unauthenticated, "no credential and no client certificate: send a credential (e.g. a join token from 'trellis token create')")
 	}
-	leaf := info.State.PeerCertificates[0]
-	// The handshake verified the chain, but a connection can outlive the
-	// certificate it was opened with: check it is still valid now.
-	if now := s.cfg.Now(); now.After(leaf.NotAfter) {
-		return spiffeid.ID{}, "", status.Error(codes.Unauthenticated, "the client certificate has expired: bootstrap again with a credential")
-	}
-	id, err := x509svid.IDFromCert(leaf)
+	// The handshake verified the chain, but a connection can outlive its
+	// certificate, and the bundle can change under it (a root retired):
+	// verify again, now, against the bundle in force.
+	id, _, err := x509svid.Verify(info.State.PeerCertificates, s.bundleSource(), x509svid.WithTime(s.cfg.Now()))
 	if err != nil {
-		return spiffeid.ID{}, "", status.Errorf(codes.Unauthenticated, "client certificate: %v", err)
+		return spiffeid.ID{}, "", status.Errorf(codes.Unauthenticated, "the client certificate is no longer valid (%v): bootstrap again with a credential", err)
 	}
 	if id == s.id {
 		return spiffeid.ID{}, "", status.Error(codes.PermissionDenied, "the control plane's identity cannot be renewed through this API")

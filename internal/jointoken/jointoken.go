@@ -74,6 +74,9 @@ func (s *Store) Create(namespace, serviceAccount string, ttl time.Duration, uses
 	if err := meshid.ValidateName("service account", serviceAccount); err != nil {
 		return "", Token{}, fmt.Errorf("create join token: %w", err)
 	}
+	if namespace == meshid.RootNamespace && serviceAccount == meshid.ControlPlaneServiceAccount {
+		return "", Token{}, fmt.Errorf("create join token: %s/%s is the control plane's own identity and is never issued to workloads", namespace, serviceAccount)
+	}
 	if ttl <= 0 || ttl > MaxTTL {
 		return "", Token{}, fmt.Errorf("create join token: ttl %v must be more than 0 and at most %v", ttl, MaxTTL)
 	}
@@ -126,6 +129,9 @@ func (s *Store) Redeem(token string) (Token, error) {
 		}
 		got := sha256.Sum256(secret)
 		if subtle.ConstantTimeCompare(want, got[:]) != 1 {
+			return nil, fmt.Errorf("%w: unknown, revoked or used up", ErrInvalid)
+		}
+		if t.UsesLeft <= 0 {
 			return nil, fmt.Errorf("%w: unknown, revoked or used up", ErrInvalid)
 		}
 		if !now.Before(t.ExpiresAt) {

@@ -133,7 +133,13 @@ func TestRootRotationWithTheCLI(t *testing.T) {
 	if r := verify("before"); r.err != nil {
 		t.Fatalf("after prepare: %s%s", r.stdout, r.stderr)
 	}
-	trellis(t, dir, "ca", "rotate-root", "activate")
+	stderr = trellisFails(t, dir, "ca", "rotate-root", "activate")
+	if !strings.Contains(stderr, "--force") {
+		t.Fatalf("activate while workloads may lack the new root: %s", stderr)
+	}
+	// The "before" workload keeps its old bundle file here; --force is
+	// what an operator uses once every workload has renewed.
+	trellis(t, dir, "ca", "rotate-root", "activate", "--force")
 	trellis(t, dir, "identity", "issue", "-n", "shipping", "--service-account", "orders-api", "--out", "after")
 	for _, d := range []string{"before", "after"} {
 		if r := verify(d); r.err != nil {
