@@ -136,8 +136,6 @@ func newAppTransports(dialer *net.Dialer) (http1, h2c http.RoundTripper) {
 // pooled buffers, half-closing so that protocols that signal the end of a
 // request by closing their write side keep working.
 func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel string) {
-	p.conns.Add(1)
-	defer p.conns.Done()
 	var open, received, sent interface{ Add(float64) }
 	if p.metrics != nil {
 		g := p.metrics.open.WithLabelValues(direction, source, destination, tlsLabel)

@@ -10,12 +10,13 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"strconv"
+	"net/url"
 	"strings"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/policy"
 	"github.com/trellis-mesh/trellis/internal/policy/authz"
+	"github.com/trellis-mesh/trellis/internal/policy/mtls"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 	"github.com/trellis-mesh/trellis/internal/proxy/sniff"
 )
@@ -101,7 +102,12 @@ func peek(r *bufio.Reader, c net.Conn, timeout time.Duration) (sniff.Kind, []byt
 
 // handleInbound classifies a connection to the workload and applies the
 // port's mTLS mode before anything reaches the application.
-func (p *Proxy) handleInbound(c net.Conn, in config.Inbound) {
+//
+// appAddr is where allowed traffic goes: the application's port on AppHost
+// for a listener of its own, and for intercepted traffic the address the
+// caller dialled — never loopback, which would expose ports the application
+// bound to 127.0.0.1 on purpose.
+func (p *Proxy) handleInbound(c net.Conn, in config.Inbound, appAddr string) {
 	if !p.waitReady() {
 		p.refuse(c, "inbound", "no certificate yet")
 		return
@@ -116,9 +122,14 @@ func (p *Proxy) handleInbound(c net.Conn, in config.Inbound) {
 		timeout = sniffTimeout
 	}
 	kind, first := peek(r, c, timeout)
+	if kind == sniff.TLS && len(first) >= r.Size() {
+		if _, err := sniff.ParseClientHello(first); errors.Is(err, sniff.ErrNeedMore) {
+			p.refuse(c, "inbound", "TLS ClientHello larger than the 4 KiB the proxy reads", "port", in.AppPort)
+			return
+		}
+	}
 	remote, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-	meta := &connMeta{direction: "inbound", appPort: in.AppPort, protocol: in.Protocol, peerIP: remote.Addr().Unmap(),
-		appAddr: net.JoinHostPort(p.opts.Config.AppHost, strconv.Itoa(int(in.AppPort)))}
+	meta := &connMeta{direction: "inbound", appPort: in.AppPort, protocol: in.Protocol, peerIP: remote.Addr().Unmap(), appAddr: appAddr}
 	pc := &peekConn{Conn: c, r: r, meta: meta}
 
 	if kind == sniff.Unknown && len(first) == 0 && timeout == firstBytesTimeout {
@@ -222,6 +233,7 @@ func (p *Proxy) serveInboundTCP(pc net.Conn, m *connMeta) {
 	req := authz.Request{HTTP: false, Port: m.appPort, Principal: m.peer, Namespace: m.peerNS, IP: m.peerIP}
 	res := p.policies.Load().authz.Evaluate(&req)
 	decision, policyRef := decisionLabels4(res)
+	p.reportShadow(res, m)
 	if p.metrics != nil {
 		p.metrics.connections.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef).Inc()
 	}
@@ -284,6 +296,7 @@ func (p *Proxy) buildServers() {
 			ReadHeaderTimeout: firstBytesTimeout,
 			MaxHeaderBytes:    64 << 10,
 			ErrorLog:          httpErrorLog(p.log),
+			IdleTimeout:       idleTimeout,
 			HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: 1000},
 		}
 	}
@@ -299,25 +312,81 @@ func (p *Proxy) serveInboundHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "trellis: internal error: connection without metadata", http.StatusInternalServerError)
 		return
 	}
+	st := p.policies.Load()
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	decision, policyRef := "deny", ""
+	defer func() {
+		if p.metrics != nil {
+			p.metrics.requests.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef, statusClass(rec.status)).Inc()
+			p.metrics.duration.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel).Observe(time.Since(start).Seconds())
+		}
+	}()
+	// The mode may have changed since the connection was accepted: a
+	// keep-alive connection must not carry plaintext past a switch to
+	// STRICT.
+	if mode := st.ports.Mode(m.appPort); !mtls.Admits(mode, m.tls) {
+		rec.Header().Set("Connection", "close")
+		http.Error(rec, fmt.Sprintf("trellis: port %d is now %s; reconnect", m.appPort, mode), http.StatusForbidden)
+		policyRef = "mtls"
+		return
+	}
+	// Authorize and forward one and the same path.
+	path, err := NormalizePath(r.URL.EscapedPath())
+	if err != nil {
+		http.Error(rec, "trellis: bad request path: "+err.Error(), http.StatusBadRequest)
+		policyRef = "invalid-path"
+		return
+	}
+	if path != r.URL.EscapedPath() {
+		if r.URL.Path, err = url.PathUnescape(path); err != nil {
+			http.Error(rec, "trellis: bad request path", http.StatusBadRequest)
+			return
+		}
+		r.URL.RawPath = path
+	}
 	req := authz.Request{
 		HTTP: true, Port: m.appPort, Principal: m.peer, Namespace: m.peerNS, IP: m.peerIP,
-		Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Headers: r.Header,
+		Method: r.Method, Path: path, Host: r.Host, Headers: r.Header,
 	}
-	res := p.policies.Load().authz.Evaluate(&req)
-	decision, policyRef := decisionLabels4(res)
-	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	res := st.authz.Evaluate(&req)
+	decision, policyRef = decisionLabels4(res)
+	p.reportShadow(res, m)
 	if !res.Allowed {
 		denied(rec, res, m)
-	} else {
-		transport := p.appHTTP1
-		if m.protocol == config.ProtocolHTTP2 || m.protocol == config.ProtocolGRPC || r.ProtoMajor == 2 && m.protocol == config.ProtocolSniff && !m.tls {
-			transport = p.appH2C
-		}
-		forward(rec, r, "http", m.appAddr, transport, p.log, "the application")
+		return
 	}
-	if p.metrics != nil {
-		p.metrics.requests.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef, statusClass(rec.status)).Inc()
-		p.metrics.duration.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel).Observe(time.Since(start).Seconds())
+	transport := p.appHTTP1
+	if m.protocol == config.ProtocolHTTP2 || m.protocol == config.ProtocolGRPC ||
+		m.protocol == config.ProtocolSniff && (r.ProtoMajor == 2 && !m.tls || strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")) {
+		// gRPC is HTTP/2 only; over the mesh every request arrives as
+		// HTTP/2, so only its content type tells.
+		transport = p.appH2C
+	}
+	forward(rec, r, "http", m.appAddr, transport, p.log, "the application")
+}
+
+// reportShadow records what dry-run policies would have decided and which
+// AUDIT policy matched: a metric for every request, and a log line per
+// policy and minute, so a policy can be tried before it is enforced.
+func (p *Proxy) reportShadow(res authz.Result, m *connMeta) {
+	if res.DryRun.Evaluated && res.DryRun.Allowed != res.Allowed {
+		would := "allow"
+		if !res.DryRun.Allowed {
+			would = "deny"
+		}
+		ref := ""
+		if res.DryRun.Policy != nil {
+			ref = res.DryRun.Policy.Ref
+		}
+		if p.metrics != nil {
+			p.metrics.dryRun.WithLabelValues(ref, would).Inc()
+		}
+		if p.logLimit.allow("dry-run/" + ref + "/" + would) {
+			p.log.Info("dry-run policy would change the decision", "policy", ref, "wouldBe", would, "peer", m.peerLabel, "port", m.appPort)
+		}
+	}
+	if res.Audit != nil && p.logLimit.allow("audit/"+res.Audit.Ref) {
+		p.log.Info("AUDIT policy matched", "policy", res.Audit.Ref, "rule", res.AuditRule, "peer", m.peerLabel, "port", m.appPort)
 	}
 }
 

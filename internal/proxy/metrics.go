@@ -14,6 +14,7 @@ type Metrics struct {
 	open        *prometheus.GaugeVec
 	bytes       *prometheus.CounterVec
 	refused     *prometheus.CounterVec
+	dryRun      *prometheus.CounterVec
 }
 
 // Label names.
@@ -58,8 +59,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "trellis_refused_connections_total",
 			Help: "Connections refused before any request, by reason (plaintext on a STRICT port, bad certificate, not TLS, timeout…).",
 		}, []string{"direction", "reason"}),
+		dryRun: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trellis_dry_run_decisions_total",
+			Help: "Requests and connections whose decision a dry-run policy would have changed, by policy and would-be decision.",
+		}, []string{"policy", "would_be"}),
 	}
-	reg.MustRegister(m.requests, m.duration, m.connections, m.open, m.bytes, m.refused)
+	reg.MustRegister(m.requests, m.duration, m.connections, m.open, m.bytes, m.refused, m.dryRun)
 	return m
 }
 

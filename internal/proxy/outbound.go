@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -152,6 +153,13 @@ func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	eps := f.route.endpoints
 	first := Pick(f.route.next.Add(1)-1, len(eps))
+	// A transport closes the body when it fails, even before sending any of
+	// it; keep it open across attempts and close it once at the end.
+	var body *retryBody
+	if req.Body != nil && req.Body != http.NoBody {
+		body = &retryBody{rc: req.Body}
+		defer body.closeIfUnused()
+	}
 	var lastErr error
 	for i := range eps {
 		ep := &eps[(first+i)%len(eps)]
@@ -162,17 +170,52 @@ func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
 		u := *req.URL
 		u.Host = ep.addr
 		out.URL = &u
+		if body != nil {
+			out.Body = body
+		}
 		resp, err := transport.RoundTrip(&out)
 		if err == nil {
+			if body != nil {
+				body.handedOver.Store(true)
+			}
 			return resp, nil
 		}
 		lastErr = err
 		var de *dialError
-		if !errors.As(err, &de) || req.Context().Err() != nil {
+		if !errors.As(err, &de) || req.Context().Err() != nil || body != nil && body.read.Load() {
 			return nil, err
 		}
 	}
 	return nil, lastErr
+}
+
+// retryBody lets a request body survive a failed attempt that never read
+// it; once read, the request cannot be retried.
+// The transport reads and closes it from its own goroutines, hence atomics.
+type retryBody struct {
+	rc         io.ReadCloser
+	read       atomic.Bool
+	handedOver atomic.Bool
+}
+
+func (b *retryBody) Read(p []byte) (int, error) {
+	b.read.Store(true)
+	return b.rc.Read(p)
+}
+
+// Close is ignored until an attempt has succeeded; the server closes the
+// incoming body after the handler in any case.
+func (b *retryBody) Close() error {
+	if b.handedOver.Load() {
+		return b.rc.Close()
+	}
+	return nil
+}
+
+func (b *retryBody) closeIfUnused() {
+	if !b.handedOver.Load() {
+		_ = b.rc.Close()
+	}
 }
 
 // dialError marks a failure to reach an endpoint: nothing of the request

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,6 +41,8 @@ const (
 	readyWait = 5 * time.Second
 	// DrainTimeout bounds how long shutdown waits for in-flight requests.
 	DrainTimeout = 10 * time.Second
+	// idleTimeout closes HTTP connections that carry nothing for this long.
+	idleTimeout = 5 * time.Minute
 )
 
 // Options configure a Proxy.
@@ -78,9 +81,13 @@ type Proxy struct {
 	routesByAddr  map[string]*route // original destination → route (transparent)
 	inboundByPort map[uint32]config.Inbound
 
-	// conns tracks opaque TCP streams so shutdown can wait for them.
-	conns sync.WaitGroup
-	// draining is set once shutdown starts: new connections are refused.
+	// connsMu guards conns and draining's transition, so no connection is
+	// added once shutdown has started counting.
+	connsMu sync.Mutex
+	// conns are the accepted connections being handled, so shutdown can
+	// wait for them and close what is left at the deadline.
+	conns    map[net.Conn]struct{}
+	connsWG  sync.WaitGroup
 	draining atomic.Bool
 	logLimit *logLimiter
 }
@@ -112,6 +119,7 @@ func New(opts Options) (*Proxy, error) {
 		verifier: peerVerifier{holder: opts.Identity, now: opts.Now},
 		workload: policy.Workload{Namespace: cfg.Workload.Namespace, Name: cfg.Workload.Name, Labels: cfg.Workload.Labels},
 		logLimit: newLogLimiter(time.Minute),
+		conns:    map[net.Conn]struct{}{},
 	}
 	st, err := loadPolicyDir(cfg.Policies, p.workload)
 	if err != nil {
@@ -130,6 +138,20 @@ func New(opts Options) (*Proxy, error) {
 			p.routesByAddr[a] = rt
 		}
 	}
+	// An application may dial one endpoint directly (a StatefulSet member,
+	// a headless service): that goes through the mesh too, to that
+	// endpoint only, with its identity checked.
+	for _, out := range cfg.Outbound {
+		for _, ep := range out.Endpoints {
+			if _, ok := p.routesByAddr[ep.Address]; !ok {
+				one := out
+				one.Endpoints = []config.Endpoint{ep}
+				rt := newRoute(one)
+				p.routes = append(p.routes, rt)
+				p.routesByAddr[ep.Address] = rt
+			}
+		}
+	}
 	p.inboundByPort = map[uint32]config.Inbound{}
 	for _, in := range cfg.Inbound {
 		p.inboundByPort[in.AppPort] = in
@@ -143,8 +165,12 @@ func New(opts Options) (*Proxy, error) {
 	return p, nil
 }
 
-// Ready reports whether the proxy holds a certificate and can serve.
-func (p *Proxy) Ready() bool { return p.opts.Identity.Current() != nil && !p.draining.Load() }
+// Ready reports whether the proxy holds a valid certificate and is not
+// shutting down.
+func (p *Proxy) Ready() bool {
+	svid := p.opts.Identity.Current()
+	return svid != nil && p.opts.Now().Before(svid.NotAfter()) && !p.draining.Load()
+}
 
 // PolicyVersion identifies the policies in force, for /config.
 func (p *Proxy) PolicyVersion() string { return p.policies.Load().version }
@@ -176,7 +202,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 		if in.Listen == "" {
 			continue
 		}
-		if err := listen(in.Listen, fmt.Sprintf("inbound listener for app port %d", in.AppPort), func(c net.Conn) { p.handleInbound(c, in) }); err != nil {
+		appAddr := net.JoinHostPort(cfg.AppHost, strconv.Itoa(int(in.AppPort)))
+		if err := listen(in.Listen, fmt.Sprintf("inbound listener for app port %d", in.AppPort), func(c net.Conn) { p.handleInbound(c, in, appAddr) }); err != nil {
 			return err
 		}
 	}
@@ -222,7 +249,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	eg.Go(func() error {
 		<-ctx.Done()
+		p.connsMu.Lock()
 		p.draining.Store(true)
+		p.connsMu.Unlock()
 		closeAll()
 		p.shutdown()
 		return nil
@@ -230,46 +259,90 @@ func (p *Proxy) Run(ctx context.Context) error {
 	return eg.Wait()
 }
 
-// shutdown drains the HTTP servers and waits (bounded) for TCP streams.
+// shutdown drains the HTTP servers and waits (bounded) for TCP streams,
+// then closes whatever is still open.
 func (p *Proxy) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), DrainTimeout)
 	defer cancel()
 	var wg sync.WaitGroup
 	for _, s := range []*http.Server{p.inboundHTTP, p.outboundHTTP} {
 		wg.Add(1)
-		go func() { defer wg.Done(); _ = s.Shutdown(ctx) }()
+		go func() {
+			defer wg.Done()
+			if err := s.Shutdown(ctx); err != nil {
+				_ = s.Close()
+			}
+		}()
 	}
 	done := make(chan struct{})
-	go func() { p.conns.Wait(); close(done) }()
+	go func() { p.connsWG.Wait(); close(done) }()
 	wg.Wait()
 	select {
 	case <-done:
 	case <-ctx.Done():
-		p.log.Warn("drain timed out; closing the remaining TCP streams")
+		p.connsMu.Lock()
+		n := len(p.conns)
+		for c := range p.conns {
+			c.Close()
+		}
+		p.connsMu.Unlock()
+		p.log.Warn("drain timed out; closed the remaining connections", "count", n)
+		<-done
 	}
 	p.mesh.closeIdle()
 }
 
+// track registers an accepted connection until handle returns; it fails
+// once shutdown has begun.
+func (p *Proxy) track(c net.Conn) bool {
+	p.connsMu.Lock()
+	defer p.connsMu.Unlock()
+	if p.draining.Load() {
+		return false
+	}
+	p.conns[c] = struct{}{}
+	p.connsWG.Add(1)
+	return true
+}
+
+func (p *Proxy) untrack(c net.Conn) {
+	p.connsMu.Lock()
+	delete(p.conns, c)
+	p.connsMu.Unlock()
+	p.connsWG.Done()
+}
+
 // acceptLoop accepts until ctx ends, handing each connection to handle on
-// its own goroutine.
+// its own goroutine. Resource exhaustion (too many open files) is waited
+// out, as net/http does, rather than taking the sidecar down.
 func (p *Proxy) acceptLoop(ctx context.Context, l net.Listener, handle func(net.Conn)) error {
+	var backoff time.Duration
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			if p.logLimit.allow("accept/" + l.Addr().String()) {
+				p.log.Error("accept failed; retrying", "listener", l.Addr().String(), "err", err, "retryIn", backoff)
 			}
-			return fmt.Errorf("accept on %s: %w", l.Addr(), err)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+			continue
 		}
-		if p.draining.Load() {
+		backoff = 0
+		if !p.track(c) {
 			c.Close()
 			continue
 		}
-		go handle(c)
+		go func() {
+			defer p.untrack(c)
+			handle(c)
+		}()
 	}
 }
 

@@ -7,7 +7,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -254,4 +257,127 @@ func meshEcho(addr string) error {
 		return fmt.Errorf("echo %q, %v", line, err)
 	}
 	return nil
+}
+
+// TestFailoverKeepsRequestBodies posts bodies through a route whose first
+// endpoint is dead: each body arrives whole at the live one.
+func TestFailoverKeepsRequestBodies(t *testing.T) {
+	iss := newIssuer(t)
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		_, _ = w.Write(b)
+	}))
+	in, out, dead := freeAddr(t), freeAddr(t), freeAddr(t)
+	startProxy(t, ordersConfig(in, app, config.ProtocolHTTP), iss.holderFor(ordersID))
+	startProxy(t, &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "default", Name: "checkout"},
+		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP,
+			Endpoints: []config.Endpoint{{Address: dead, Identity: ordersID}, {Address: in, Identity: ordersID}}}},
+	}, iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
+	for i := range 4 {
+		want := fmt.Sprintf("order %d: two widgets", i)
+		resp, err := http.Post("http://"+out+"/v1/orders", "text/plain", strings.NewReader(want))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(got) != want {
+			t.Fatalf("POST %d: %d %q, want the body echoed", i, resp.StatusCode, got)
+		}
+	}
+}
+
+// TestEncodedPathsCannotBypassPathRules denies /admin and sends encoded and
+// dot-segment variants: each is denied, or refused as ambiguous, and the
+// application never sees an admin path.
+func TestEncodedPathsCannotBypassPathRules(t *testing.T) {
+	iss := newIssuer(t)
+	var seen []string
+	var mu sync.Mutex
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, r.URL.Path)
+		mu.Unlock()
+		_, _ = io.WriteString(w, "ok")
+	}))
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "deny.yaml"), []byte(`apiVersion: security.trellis.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shipping}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin", "/admin/*"]}}]}]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	in := freeAddr(t)
+	cfg := ordersConfig(in, app, config.ProtocolHTTP)
+	cfg.Policies = dir
+	startProxy(t, cfg, iss.holderFor(ordersID))
+	for _, path := range []string{"/admin", "/%61dmin", "/x/%2e%2e/admin", "/x/../admin", "/admin%2F", "/admin/%2e/x", "/ADMIN/../admin"} {
+		c, err := net.DialTimeout("tcp", in, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n", path)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		c.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		if resp.StatusCode != http.StatusForbidden && resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("%s: status %d, want 403 or 400", path, resp.StatusCode)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) > 0 {
+		t.Fatalf("the application saw %q", seen)
+	}
+}
+
+// TestStrictAppliesToOpenConnections switches a port to STRICT while a
+// plaintext keep-alive connection is open: its next request is refused.
+func TestStrictAppliesToOpenConnections(t *testing.T) {
+	iss := newIssuer(t)
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }))
+	dir := t.TempDir()
+	in := freeAddr(t)
+	cfg := ordersConfig(in, app, config.ProtocolHTTP)
+	cfg.Policies = dir
+	startProxy(t, cfg, iss.holderFor(ordersID))
+	c, err := net.DialTimeout("tcp", in, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	get := func() int {
+		t.Helper()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get(); code != 200 {
+		t.Fatalf("plaintext under PERMISSIVE: %d", code)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "strict.yaml"), []byte("apiVersion: security.trellis.dev/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shipping}\nspec: {mtls: {mode: STRICT}}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for get() != http.StatusForbidden {
+		if time.Now().After(deadline) {
+			t.Fatal("the open plaintext connection still served requests after the switch to STRICT")
+		}
+		time.Sleep(100 * time.Millisecond) // polling interval while the proxy reloads
+	}
 }

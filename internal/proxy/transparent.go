@@ -26,7 +26,7 @@ func (p *Proxy) handleTransparentInbound(c net.Conn) {
 	if !ok {
 		in = config.Inbound{AppPort: uint32(dst.Port()), Protocol: config.ProtocolSniff}
 	}
-	p.handleInbound(c, in)
+	p.handleInbound(c, in, dst.String())
 }
 
 // handleTransparentOutbound serves a connection the application opened to

@@ -114,6 +114,8 @@ func TestTransparentInterception(t *testing.T) {
 	for _, port := range []string{"8080", "9090"} {
 		background(t, wwwDir, "Serving HTTP", "ip", "netns", "exec", server.name, python, "-u", "-m", "http.server", port, "--bind", "0.0.0.0")
 	}
+	// A server the workload keeps to itself, on loopback only.
+	background(t, wwwDir, "Serving HTTP", "ip", "netns", "exec", server.name, python, "-u", "-m", "http.server", "7070", "--bind", "127.0.0.1")
 	pol := m.policies(map[string]string{"allow.yaml": `apiVersion: security.trellis.dev/v1
 kind: AuthorizationPolicy
 metadata: {name: checkout-reads-orders, namespace: shipping}
@@ -181,11 +183,22 @@ outbound:
 	}
 	// An address outside the mesh's routes passes through as plaintext and
 	// arrives at the server's sidecar as a plaintext caller, which the
-	// policy allows only on port 9090.
+	// policy allows on port 9090.
 	if r := get(fmt.Sprintf("http://%s:9090/v1/orders", server.addr)); r.code != "200" {
 		t.Fatalf("passthrough to a port open to plaintext: %+v", r)
 	}
-	if r := get(fmt.Sprintf("http://%s:8080/v1/orders", server.addr)); r.code != "403" {
-		t.Fatalf("plaintext straight to the meshed port: %+v, want 403", r)
+	// Dialling the endpoint itself rather than the service goes through
+	// the mesh as well (mTLS as checkout, so the identity rule allows it).
+	if r := get(fmt.Sprintf("http://%s:8080/v1/orders", server.addr)); r.code != "200" {
+		t.Fatalf("GET to the endpoint address through the mesh: %+v", r)
+	}
+	metrics := server.exec(t, "", curlBin, "-fsS", "http://127.0.0.1:15000/metrics").stdout
+	if !strings.Contains(metrics, `decision="allow",destination="spiffe://cluster.local/ns/shipping/sa/orders-api",direction="inbound",policy="shipping/checkout-reads-orders",source="spiffe://cluster.local/ns/default/sa/checkout-service",status_class="2xx",tls="true"} 3`) {
+		t.Errorf("the server's sidecar did not count 3 mTLS requests from checkout:\n%s", metrics)
+	}
+	// The sidecar forwards intercepted traffic to the address the caller
+	// dialled, never to loopback: a loopback-only server stays private.
+	if r := get(fmt.Sprintf("http://%s:7070/v1/orders", server.addr)); r.code == "200" {
+		t.Fatalf("a loopback-only server was reachable from another host through the sidecar: %+v", r)
 	}
 }
