@@ -124,6 +124,11 @@ func Init(cfg Config, opts InitOptions) (*CA, error) {
 	if opts.RootTTL == 0 {
 		opts.RootTTL = DefaultRootTTL
 	}
+	if cfg.IntermediateTTL < 3*cfg.DefaultTTL {
+		// Renewed at 2/3 of its life, the intermediate must still have a
+		// whole workload lifetime left, or issuance fails before renewal.
+		return nil, fmt.Errorf("ca init: intermediate lifetime %v is too short for %v workload certificates: use at least %v", cfg.IntermediateTTL, cfg.DefaultTTL, 3*cfg.DefaultTTL)
+	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("ca init: create state directory: %w", err)
 	}
@@ -565,6 +570,10 @@ func parseSuppliedCA(what string, certPEM, keyPEM []byte, now time.Time) (*x509.
 	if now.Before(cert.NotBefore) || now.After(cert.NotAfter) {
 		return nil, nil, fmt.Errorf("%s certificate %q is not valid now (valid %s to %s)", what, cert.Subject, cert.NotBefore.UTC().Format(time.RFC3339), cert.NotAfter.UTC().Format(time.RFC3339))
 	}
+	// A weak root is weak whether or not its key is handed over.
+	if err := checkPublicKey(cert.PublicKey); err != nil {
+		return nil, nil, fmt.Errorf("%s certificate: %w", what, err)
+	}
 	if len(keyPEM) == 0 {
 		return cert, nil, nil
 	}
@@ -574,9 +583,6 @@ func parseSuppliedCA(what string, certPEM, keyPEM []byte, now time.Time) (*x509.
 	}
 	if !publicKeysEqual(key.Public(), cert.PublicKey) {
 		return nil, nil, fmt.Errorf("%s key does not match the %s certificate: check you passed the pair", what, what)
-	}
-	if err := checkPublicKey(cert.PublicKey); err != nil {
-		return nil, nil, fmt.Errorf("%s key: %w", what, err)
 	}
 	return cert, key, nil
 }

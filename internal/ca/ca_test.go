@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"net/url"
@@ -584,5 +585,34 @@ func TestSignRefusesBeforeTheIntermediateIsValid(t *testing.T) {
 	clock.Advance(-time.Hour)
 	if _, err := c.Sign(newCSR(t, ecKey(t), ordersID.String()), ordersID, 0); err == nil || !strings.Contains(err.Error(), "clock") {
 		t.Fatalf("signing before the intermediate's NotBefore: %v", err)
+	}
+}
+
+func TestInitRefusesAnIntermediateTooShortForWorkloads(t *testing.T) {
+	_, err := Init(Config{StateDir: t.TempDir(), IntermediateTTL: 36 * time.Hour}, InitOptions{TrustDomain: "cluster.local"})
+	if err == nil || !strings.Contains(err.Error(), "at least 72h") {
+		t.Fatalf("36h intermediate for 24h workloads: %v", err)
+	}
+}
+
+func TestLoadRefusesAKeyThatDoesNotMatch(t *testing.T) {
+	c, _ := newTestCA(t)
+	path := filepath.Join(c.cfg.StateDir, stateFileName)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st state
+	if err := json.Unmarshal(data, &st); err != nil {
+		t.Fatal(err)
+	}
+	other, _ := certpem.EncodeKey(ecKey(t))
+	st.Issuer.Key = string(other)
+	data, _ = json.Marshal(st)
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(Config{StateDir: c.cfg.StateDir}); err == nil || !strings.Contains(err.Error(), "issuer.key does not match") {
+		t.Fatalf("mismatched issuer key: %v", err)
 	}
 }

@@ -141,6 +141,9 @@ func readState(dir string) (*parsedState, error) {
 			if pr.key, err = certpem.ParseKey([]byte(r.Key)); err != nil {
 				return nil, corrupt("roots[%d].key: %v", i, err)
 			}
+			if !publicKeysEqual(pr.key.Public(), pr.cert.PublicKey) {
+				return nil, corrupt("roots[%d].key does not match roots[%d].cert", i, i)
+			}
 		}
 		switch r.Status {
 		case rootActive:
@@ -161,6 +164,9 @@ func readState(dir string) (*parsedState, error) {
 	key, err := certpem.ParseKey([]byte(st.Issuer.Key))
 	if err != nil {
 		return nil, corrupt("issuer.key: %v", err)
+	}
+	if !publicKeysEqual(key.Public(), certs[0].PublicKey) {
+		return nil, corrupt("issuer.key does not match issuer.cert")
 	}
 	p.issuer = parsedIssuer{cert: certs[0], key: key, supplied: st.Issuer.Supplied}
 	for _, r := range p.roots {
