@@ -74,7 +74,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.configFile, "config", "", "proxy configuration file (kind: ProxyConfig): listeners, destinations, policies")
 	fs.StringVar(&c.adminAddr, "admin-addr", "127.0.0.1:15000", "address of the admin endpoints (/live, /ready, /config, /metrics, POST /shutdown)")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve Go's profiling endpoints under /debug/pprof/ on the admin address")
-	fs.StringVar(&c.static, "static", "", "load the identity from key.pem, cert.pem and bundle.pem in this directory instead of the identity service")
+	fs.StringVar(&c.static, "static", "", "load the identity from key.pem, cert.pem and bundle.pem in this directory (re-read when they change) instead of the identity service")
 	fs.StringVar(&c.identityAddr, "identity-addr", "127.0.0.1:15012", "address of the identity service")
 	fs.StringVar(&c.caBundle, "ca-bundle", "", "PEM trust bundle to verify the identity service with")
 	fs.StringVar(&c.trustDomain, "trust-domain", meshid.DefaultTrustDomain, "trust domain of the mesh")
@@ -138,6 +138,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		holder.Set(svid)
 		source = "static " + cfg.static
 		log.Info("identity loaded from files", "id", svid.ID, "notAfter", svid.NotAfter().UTC())
+		runAgent = func(ctx context.Context) error {
+			identity.WatchFiles(ctx, cfg.static, holder, 10*time.Second, log)
+			return nil
+		}
 	} else {
 		src, err := newSource(cfg, log)
 		if err != nil {

@@ -151,7 +151,10 @@ func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel st
 	copyHalf := func(dst, src net.Conn, counter interface{ Add(float64) }) {
 		defer wg.Done()
 		bp := bufPool.Get().(*[]byte)
-		n, _ := io.CopyBuffer(dst, src, *bp)
+		// Hiding dst's ReadFrom makes CopyBuffer use the pooled buffer; a
+		// TCPConn's ReadFrom would allocate its own for any source other
+		// than a plain socket.
+		n, _ := io.CopyBuffer(struct{ io.Writer }{dst}, idleReader{src}, *bp)
 		bufPool.Put(bp)
 		if counter != nil {
 			counter.Add(float64(n))
@@ -163,6 +166,20 @@ func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel st
 	wg.Wait()
 	a.Close()
 	b.Close()
+}
+
+// tcpIdleTimeout ends a relayed stream that has carried nothing either way
+// for this long, as Istio's default TCP idle timeout does.
+const tcpIdleTimeout = time.Hour
+
+// idleReader extends the connection's read deadline before every read, so
+// a stream dies only after tcpIdleTimeout of silence in that direction.
+// (A long-lived connection pool that sends nothing for an hour reconnects.)
+type idleReader struct{ c net.Conn }
+
+func (r idleReader) Read(b []byte) (int, error) {
+	_ = r.c.SetReadDeadline(time.Now().Add(tcpIdleTimeout))
+	return r.c.Read(b)
 }
 
 // closeWrite half-closes c when it supports it, or closes it.
