@@ -70,20 +70,9 @@ func meshDial(addr string, cert *tls.Certificate) error {
 		return err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	// In TLS 1.3 the server's verdict on the client certificate arrives
 	// after the handshake: the echo round trip shows it.
-	if _, err := io.WriteString(c, "ping\n"); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if line != "ping\n" {
-		return fmt.Errorf("echo returned %q", line)
-	}
-	return nil
+	return pingPong(c)
 }
 
 // TestBadClientCertificatesAreRefused covers the certificates a peer must
@@ -248,6 +237,12 @@ func meshEcho(addr string) error {
 		return err
 	}
 	defer c.Close()
+	return pingPong(c)
+}
+
+// pingPong sends a line on c and expects the echo server behind it to send
+// it back.
+func pingPong(c net.Conn) error {
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.WriteString(c, "ping\n"); err != nil {
 		return err
