@@ -127,7 +127,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	var (
 		holder   *identity.Holder
 		source   string
-		runAgent func(context.Context) error
+		runAgent func(context.Context) error // never nil once set below
 	)
 	if cfg.static != "" {
 		svid, err := identity.LoadFiles(cfg.static, time.Now())
@@ -200,9 +200,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	log.Info("admin endpoints listening", "addr", lis.Addr().String())
 
 	eg, ctx := errgroup.WithContext(ctx)
-	if runAgent != nil {
-		eg.Go(func() error { return runAgent(ctx) })
-	}
+	// Keeps the identity current: renewal from the identity service, or
+	// re-reading the static files.
+	eg.Go(func() error { return runAgent(ctx) })
 	if px != nil {
 		eg.Go(func() error { return px.Run(ctx) })
 	}
