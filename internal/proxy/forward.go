@@ -73,6 +73,32 @@ func newForwarder(scheme, addr string, transport http.RoundTripper, logger *slog
 	}
 }
 
+// bodyIdleTimeout is how long a request body may go without sending a byte;
+// a body that keeps flowing (an upload, a gRPC stream) is never cut.
+const bodyIdleTimeout = time.Minute
+
+// progressBody extends the request's read deadline before every read of
+// its body, so a client that starts a body and then stalls (slow-loris on
+// the body) is dropped after bodyIdleTimeout instead of holding a stream
+// and a connection to the application forever.
+type progressBody struct {
+	io.ReadCloser
+	rc *http.ResponseController
+}
+
+func (b progressBody) Read(p []byte) (int, error) {
+	_ = b.rc.SetReadDeadline(time.Now().Add(bodyIdleTimeout))
+	return b.ReadCloser.Read(p)
+}
+
+// guardBody wraps r's body, if it has one, in a progressBody.
+func guardBody(w http.ResponseWriter, r *http.Request) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	r.Body = progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w)}
+}
+
 // upstreamError maps a transport error to a status and a short reason.
 func upstreamError(err error) (int, string) {
 	switch {

@@ -362,6 +362,7 @@ func (p *Proxy) serveInboundHTTP(w http.ResponseWriter, r *http.Request) {
 		// HTTP/2, so only its content type tells.
 		transport = p.appH2C
 	}
+	guardBody(w, r)
 	forward(rec, r, "http", m.appAddr, transport, p.log, "the application")
 }
 

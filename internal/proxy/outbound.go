@@ -123,6 +123,7 @@ func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 	var used *endpoint
 	r = r.WithContext(context.WithValue(r.Context(), usedEndpointKey{}, &used))
+	guardBody(w, r)
 	m.route.http.ServeHTTP(rec, r)
 	if p.metrics != nil {
 		dest := "unreachable"
