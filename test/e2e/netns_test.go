@@ -196,6 +196,17 @@ outbound:
 	if !strings.Contains(metrics, `decision="allow",destination="spiffe://cluster.local/ns/shipping/sa/orders-api",direction="inbound",policy="shipping/checkout-reads-orders",source="spiffe://cluster.local/ns/default/sa/checkout-service",status_class="2xx",tls="true"} 3`) {
 		t.Errorf("the server's sidecar did not count 3 mTLS requests from checkout:\n%s", metrics)
 	}
+	// intercept.Cleanup undoes the rules (what a sidecar's removal runs).
+	defer func() {
+		for _, rule := range intercept.Cleanup() {
+			if r := client.exec(t, "", append([]string{"iptables"}, rule...)...); r.err != nil {
+				t.Errorf("iptables %s: %v %s", strings.Join(rule, " "), r.err, r.stderr)
+			}
+		}
+		if rules := client.exec(t, "", "iptables", "-t", "nat", "-S").stdout; strings.Contains(rules, "TRELLIS") {
+			t.Errorf("rules left after cleanup:\n%s", rules)
+		}
+	}()
 	// The sidecar forwards intercepted traffic to the address the caller
 	// dialled, never to loopback: a loopback-only server stays private.
 	if r := get(fmt.Sprintf("http://%s:7070/v1/orders", server.addr)); r.code == "200" {
