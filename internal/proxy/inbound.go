@@ -65,6 +65,16 @@ type connMeta struct {
 	route     *route // outbound only
 	tlsLabel  string
 	peerLabel string
+	// expiry closes a mesh connection when the peer's certificate expires:
+	// the handshake proved an identity only for the certificate's lifetime.
+	expiry *time.Timer
+}
+
+// stopExpiry releases the expiry timer of a connection that has ended.
+func (m *connMeta) stopExpiry() {
+	if m != nil && m.expiry != nil {
+		m.expiry.Stop()
+	}
 }
 
 type metaKey struct{}
@@ -177,6 +187,12 @@ func (p *Proxy) serveMesh(pc *peekConn) {
 		return
 	}
 	m := pc.meta
+	m.expiry = time.AfterFunc(state.PeerCertificates[0].NotAfter.Sub(p.opts.Now()), func() {
+		if p.logLimit.allow("peer-expired/" + id.String()) {
+			p.log.Warn("closing a mesh connection: the peer's certificate expired", "peer", id.String())
+		}
+		tc.Close()
+	})
 	m.tls, m.tlsLabel = true, "true"
 	m.peer = strings.TrimPrefix(id.String(), "spiffe://")
 	m.peerLabel = id.String()
@@ -184,13 +200,16 @@ func (p *Proxy) serveMesh(pc *peekConn) {
 	switch state.NegotiatedProtocol {
 	case ALPNHTTP2, ALPNHTTP1:
 		if m.protocol == config.ProtocolTCP || m.protocol == config.ProtocolServerFirst {
+			m.stopExpiry()
 			p.refuse(tc, "inbound", "HTTP over mTLS to a TCP port", "port", m.appPort)
 			return
 		}
 		p.inboundConns.push(&metaConn{Conn: tc, meta: m})
 	case ALPNTCP:
 		p.serveInboundTCP(&metaConn{Conn: tc, meta: m}, m)
+		m.stopExpiry()
 	default:
+		m.stopExpiry()
 		p.refuse(tc, "inbound", "no mesh ALPN negotiated")
 	}
 }
@@ -301,6 +320,11 @@ func (p *Proxy) buildServers() {
 		}
 	}
 	p.inboundHTTP = newServer(p.serveInboundHTTP)
+	p.inboundHTTP.ConnState = func(c net.Conn, state http.ConnState) {
+		if mc, ok := c.(*metaConn); ok && state == http.StateClosed {
+			mc.meta.stopExpiry()
+		}
+	}
 	p.outboundHTTP = newServer(p.serveOutboundHTTP)
 }
 

@@ -15,6 +15,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/trellis-mesh/trellis/internal/identity"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 	"github.com/trellis-mesh/trellis/internal/proxy/sniff"
 )
@@ -143,14 +144,15 @@ type usedEndpointKey struct{}
 // in turn. Errors after the request went out are returned as they are: a
 // retry could repeat a request the server has acted on.
 type failover struct {
-	route  *route
-	h2, h1 http.RoundTripper
+	route *route
+	mesh  *meshTransport
 }
 
 func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
-	transport := f.h2
+	pool := f.mesh.pool()
+	transport := pool.h2
 	if isUpgrade(req) {
-		transport = f.h1
+		transport = pool.h1
 	}
 	eps := f.route.endpoints
 	first := Pick(f.route.next.Add(1)-1, len(eps))
@@ -235,25 +237,61 @@ func isUpgrade(r *http.Request) bool {
 // HTTP/1.1 one for upgrades (WebSocket), which need a connection of their
 // own. Both speak prior-knowledge HTTP inside the mTLS stream the proxy
 // opened itself, so net/http never sees the mesh ALPN.
+//
+// A pooled connection presents the certificate it was opened with for as
+// long as it lives, so the pool belongs to one SVID: after a rotation new
+// requests go to a fresh pool, and the old one is closed as it falls idle.
 type meshTransport struct {
-	h2, h1 *http.Transport
-
-	mu  sync.RWMutex
+	p   *Proxy
 	ids map[string]spiffeid.ID // endpoint address → identity it must prove
+
+	cur atomic.Pointer[meshPool]
+	mu  sync.Mutex // serializes replacing the pool
+}
+
+type meshPool struct {
+	svid   *identity.SVID
+	h2, h1 *http.Transport
 }
 
 func newMeshTransport(p *Proxy) *meshTransport {
-	mt := &meshTransport{ids: map[string]spiffeid.ID{}}
+	mt := &meshTransport{p: p, ids: map[string]spiffeid.ID{}}
 	for _, out := range p.opts.Config.Outbound {
 		for _, ep := range out.Endpoints {
 			mt.ids[ep.Address] = spiffeid.RequireFromString(ep.Identity)
 		}
 	}
+	return mt
+}
+
+// pool returns the connection pool for the proxy's current certificate,
+// starting a new one after a rotation.
+func (mt *meshTransport) pool() *meshPool {
+	svid := mt.p.opts.Identity.Current()
+	if pl := mt.cur.Load(); pl != nil && pl.svid == svid {
+		return pl
+	}
+	mt.mu.Lock()
+	defer mt.mu.Unlock()
+	old := mt.cur.Load()
+	if old != nil && old.svid == svid {
+		return old
+	}
+	pl := mt.newPool(svid)
+	mt.cur.Store(pl)
+	if old != nil {
+		// In-flight requests finish on the old connections; idle ones go
+		// now, the rest when they fall idle (IdleConnTimeout).
+		old.closeIdle()
+	}
+	return pl
+}
+
+func (mt *meshTransport) newPool(svid *identity.SVID) *meshPool {
+	p := mt.p
 	dial := func(alpn string) func(ctx context.Context, _, addr string) (net.Conn, error) {
 		return func(ctx context.Context, _, addr string) (net.Conn, error) {
-			mt.mu.RLock()
 			want, ok := mt.ids[addr]
-			mt.mu.RUnlock()
 			if !ok {
 				return nil, fmt.Errorf("no identity known for endpoint %s", addr)
 			}
@@ -267,7 +305,8 @@ func newMeshTransport(p *Proxy) *meshTransport {
 			return &metaConn{Conn: c}, nil
 		}
 	}
-	mt.h2 = &http.Transport{
+	pl := &meshPool{svid: svid}
+	pl.h2 = &http.Transport{
 		DialContext:        dial(ALPNHTTP2),
 		Protocols:          new(http.Protocols),
 		IdleConnTimeout:    5 * time.Minute,
@@ -278,19 +317,25 @@ func newMeshTransport(p *Proxy) *meshTransport {
 			WriteByteTimeout: 30 * time.Second,
 		},
 	}
-	mt.h2.Protocols.SetUnencryptedHTTP2(true)
-	mt.h1 = &http.Transport{
+	pl.h2.Protocols.SetUnencryptedHTTP2(true)
+	pl.h1 = &http.Transport{
 		DialContext:         dial(ALPNHTTP1),
 		Protocols:           new(http.Protocols),
 		MaxIdleConnsPerHost: 64,
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	mt.h1.Protocols.SetHTTP1(true)
-	return mt
+	pl.h1.Protocols.SetHTTP1(true)
+	return pl
+}
+
+func (pl *meshPool) closeIdle() {
+	pl.h2.CloseIdleConnections()
+	pl.h1.CloseIdleConnections()
 }
 
 func (mt *meshTransport) closeIdle() {
-	mt.h2.CloseIdleConnections()
-	mt.h1.CloseIdleConnections()
+	if pl := mt.cur.Load(); pl != nil {
+		pl.closeIdle()
+	}
 }

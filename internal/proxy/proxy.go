@@ -159,7 +159,7 @@ func New(opts Options) (*Proxy, error) {
 	p.appHTTP1, p.appH2C = newAppTransports(p.dialer)
 	p.mesh = newMeshTransport(p)
 	for _, rt := range p.routes {
-		rt.http = newForwarder("http", rt.service, &failover{route: rt, h2: p.mesh.h2, h1: p.mesh.h1}, p.log, rt.service)
+		rt.http = newForwarder("http", rt.service, &failover{route: rt, mesh: p.mesh}, p.log, rt.service)
 	}
 	p.buildServers()
 	return p, nil

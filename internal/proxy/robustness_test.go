@@ -376,3 +376,53 @@ func TestStrictAppliesToOpenConnections(t *testing.T) {
 		time.Sleep(100 * time.Millisecond) // polling interval while the proxy reloads
 	}
 }
+
+// TestPeerCertificateExpiryAndRotation: a pooled mesh connection lives no
+// longer than the certificate it was opened with. The server closes it when
+// the client's certificate expires (and refuses to re-handshake with it);
+// after the client rotates, its requests go out on new connections with the
+// new certificate.
+func TestPeerCertificateExpiryAndRotation(t *testing.T) {
+	iss := newIssuer(t)
+	app := serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }))
+	in, out := freeAddr(t), freeAddr(t)
+	startProxy(t, ordersConfig(in, app, config.ProtocolHTTP), iss.holderFor(ordersID))
+
+	// A client certificate that expires two seconds from now.
+	at := time.Now().Add(-ca.MinWorkloadTTL + 2*time.Second)
+	past, err := ca.Load(ca.Config{StateDir: iss.dir, Now: func() time.Time { return at }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const checkout = "spiffe://cluster.local/ns/default/sa/checkout"
+	client := &identity.Holder{}
+	client.Set(signSVID(t, past, checkout, at))
+	startProxy(t, &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "default", Name: "checkout"},
+		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}},
+	}, client)
+	hc := &http.Client{Timeout: 5 * time.Second}
+	status := func() int {
+		resp, err := hc.Get("http://" + out + "/")
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := status(); code != 200 {
+		t.Fatalf("before expiry: %d", code)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for status() == 200 {
+		if time.Now().After(deadline) {
+			t.Fatal("requests still succeed with a client certificate that expired")
+		}
+		time.Sleep(50 * time.Millisecond) // polling interval
+	}
+	client.Set(iss.svid(checkout))
+	if code := status(); code != 200 {
+		t.Fatalf("after the client rotated: %d", code)
+	}
+}
