@@ -5,10 +5,12 @@
 package statefile
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 )
 
 // WriteAtomic replaces path with data. The data is written to a temporary
@@ -51,17 +53,38 @@ func WriteAtomic(path string, data []byte, perm os.FileMode) error {
 	return nil
 }
 
+// LockWait is how long Lock waits for another holder before giving up: the
+// writers hold the lock for milliseconds, so a longer wait means a process
+// is stuck holding it, and failing with its name beats hanging every
+// certificate request behind it.
+const LockWait = 10 * time.Second
+
+// ErrLocked is returned when the lock stays held for LockWait.
+var ErrLocked = errors.New("held by another process")
+
 // Lock takes an exclusive advisory lock on path (created if missing) and
-// returns the function that releases it. It blocks while another process or
-// goroutine holds the lock.
+// returns the function that releases it. It waits up to LockWait while
+// another process or goroutine holds the lock.
 func Lock(path string) (unlock func(), err error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+	deadline := time.Now().Add(LockWait)
+	for wait := time.Millisecond; ; wait = min(2*wait, 100*time.Millisecond) {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w for more than %v: is a trellis command stuck? (find it with: fuser %s)", path, ErrLocked, LockWait, path)
+		}
+		time.Sleep(wait)
 	}
 	return func() {
 		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)

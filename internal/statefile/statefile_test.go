@@ -1,10 +1,13 @@
 package statefile
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func TestWriteAtomicReplacesWithPermissions(t *testing.T) {
@@ -64,5 +67,26 @@ func TestLockSerializesReadModifyWrite(t *testing.T) {
 	b, _ := os.ReadFile(counter)
 	if b[0] != 20 {
 		t.Fatalf("counter = %d, want 20: lock did not serialize writers", b[0])
+	}
+}
+
+func TestLockGivesUpOnAStuckHolder(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	// Another process's lock: a separate open file description.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = Lock(path)
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("Lock with a stuck holder: %v, want ErrLocked", err)
+	}
+	if took := time.Since(start); took < LockWait {
+		t.Fatalf("gave up after %v, before waiting %v", took, LockWait)
 	}
 }
