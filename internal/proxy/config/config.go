@@ -169,12 +169,20 @@ func (c *Config) Validate() error {
 		}
 		listens[addr] = field
 	}
-	checkProtocol := func(field string, p Protocol) {
-		switch p {
+	// Protocols may be written as Kubernetes names them (appProtocol or a
+	// port-name prefix: "mysql", "redis", "h2c", "grpc-web"…); each is
+	// stored as the handling it implies. A name nothing recognises is an
+	// error rather than silent sniffing, so a typo is caught.
+	checkProtocol := func(field string, p *Protocol) {
+		switch *p {
 		case ProtocolSniff, ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP, ProtocolServerFirst:
-		default:
-			bad(field, "%q is not one of http, http2, grpc, tcp, server-first (or empty to sniff)", p)
+			return
 		}
+		if parsed := ParseProtocol(string(*p)); parsed != ProtocolSniff {
+			*p = parsed
+			return
+		}
+		bad(field, "%q is not one of http, http2, grpc, tcp, server-first (or a Kubernetes name such as mysql, redis, h2c; empty to sniff)", *p)
 	}
 	if t := c.Transparent; t != nil {
 		if t.Inbound != "" {
@@ -202,7 +210,7 @@ func (c *Config) Validate() error {
 		if in.AppPort == 0 || in.AppPort > 65535 {
 			bad(f+".appPort", "must be a port number from 1 to 65535")
 		}
-		checkProtocol(f+".protocol", in.Protocol)
+		checkProtocol(f+".protocol", &c.Inbound[i].Protocol)
 	}
 	addrs := map[string]string{}
 	endpointIDs := map[string]string{}
@@ -228,7 +236,7 @@ func (c *Config) Validate() error {
 		if name, ns, ok := strings.Cut(out.Service, "."); !ok || meshid.ValidateName("service", name) != nil || meshid.ValidateName("namespace", ns) != nil {
 			bad(f+".service", "%q is not of the form name.namespace", out.Service)
 		}
-		checkProtocol(f+".protocol", out.Protocol)
+		checkProtocol(f+".protocol", &c.Outbound[i].Protocol)
 		if len(out.Endpoints) == 0 {
 			bad(f+".endpoints", "is empty: list at least one address and identity")
 		}

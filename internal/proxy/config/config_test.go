@@ -55,6 +55,16 @@ func TestLoadErrorsNameTheField(t *testing.T) {
 	}
 }
 
+func TestKubernetesProtocolNamesAreAccepted(t *testing.T) {
+	c, err := Load(write(t, strings.Replace(strings.Replace(valid, "protocol: http}", "protocol: kubernetes.io/h2c}", 1), "protocol: tcp", "protocol: mysql", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Inbound[0].Protocol != ProtocolHTTP2 || c.Outbound[0].Protocol != ProtocolServerFirst {
+		t.Fatalf("protocols = %q, %q; want http2, server-first", c.Inbound[0].Protocol, c.Outbound[0].Protocol)
+	}
+}
+
 func TestParseProtocol(t *testing.T) {
 	for in, want := range map[string]Protocol{
 		"http": ProtocolHTTP, "http-web": ProtocolHTTP, "grpc": ProtocolGRPC, "grpc-api": ProtocolGRPC,
