@@ -22,6 +22,13 @@ func (p *Proxy) handleTransparentInbound(c net.Conn) {
 		p.refuse(c, "inbound", "direct connection to the inbound capture port")
 		return
 	}
+	if out, err := netip.ParseAddrPort(p.opts.Config.Transparent.Outbound); err == nil && dst.Port() == out.Port() {
+		// The outbound capture port on a dual-stack wildcard address is
+		// reachable from outside; forwarding to it would let a remote
+		// caller send traffic out as this workload.
+		p.refuse(c, "inbound", "connection to the outbound capture port from outside")
+		return
+	}
 	in, ok := p.inboundByPort[uint32(dst.Port())]
 	if !ok {
 		in = config.Inbound{AppPort: uint32(dst.Port()), Protocol: config.ProtocolSniff}

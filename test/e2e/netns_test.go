@@ -25,12 +25,14 @@ func requireRoot(t *testing.T) {
 	t.Skip("needs root: network namespaces and iptables")
 }
 
-// netHost is a test host: a network namespace with one address on a veth
-// pair to its peer host. Addresses come from 198.18.0.0/15, the
-// benchmarking range; nothing routes off the machine and there is no NAT.
+// netHost is a test host: a network namespace with an IPv4 and an IPv6
+// address on a veth pair to its peer host. Addresses come from the
+// benchmarking ranges, 198.18.0.0/15 and 2001:2::/48; nothing routes off
+// the machine and there is no NAT.
 type netHost struct {
-	name string
-	addr string
+	name  string
+	addr  string
+	addr6 string
 }
 
 // exec runs a command inside the host's namespace to completion.
@@ -55,8 +57,8 @@ func newHostPair(t *testing.T) (a, b netHost) {
 	requireTool(t, "ip")
 	requireTool(t, "iptables")
 	id := fmt.Sprintf("%d%d", os.Getpid()%10000, time.Now().UnixNano()%1000)
-	a = netHost{name: "trl-" + id + "-a", addr: "198.18.0.1"}
-	b = netHost{name: "trl-" + id + "-b", addr: "198.18.0.2"}
+	a = netHost{name: "trl-" + id + "-a", addr: "198.18.0.1", addr6: "2001:2::1"}
+	b = netHost{name: "trl-" + id + "-b", addr: "198.18.0.2", addr6: "2001:2::2"}
 	vethA, vethB := "trla"+id, "trlb"+id
 	for _, h := range []netHost{a, b} {
 		mustRun(t, "ip", "netns", "add", h.name)
@@ -68,22 +70,27 @@ func newHostPair(t *testing.T) (a, b netHost) {
 		veth string
 	}{{a, vethA}, {b, vethB}} {
 		mustRun(t, "ip", "-n", x.h.name, "addr", "add", x.h.addr+"/24", "dev", x.veth)
+		// nodad: usable at once, without duplicate address detection.
+		mustRun(t, "ip", "-n", x.h.name, "addr", "add", x.h.addr6+"/64", "dev", x.veth, "nodad")
 		mustRun(t, "ip", "-n", x.h.name, "link", "set", x.veth, "up")
 		mustRun(t, "ip", "-n", x.h.name, "link", "set", "lo", "up")
 		// Service virtual IPs (198.19.0.0/16) must be routable for the
 		// application's connect() to reach the interception rule; the
 		// route leads only to the peer namespace.
 		mustRun(t, "ip", "-n", x.h.name, "route", "add", "198.19.0.0/16", "dev", x.veth)
+		mustRun(t, "ip", "-n", x.h.name, "-6", "route", "add", "2001:2:0:1::/64", "dev", x.veth)
 	}
 	return a, b
 }
 
-// intercept installs the sidecar's iptables rules in h.
+// intercept installs the sidecar's rules in h, for IPv4 and IPv6.
 func (h netHost) intercept(t *testing.T) {
 	t.Helper()
-	for _, rule := range intercept.Rules(intercept.RuleConfig{InboundPort: 15006, OutboundPort: 15001, ExcludeInboundPorts: []int{15000}}) {
-		if r := h.exec(t, "", append([]string{"iptables"}, rule...)...); r.err != nil {
-			t.Fatalf("iptables %s in %s: %v\n%s", strings.Join(rule, " "), h.name, r.err, r.stderr)
+	for _, tool := range []string{"iptables", "ip6tables"} {
+		for _, rule := range intercept.Rules(intercept.RuleConfig{InboundPort: 15006, OutboundPort: 15001, ExcludeInboundPorts: []int{15000}}) {
+			if r := h.exec(t, "", append([]string{tool}, rule...)...); r.err != nil {
+				t.Fatalf("%s %s in %s: %v\n%s", tool, strings.Join(rule, " "), h.name, r.err, r.stderr)
+			}
 		}
 	}
 }
@@ -112,7 +119,7 @@ func TestTransparentInterception(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, port := range []string{"8080", "9090"} {
-		background(t, wwwDir, "Serving HTTP", "ip", "netns", "exec", server.name, python, "-u", "-m", "http.server", port, "--bind", "0.0.0.0")
+		background(t, wwwDir, "Serving HTTP", "ip", "netns", "exec", server.name, python, "-u", "-m", "http.server", port, "--bind", "::")
 	}
 	// A server the workload keeps to itself, on loopback only.
 	background(t, wwwDir, "Serving HTTP", "ip", "netns", "exec", server.name, python, "-u", "-m", "http.server", "7070", "--bind", "127.0.0.1")
@@ -129,7 +136,7 @@ spec:
 	serverCfg := fmt.Sprintf(`apiVersion: trellis.dev/v1
 kind: ProxyConfig
 workload: {namespace: shipping, name: orders-api, labels: {app: orders-api}}
-transparent: {inbound: "0.0.0.0:15006", outbound: "127.0.0.1:15001"}
+transparent: {inbound: "[::]:15006", outbound: "[::]:15001"}
 inbound:
   - {appPort: 8080, protocol: http}
 policies: %s
@@ -137,10 +144,10 @@ policies: %s
 	clientCfg := fmt.Sprintf(`apiVersion: trellis.dev/v1
 kind: ProxyConfig
 workload: {namespace: default, name: checkout}
-transparent: {inbound: "0.0.0.0:15006", outbound: "127.0.0.1:15001"}
+transparent: {inbound: "[::]:15006", outbound: "[::]:15001"}
 outbound:
   - service: orders-api.shipping
-    addresses: ["198.19.0.10:80"]
+    addresses: ["198.19.0.10:80", "[2001:2:0:1::10]:80"]
     protocol: http
     endpoints:
       - {address: "%s:8080", identity: %q}
@@ -181,6 +188,16 @@ outbound:
 	if r := get("http://198.19.0.10/v1/orders"); r.code != "200" {
 		t.Fatalf("second GET (pooled connection): %+v", r)
 	}
+	// The same service by its IPv6 virtual IP: ip6tables rules, IPv6
+	// original destination, dual-stack capture listeners.
+	if r := get("http://[2001:2:0:1::10]/v1/orders"); r.code != "200" || strings.TrimSpace(r.body) != "orders list" {
+		t.Fatalf("GET through the mesh over IPv6: %+v", r)
+	}
+	// IPv6 cannot go around the sidecar: plaintext to the server's IPv6
+	// address arrives at its sidecar like IPv4 does.
+	if r := get(fmt.Sprintf("http://[%s]:9090/v1/orders", server.addr6)); r.code != "200" {
+		t.Fatalf("passthrough over IPv6 to a port open to plaintext: %+v", r)
+	}
 	// An address outside the mesh's routes passes through as plaintext and
 	// arrives at the server's sidecar as a plaintext caller, which the
 	// policy allows on port 9090.
@@ -193,18 +210,23 @@ outbound:
 		t.Fatalf("GET to the endpoint address through the mesh: %+v", r)
 	}
 	metrics := server.exec(t, "", curlBin, "-fsS", "http://127.0.0.1:15000/metrics").stdout
-	if !strings.Contains(metrics, `decision="allow",destination="spiffe://cluster.local/ns/shipping/sa/orders-api",direction="inbound",policy="shipping/checkout-reads-orders",source="spiffe://cluster.local/ns/default/sa/checkout-service",status_class="2xx",tls="true"} 3`) {
-		t.Errorf("the server's sidecar did not count 3 mTLS requests from checkout:\n%s", metrics)
+	if !strings.Contains(metrics, `decision="allow",destination="spiffe://cluster.local/ns/shipping/sa/orders-api",direction="inbound",policy="shipping/checkout-reads-orders",source="spiffe://cluster.local/ns/default/sa/checkout-service",status_class="2xx",tls="true"} 4`) {
+		t.Errorf("the server's sidecar did not count 4 mTLS requests from checkout:\n%s", metrics)
+	}
+	if !strings.Contains(metrics, `direction="inbound",policy="shipping/checkout-reads-orders",source="unknown",status_class="2xx",tls="false"} 2`) {
+		t.Errorf("the server's sidecar did not see the 2 plaintext passthrough requests (IPv4, IPv6):\n%s", metrics)
 	}
 	// intercept.Cleanup undoes the rules (what a sidecar's removal runs).
 	defer func() {
-		for _, rule := range intercept.Cleanup() {
-			if r := client.exec(t, "", append([]string{"iptables"}, rule...)...); r.err != nil {
-				t.Errorf("iptables %s: %v %s", strings.Join(rule, " "), r.err, r.stderr)
+		for _, tool := range []string{"iptables", "ip6tables"} {
+			for _, rule := range intercept.Cleanup() {
+				if r := client.exec(t, "", append([]string{tool}, rule...)...); r.err != nil {
+					t.Errorf("%s %s: %v %s", tool, strings.Join(rule, " "), r.err, r.stderr)
+				}
 			}
-		}
-		if rules := client.exec(t, "", "iptables", "-t", "nat", "-S").stdout; strings.Contains(rules, "TRELLIS") {
-			t.Errorf("rules left after cleanup:\n%s", rules)
+			if rules := client.exec(t, "", tool, "-t", "nat", "-S").stdout; strings.Contains(rules, "TRELLIS") {
+				t.Errorf("%s rules left after cleanup:\n%s", tool, rules)
+			}
 		}
 	}()
 	// The sidecar forwards intercepted traffic to the address the caller

@@ -11,16 +11,38 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// ip6tOriginalDst is IP6T_SO_ORIGINAL_DST, the IPv6 twin of SO_ORIGINAL_DST
+// (same number, at level SOL_IPV6); x/sys/unix does not name it.
+const ip6tOriginalDst = 80
+
 func get(c *net.TCPConn) (netip.AddrPort, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)
 	}
+	la, _ := c.LocalAddr().(*net.TCPAddr)
+	// A dual-stack listener ([::]) gets IPv4 connections too; the family of
+	// the connection, not of the socket, decides which option answers.
+	ipv6 := la != nil && la.IP.To4() == nil
 	var (
 		dst    netip.AddrPort
 		optErr error
 	)
 	err = raw.Control(func(fd uintptr) {
+		if ipv6 {
+			// A struct sockaddr_in6 (28 bytes) fits in IPv6MTUInfo.
+			info, err := unix.GetsockoptIPv6MTUInfo(int(fd), unix.SOL_IPV6, ip6tOriginalDst)
+			if err != nil {
+				optErr = err
+				return
+			}
+			// The kernel stores the port in network byte order.
+			var b [2]byte
+			binary.NativeEndian.PutUint16(b[:], info.Addr.Port)
+			port := binary.BigEndian.Uint16(b[:])
+			dst = netip.AddrPortFrom(netip.AddrFrom16(info.Addr.Addr), port)
+			return
+		}
 		// SO_ORIGINAL_DST fills a struct sockaddr_in (16 bytes); the
 		// 20-byte IPv6Mreq is the x/sys getter with room for it.
 		mreq, err := unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
@@ -35,12 +57,10 @@ func get(c *net.TCPConn) (netip.AddrPort, error) {
 	if err == nil {
 		err = optErr
 	}
-	if errors.Is(err, unix.ENOENT) {
+	if errors.Is(err, unix.ENOENT) && la != nil {
 		// Conntrack has no NAT entry: nothing rewrote the destination.
-		if la, ok := c.LocalAddr().(*net.TCPAddr); ok {
-			ap := la.AddrPort()
-			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
-		}
+		ap := la.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 	}
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)

@@ -20,7 +20,9 @@ const (
 )
 
 // Rules returns the iptables commands (arguments after "iptables") that a
-// Kubernetes init container would run in a workload's network namespace:
+// Kubernetes init container would run in a workload's network namespace —
+// once with iptables and once with ip6tables, which take the same rules, so
+// that IPv6 traffic cannot go around the sidecar:
 // all inbound TCP to the proxy's inbound port, all outbound TCP to its
 // outbound port, except the proxy's own connections (socket mark
 // BypassMark) and traffic that stays on loopback.
