@@ -209,7 +209,15 @@ outbound:
 	if r := get(fmt.Sprintf("http://%s:8080/v1/orders", server.addr)); r.code != "200" {
 		t.Fatalf("GET to the endpoint address through the mesh: %+v", r)
 	}
+	// The server sidecar's outbound capture port listens on [::]; a caller
+	// from outside must not be able to send traffic out through it.
+	if r := get(fmt.Sprintf("http://%s:15001/", server.addr)); r.code == "200" {
+		t.Fatalf("a remote caller reached the outbound capture port: %+v", r)
+	}
 	metrics := server.exec(t, "", curlBin, "-fsS", "http://127.0.0.1:15000/metrics").stdout
+	if !strings.Contains(metrics, `reason="connection to the outbound capture port from outside"} 1`) {
+		t.Errorf("the server's sidecar did not refuse the connection to its outbound capture port:\n%s", metrics)
+	}
 	if !strings.Contains(metrics, `decision="allow",destination="spiffe://cluster.local/ns/shipping/sa/orders-api",direction="inbound",policy="shipping/checkout-reads-orders",source="spiffe://cluster.local/ns/default/sa/checkout-service",status_class="2xx",tls="true"} 4`) {
 		t.Errorf("the server's sidecar did not count 4 mTLS requests from checkout:\n%s", metrics)
 	}
