@@ -11,12 +11,12 @@ import (
 // handleTransparentInbound serves a connection iptables redirected from a
 // workload port: the original destination port says which one.
 func (p *Proxy) handleTransparentInbound(c net.Conn) {
-	dst, err := intercept.Get(c)
+	dst, redirected, err := intercept.Get(c)
 	if err != nil {
 		p.refuse(c, "inbound", "no original destination", "err", err.Error())
 		return
 	}
-	if isListenAddr(dst, p.opts.Config.Transparent.Inbound) {
+	if !redirected {
 		// Someone dialled the capture port itself: there is no workload
 		// port behind it, and forwarding would loop.
 		p.refuse(c, "inbound", "direct connection to the inbound capture port")
@@ -40,12 +40,15 @@ func (p *Proxy) handleTransparentInbound(c net.Conn) {
 // any address: a known destination goes through the mesh, anything else
 // passes through as plain TCP.
 func (p *Proxy) handleTransparentOutbound(c net.Conn) {
-	dst, err := intercept.Get(c)
+	dst, redirected, err := intercept.Get(c)
 	if err != nil {
 		p.refuse(c, "outbound", "no original destination", "err", err.Error())
 		return
 	}
-	if isListenAddr(dst, p.opts.Config.Transparent.Outbound) {
+	if !redirected {
+		// Only intercepted connections carry a destination; one made to
+		// the capture port itself (or a marked proxy connection that came
+		// back to it) has nowhere to go.
 		p.refuse(c, "outbound", "direct connection to the outbound capture port")
 		return
 	}
@@ -68,17 +71,4 @@ func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
 		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false", "allow", "").Inc()
 	}
 	p.relay(c, up, "outbound", p.selfLabel(), "passthrough", "false")
-}
-
-// isListenAddr reports whether dst is the capture listener at listen
-// (whose host may be a wildcard).
-func isListenAddr(dst netip.AddrPort, listen string) bool {
-	lp, err := netip.ParseAddrPort(listen)
-	if err != nil {
-		return false
-	}
-	if dst.Port() != lp.Port() {
-		return false
-	}
-	return lp.Addr().IsUnspecified() || lp.Addr() == dst.Addr() || dst.Addr().IsLoopback()
 }

@@ -20,13 +20,13 @@ var ErrUnsupported = errors.New("transparent interception needs Linux")
 // reserves for the same purpose, which makes the rules familiar to read.
 const BypassMark = 1337
 
-// Get returns the original destination of an accepted TCP connection. For
-// a connection that was not redirected it is the connection's own local
-// address.
-func Get(c net.Conn) (netip.AddrPort, error) {
+// Get returns the original destination of an accepted TCP connection and
+// whether a REDIRECT rule rewrote it. A connection that was not redirected
+// was made to the listener itself; its destination is its local address.
+func Get(c net.Conn) (dst netip.AddrPort, redirected bool, err error) {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
-		return netip.AddrPort{}, errors.New("original destination: not a TCP connection")
+		return netip.AddrPort{}, false, errors.New("original destination: not a TCP connection")
 	}
 	return get(tc)
 }

@@ -15,10 +15,10 @@ import (
 // (same number, at level SOL_IPV6); x/sys/unix does not name it.
 const ip6tOriginalDst = 80
 
-func get(c *net.TCPConn) (netip.AddrPort, error) {
+func get(c *net.TCPConn) (netip.AddrPort, bool, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)
+		return netip.AddrPort{}, false, fmt.Errorf("original destination: %w", err)
 	}
 	la, _ := c.LocalAddr().(*net.TCPAddr)
 	// A dual-stack listener ([::]) gets IPv4 connections too; the family of
@@ -60,12 +60,12 @@ func get(c *net.TCPConn) (netip.AddrPort, error) {
 	if errors.Is(err, unix.ENOENT) && la != nil {
 		// Conntrack has no NAT entry: nothing rewrote the destination.
 		ap := la.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), false, nil
 	}
 	if err != nil {
-		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)
+		return netip.AddrPort{}, false, fmt.Errorf("original destination: %w", err)
 	}
-	return dst, nil
+	return dst, true, nil
 }
 
 // MarkControl is a net.Dialer Control function that sets BypassMark on the

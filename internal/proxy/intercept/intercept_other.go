@@ -8,7 +8,7 @@ import (
 	"syscall"
 )
 
-func get(*net.TCPConn) (netip.AddrPort, error) { return netip.AddrPort{}, ErrUnsupported }
+func get(*net.TCPConn) (netip.AddrPort, bool, error) { return netip.AddrPort{}, false, ErrUnsupported }
 
 // MarkControl fails: there is no transparent interception here.
 func MarkControl(_, _ string, _ syscall.RawConn) error { return ErrUnsupported }

@@ -26,9 +26,12 @@ func TestUnredirectedConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	got, err := Get(c)
+	got, redirected, err := Get(c)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if redirected {
+		t.Fatal("an unredirected connection reported as redirected")
 	}
 	if got.String() != l.Addr().String() {
 		t.Fatalf("Get = %s, want %s", got, l.Addr())
