@@ -82,3 +82,41 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 		time.Sleep(50 * time.Millisecond) // polling interval, not a wait for an outcome
 	}
 }
+
+// TestSidecarsBootstrappedFromTheIdentityService is the flow a user runs:
+// the identity service up, a join token per workload, two sidecars that
+// obtain their certificates with them and carry a request as mutual TLS.
+func TestSidecarsBootstrappedFromTheIdentityService(t *testing.T) {
+	m := newMesh(t)
+	identityAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	background(t, m.dir, "listening on", trellisBin, "identity", "serve", "--listen", identityAddr)
+	app := backend(t)
+	inPort, outPort := freePort(t), freePort(t)
+	sidecar := func(ns, sa, config string) string {
+		t.Helper()
+		token := trellis(t, m.dir, "token", "create", "-n", ns, "--service-account", sa)
+		tokenFile := filepath.Join(m.dir, sa+".token")
+		cfgFile := filepath.Join(m.dir, sa+".yaml")
+		if err := os.WriteFile(tokenFile, []byte(token), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(cfgFile, []byte(config), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		background(t, m.dir, "admin endpoints listening", proxyBin, "--identity-addr", identityAddr, "--admin-addr", admin,
+			"--ca-bundle", ".trellis/bundle.pem", "--namespace", ns, "--service-account", sa, "--join-token-file", tokenFile, "--config", cfgFile)
+		waitFor(t, 15*time.Second, sa+" ready", func() bool { return httpGet(t, "http://"+admin+"/ready") == http.StatusOK })
+		return admin
+	}
+	serverAdmin := sidecar("shipping", "orders-api", serverConfig(inPort, app, "http", m.policies(seedPolicies)))
+	sidecar("default", "checkout-service", clientConfig(outPort, inPort, "http", ordersID))
+
+	r := curl(t, "-X", "POST", fmt.Sprintf("http://127.0.0.1:%d/v1/orders", outPort))
+	if r.code != "200" || !strings.Contains(r.body, "orders-api saw POST /v1/orders") {
+		t.Fatalf("POST through sidecars with service-issued identities: %+v", r)
+	}
+	if !strings.Contains(httpBody(t, "http://"+serverAdmin+"/config"), `"source": "identity-service `+identityAddr+`"`) {
+		t.Fatal("the server sidecar's identity did not come from the identity service")
+	}
+}
