@@ -124,12 +124,22 @@ func Load(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("proxy config: %w", err)
 	}
+	c, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("proxy config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes a configuration strictly (an unknown field is an error) and
+// validates it.
+func Parse(data []byte) (*Config, error) {
 	var c Config
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
-		return nil, fmt.Errorf("proxy config %s: %v", path, err)
+		return nil, err
 	}
 	if err := c.Validate(); err != nil {
-		return nil, fmt.Errorf("proxy config %s: %w", path, err)
+		return nil, err
 	}
 	return &c, nil
 }

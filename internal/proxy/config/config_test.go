@@ -76,3 +76,20 @@ func TestParseProtocol(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParse: whatever bytes a configuration file holds, loading either
+// fails with an error or yields a configuration that validates again.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(valid))
+	f.Add([]byte("apiVersion: trellis.dev/v1\nkind: ProxyConfig\ntransparent: {inbound: \"[::]:15006\"}\n"))
+	f.Add([]byte("inbound: [{listen: x, appPort: -1}]"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := Parse(data)
+		if err != nil {
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("a loaded configuration no longer validates: %v", err)
+		}
+	})
+}
