@@ -19,11 +19,7 @@ func BenchmarkTwoHopHTTP(b *testing.B) {
 	}))
 	in, out := freeAddr(b), freeAddr(b)
 	startProxy(b, ordersConfig(in, app, config.ProtocolHTTP), iss.holderFor(ordersID))
-	startProxy(b, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "default", Name: "checkout"},
-		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}},
-	}, iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
+	startProxy(b, checkoutConfig(config.Outbound{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}), iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	url := "http://" + out + "/"
 	b.ReportAllocs()

@@ -107,6 +107,16 @@ func ordersConfig(listen string, appPort uint32, protocol config.Protocol) *conf
 	}
 }
 
+// checkoutConfig is the configuration of the calling sidecar (default/
+// checkout) with the given outbound destinations.
+func checkoutConfig(outbound ...config.Outbound) *config.Config {
+	return &config.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
+		Workload: config.Workload{Namespace: "default", Name: "checkout"},
+		Outbound: outbound,
+	}
+}
+
 // holderFor returns a holder with a fresh SVID for id.
 func (i *issuer) holderFor(id string) *identity.Holder {
 	h := &identity.Holder{}
@@ -192,14 +202,8 @@ func TestRotationUnderLoad(t *testing.T) {
 	serverCfg := ordersConfig(httpIn, app, config.ProtocolHTTP)
 	serverCfg.Inbound = append(serverCfg.Inbound, config.Inbound{Listen: tcpIn, AppPort: echo, Protocol: config.ProtocolTCP})
 	startProxy(t, serverCfg, serverH)
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "default", Name: "checkout"},
-		Outbound: []config.Outbound{
-			{Listen: httpOut, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: httpIn, Identity: serverID}}},
-			{Listen: tcpOut, Service: "echo.shipping", Protocol: config.ProtocolTCP, Endpoints: []config.Endpoint{{Address: tcpIn, Identity: serverID}}},
-		},
-	}, clientH)
+	startProxy(t, checkoutConfig(config.Outbound{Listen: httpOut, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: httpIn, Identity: serverID}}},
+		config.Outbound{Listen: tcpOut, Service: "echo.shipping", Protocol: config.ProtocolTCP, Endpoints: []config.Endpoint{{Address: tcpIn, Identity: serverID}}}), clientH)
 
 	stop := make(chan struct{})
 	var rotations atomic.Int64

@@ -184,11 +184,7 @@ func TestWebSocketUpgradeThroughTheMesh(t *testing.T) {
 	}))
 	in, out := freeAddr(t), freeAddr(t)
 	startProxy(t, ordersConfig(in, app, config.ProtocolHTTP), iss.holderFor(ordersID))
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "default", Name: "checkout"},
-		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}},
-	}, iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
+	startProxy(t, checkoutConfig(config.Outbound{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}), iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
 
 	c, err := net.DialTimeout("tcp", out, 5*time.Second)
 	if err != nil {
@@ -225,14 +221,8 @@ func TestFailoverToAReachableEndpoint(t *testing.T) {
 	deadFirst := func(live string) []config.Endpoint {
 		return []config.Endpoint{{Address: dead, Identity: ordersID}, {Address: live, Identity: ordersID}}
 	}
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "default", Name: "checkout"},
-		Outbound: []config.Outbound{
-			{Listen: httpOut, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: deadFirst(httpIn)},
-			{Listen: tcpOut, Service: "echo.shipping", Protocol: config.ProtocolTCP, Endpoints: deadFirst(tcpIn)},
-		},
-	}, iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
+	startProxy(t, checkoutConfig(config.Outbound{Listen: httpOut, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: deadFirst(httpIn)},
+		config.Outbound{Listen: tcpOut, Service: "echo.shipping", Protocol: config.ProtocolTCP, Endpoints: deadFirst(tcpIn)}), iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
 	for i := range 6 {
 		resp, err := http.Get("http://" + httpOut + "/")
 		if err != nil {
@@ -284,12 +274,8 @@ func TestFailoverKeepsRequestBodies(t *testing.T) {
 	}))
 	in, out, dead := freeAddr(t), freeAddr(t), freeAddr(t)
 	startProxy(t, ordersConfig(in, app, config.ProtocolHTTP), iss.holderFor(ordersID))
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "default", Name: "checkout"},
-		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP,
-			Endpoints: []config.Endpoint{{Address: dead, Identity: ordersID}, {Address: in, Identity: ordersID}}}},
-	}, iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
+	startProxy(t, checkoutConfig(config.Outbound{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP,
+		Endpoints: []config.Endpoint{{Address: dead, Identity: ordersID}, {Address: in, Identity: ordersID}}}), iss.holderFor("spiffe://cluster.local/ns/default/sa/checkout"))
 	for i := range 4 {
 		want := fmt.Sprintf("order %d: two widgets", i)
 		resp, err := http.Post("http://"+out+"/v1/orders", "text/plain", strings.NewReader(want))
@@ -417,11 +403,7 @@ func TestPeerCertificateExpiryAndRotation(t *testing.T) {
 	const checkout = "spiffe://cluster.local/ns/default/sa/checkout"
 	client := &identity.Holder{}
 	client.Set(signSVID(t, past, checkout, at))
-	startProxy(t, &config.Config{
-		APIVersion: "trellis.dev/v1", Kind: "ProxyConfig",
-		Workload: config.Workload{Namespace: "default", Name: "checkout"},
-		Outbound: []config.Outbound{{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}},
-	}, client)
+	startProxy(t, checkoutConfig(config.Outbound{Listen: out, Service: "orders-api.shipping", Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: in, Identity: ordersID}}}), client)
 	hc := &http.Client{Timeout: 5 * time.Second}
 	status := func() int {
 		resp, err := hc.Get("http://" + out + "/")
