@@ -163,6 +163,7 @@ func (p *Proxy) handleInbound(c net.Conn, in config.Inbound, appAddr string) {
 		return
 	}
 	meta.tlsLabel, meta.peerLabel = "false", "unknown"
+	p.describe(c, meta)
 	if (kind == sniff.HTTP1 || kind == sniff.HTTP2) && in.Protocol != config.ProtocolTCP && in.Protocol != config.ProtocolServerFirst ||
 		in.Protocol.IsHTTP() && kind != sniff.TLS {
 		p.inboundConns.push(pc)
@@ -197,6 +198,7 @@ func (p *Proxy) serveMesh(pc *peekConn) {
 	m.peer = strings.TrimPrefix(id.String(), "spiffe://")
 	m.peerLabel = id.String()
 	m.peerNS = namespaceOf(id.Path())
+	p.describe(pc.Conn, m)
 	switch state.NegotiatedProtocol {
 	case ALPNHTTP2, ALPNHTTP1:
 		if m.protocol == config.ProtocolTCP || m.protocol == config.ProtocolServerFirst {

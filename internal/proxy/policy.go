@@ -97,6 +97,7 @@ func (p *Proxy) watchPolicies(ctx context.Context, dir string, every time.Durati
 			continue
 		}
 		p.policies.Store(st)
+		p.closeInadmissible(st)
 		p.log.Info("policies reloaded", "dir", dir)
 	}
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/identity"
 	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/policy/mtls"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 	"github.com/trellis-mesh/trellis/internal/proxy/intercept"
 )
@@ -86,7 +87,7 @@ type Proxy struct {
 	connsMu sync.Mutex
 	// conns are the accepted connections being handled, so shutdown can
 	// wait for them and close what is left at the deadline.
-	conns    map[net.Conn]struct{}
+	conns    map[net.Conn]*connMeta // meta once the connection is classified
 	connsWG  sync.WaitGroup
 	draining atomic.Bool
 	logLimit *logLimiter
@@ -119,7 +120,7 @@ func New(opts Options) (*Proxy, error) {
 		verifier: peerVerifier{holder: opts.Identity, now: opts.Now},
 		workload: policy.Workload{Namespace: cfg.Workload.Namespace, Name: cfg.Workload.Name, Labels: cfg.Workload.Labels},
 		logLimit: newLogLimiter(time.Minute),
-		conns:    map[net.Conn]struct{}{},
+		conns:    map[net.Conn]*connMeta{},
 	}
 	st, err := loadPolicyDir(cfg.Policies, p.workload)
 	if err != nil {
@@ -300,9 +301,40 @@ func (p *Proxy) track(c net.Conn) bool {
 	if p.draining.Load() {
 		return false
 	}
-	p.conns[c] = struct{}{}
+	p.conns[c] = nil
 	p.connsWG.Add(1)
 	return true
+}
+
+// describe records what an accepted inbound connection turned out to be, so
+// a policy change can find the connections it no longer admits. m must not
+// change afterwards (its fields are read under connsMu).
+func (p *Proxy) describe(c net.Conn, m *connMeta) {
+	p.connsMu.Lock()
+	defer p.connsMu.Unlock()
+	if _, ok := p.conns[c]; ok {
+		p.conns[c] = m
+	}
+}
+
+// closeInadmissible closes the inbound connections that the port's mTLS
+// mode under st no longer admits: plaintext after a switch to STRICT, mesh
+// mTLS after a switch to DISABLE. HTTP requests are also checked one by
+// one; this ends TCP streams, which have no requests to check.
+func (p *Proxy) closeInadmissible(st *policyState) {
+	p.connsMu.Lock()
+	defer p.connsMu.Unlock()
+	for c, m := range p.conns {
+		if m == nil || m.direction != "inbound" {
+			continue
+		}
+		if mode := st.ports.Mode(m.appPort); !mtls.Admits(mode, m.tls) {
+			c.Close()
+			if p.logLimit.allow("mode-change/" + string(mode)) {
+				p.log.Info("closed a connection the new mTLS mode does not admit", "port", m.appPort, "mode", mode, "tls", m.tls)
+			}
+		}
+	}
 }
 
 func (p *Proxy) untrack(c net.Conn) {

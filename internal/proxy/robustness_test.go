@@ -428,3 +428,33 @@ func TestPeerCertificateExpiryAndRotation(t *testing.T) {
 		t.Fatalf("after the client rotated: %d", code)
 	}
 }
+
+// TestStrictClosesOpenPlaintextStreams switches a TCP port to STRICT while
+// a plaintext stream is open through it: the proxy closes the stream.
+func TestStrictClosesOpenPlaintextStreams(t *testing.T) {
+	iss := newIssuer(t)
+	dir := t.TempDir()
+	in := freeAddr(t)
+	cfg := ordersConfig(in, echoServer(t), config.ProtocolTCP)
+	cfg.Policies = dir
+	startProxy(t, cfg, iss.holderFor(ordersID))
+	c, err := net.DialTimeout("tcp", in, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := pingPong(c); err != nil {
+		t.Fatalf("plaintext stream under PERMISSIVE: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "strict.yaml"), []byte("apiVersion: security.trellis.dev/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shipping}\nspec: {mtls: {mode: STRICT}}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The proxy reloads within a few seconds and closes the stream: a read
+	// then ends instead of waiting.
+	_ = c.SetReadDeadline(time.Now().Add(15 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("read data from a stream that should have been closed")
+	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("the plaintext stream stayed open after the switch to STRICT")
+	}
+}
