@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -64,7 +65,9 @@ func newForwarder(scheme, addr string, transport http.RoundTripper, logger *slog
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			code, why := upstreamError(err)
 			if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
-				return // the caller went away; nobody to answer
+				// The caller went away. Abort rather than return, or
+				// net/http would send whoever is left an empty 200.
+				panic(http.ErrAbortHandler)
 			}
 			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			w.WriteHeader(code)
@@ -83,12 +86,24 @@ const bodyIdleTimeout = time.Minute
 // and a connection to the application forever.
 type progressBody struct {
 	io.ReadCloser
-	rc *http.ResponseController
+	rc  *http.ResponseController
+	eof bool
 }
 
-func (b progressBody) Read(p []byte) (int, error) {
+func (b *progressBody) Read(p []byte) (int, error) {
+	if b.eof {
+		// After the end net/http reads the connection itself (for the next
+		// request or to notice the client leaving); a deadline set now
+		// would cut the request short while the application works on it.
+		return 0, io.EOF
+	}
 	_ = b.rc.SetReadDeadline(time.Now().Add(bodyIdleTimeout))
-	return b.ReadCloser.Read(p)
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.eof = true
+		_ = b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
 }
 
 // guardBody wraps r's body, if it has one, in a progressBody.
@@ -96,7 +111,7 @@ func guardBody(w http.ResponseWriter, r *http.Request) {
 	if r.Body == nil || r.Body == http.NoBody {
 		return
 	}
-	r.Body = progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w)}
+	r.Body = &progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w)}
 }
 
 // upstreamError maps a transport error to a status and a short reason.
@@ -162,6 +177,7 @@ func newAppTransports(dialer *net.Dialer) (http1, h2c http.RoundTripper) {
 // pooled buffers, half-closing so that protocols that signal the end of a
 // request by closing their write side keep working.
 func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel string) {
+	defer p.trackUpstream(b)()
 	var open, received, sent interface{ Add(float64) }
 	if p.metrics != nil {
 		g := p.metrics.open.WithLabelValues(direction, source, destination, tlsLabel)
@@ -172,6 +188,11 @@ func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel st
 		open = g
 	}
 	_ = open
+	// last is when either direction last carried data: a stream idles out
+	// only when both have been silent, so a one-way stream (pub/sub, a log
+	// tail) is not half-closed while it flows.
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
 	var wg sync.WaitGroup
 	wg.Add(2)
 	copyHalf := func(dst, src net.Conn, counter interface{ Add(float64) }) {
@@ -180,7 +201,7 @@ func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel st
 		// Hiding dst's ReadFrom makes CopyBuffer use the pooled buffer; a
 		// TCPConn's ReadFrom would allocate its own for any source other
 		// than a plain socket.
-		n, _ := io.CopyBuffer(struct{ io.Writer }{dst}, idleReader{src}, *bp)
+		n, _ := io.CopyBuffer(struct{ io.Writer }{dst}, idleReader{c: src, last: &last}, *bp)
 		bufPool.Put(bp)
 		if counter != nil {
 			counter.Add(float64(n))
@@ -198,14 +219,27 @@ func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel st
 // for this long, as Istio's default TCP idle timeout does.
 const tcpIdleTimeout = time.Hour
 
-// idleReader extends the connection's read deadline before every read, so
-// a stream dies only after tcpIdleTimeout of silence in that direction.
-// (A long-lived connection pool that sends nothing for an hour reconnects.)
-type idleReader struct{ c net.Conn }
+// idleReader reads with a deadline tcpIdleTimeout after the stream's last
+// activity in either direction. (A connection pool that sends nothing
+// either way for an hour reconnects.)
+type idleReader struct {
+	c    net.Conn
+	last *atomic.Int64
+}
 
 func (r idleReader) Read(b []byte) (int, error) {
-	_ = r.c.SetReadDeadline(time.Now().Add(tcpIdleTimeout))
-	return r.c.Read(b)
+	for {
+		_ = r.c.SetReadDeadline(time.Unix(0, r.last.Load()).Add(tcpIdleTimeout))
+		n, err := r.c.Read(b)
+		if n > 0 {
+			r.last.Store(time.Now().UnixNano())
+		}
+		var ne net.Error
+		if n == 0 && errors.As(err, &ne) && ne.Timeout() && time.Since(time.Unix(0, r.last.Load())) < tcpIdleTimeout {
+			continue // the other direction was active meanwhile
+		}
+		return n, err
+	}
 }
 
 // closeWrite half-closes c when it supports it, or closes it.

@@ -163,13 +163,29 @@ func (p *Proxy) handleInbound(c net.Conn, in config.Inbound, appAddr string) {
 		return
 	}
 	meta.tlsLabel, meta.peerLabel = "false", "unknown"
-	p.describe(c, meta)
+	if !p.admitted(c, meta) {
+		return
+	}
 	if (kind == sniff.HTTP1 || kind == sniff.HTTP2) && in.Protocol != config.ProtocolTCP && in.Protocol != config.ProtocolServerFirst ||
 		in.Protocol.IsHTTP() && kind != sniff.TLS {
 		p.inboundConns.push(pc)
 		return
 	}
 	p.serveInboundTCP(pc, meta)
+}
+
+// admitted records what connection c turned out to be and checks, against
+// the policies in force now, that its port's mode admits it. Reading the
+// mode after recording closes the window in which a switch to STRICT
+// (whose reload closes every recorded connection it no longer admits)
+// could miss a connection still being classified.
+func (p *Proxy) admitted(c net.Conn, m *connMeta) bool {
+	p.describe(c, m)
+	if mode := p.policies.Load().ports.Mode(m.appPort); !mtls.Admits(mode, m.tls) {
+		p.refuse(c, "inbound", fmt.Sprintf("the port is now %s", mode), "port", m.appPort)
+		return false
+	}
+	return true
 }
 
 // serveMesh completes the mTLS handshake and dispatches on ALPN.
@@ -198,7 +214,10 @@ func (p *Proxy) serveMesh(pc *peekConn) {
 	m.peer = strings.TrimPrefix(id.String(), "spiffe://")
 	m.peerLabel = id.String()
 	m.peerNS = namespaceOf(id.Path())
-	p.describe(pc.Conn, m)
+	if !p.admitted(pc.Conn, m) {
+		m.stopExpiry()
+		return
+	}
 	switch state.NegotiatedProtocol {
 	case ALPNHTTP2, ALPNHTTP1:
 		if m.protocol == config.ProtocolTCP || m.protocol == config.ProtocolServerFirst {

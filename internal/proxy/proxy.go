@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -78,8 +79,8 @@ type Proxy struct {
 	// interception it marks them so the iptables rules let them pass.
 	dialer *net.Dialer
 
-	routes        []*route          // one per configured outbound destination
-	routesByAddr  map[string]*route // original destination → route (transparent)
+	routes        []*route                  // one per configured outbound destination
+	routesByAddr  map[netip.AddrPort]*route // original destination → route (transparent)
 	inboundByPort map[uint32]config.Inbound
 
 	// connsMu guards conns and draining's transition, so no connection is
@@ -87,10 +88,13 @@ type Proxy struct {
 	connsMu sync.Mutex
 	// conns are the accepted connections being handled, so shutdown can
 	// wait for them and close what is left at the deadline.
-	conns    map[net.Conn]*connMeta // meta once the connection is classified
-	connsWG  sync.WaitGroup
-	draining atomic.Bool
-	logLimit *logLimiter
+	conns map[net.Conn]*connMeta // meta once the connection is classified
+	// upstreams are the connections relays opened, closed with the
+	// accepted ones when the drain deadline passes.
+	upstreams map[net.Conn]struct{}
+	connsWG   sync.WaitGroup
+	draining  atomic.Bool
+	logLimit  *logLimiter
 }
 
 // New validates opts and builds a proxy; Run starts it.
@@ -114,13 +118,14 @@ func New(opts Options) (*Proxy, error) {
 		}
 	}
 	p := &Proxy{
-		opts:     opts,
-		log:      opts.Log,
-		metrics:  opts.Metrics,
-		verifier: peerVerifier{holder: opts.Identity, now: opts.Now},
-		workload: policy.Workload{Namespace: cfg.Workload.Namespace, Name: cfg.Workload.Name, Labels: cfg.Workload.Labels},
-		logLimit: newLogLimiter(time.Minute),
-		conns:    map[net.Conn]*connMeta{},
+		opts:      opts,
+		log:       opts.Log,
+		metrics:   opts.Metrics,
+		verifier:  peerVerifier{holder: opts.Identity, now: opts.Now},
+		workload:  policy.Workload{Namespace: cfg.Workload.Namespace, Name: cfg.Workload.Name, Labels: cfg.Workload.Labels},
+		logLimit:  newLogLimiter(time.Minute),
+		conns:     map[net.Conn]*connMeta{},
+		upstreams: map[net.Conn]struct{}{},
 	}
 	st, err := loadPolicyDir(cfg.Policies, p.workload)
 	if err != nil {
@@ -131,12 +136,12 @@ func New(opts Options) (*Proxy, error) {
 	if cfg.Transparent != nil {
 		p.dialer.Control = intercept.MarkControl
 	}
-	p.routesByAddr = map[string]*route{}
+	p.routesByAddr = map[netip.AddrPort]*route{}
 	for _, out := range cfg.Outbound {
 		rt := newRoute(out)
 		p.routes = append(p.routes, rt)
 		for _, a := range out.Addresses {
-			p.routesByAddr[a] = rt
+			p.routesByAddr[canonicalAddr(a)] = rt
 		}
 	}
 	// An application may dial one endpoint directly (a StatefulSet member,
@@ -144,12 +149,12 @@ func New(opts Options) (*Proxy, error) {
 	// endpoint only, with its identity checked.
 	for _, out := range cfg.Outbound {
 		for _, ep := range out.Endpoints {
-			if _, ok := p.routesByAddr[ep.Address]; !ok {
+			if _, ok := p.routesByAddr[canonicalAddr(ep.Address)]; !ok {
 				one := out
 				one.Endpoints = []config.Endpoint{ep}
 				rt := newRoute(one)
 				p.routes = append(p.routes, rt)
-				p.routesByAddr[ep.Address] = rt
+				p.routesByAddr[canonicalAddr(ep.Address)] = rt
 			}
 		}
 	}
@@ -164,6 +169,13 @@ func New(opts Options) (*Proxy, error) {
 	}
 	p.buildServers()
 	return p, nil
+}
+
+// canonicalAddr parses a validated ip:port the way original destinations
+// are compared: IPv4-mapped IPv6 unmapped, any spelling of an address equal.
+func canonicalAddr(s string) netip.AddrPort {
+	ap := netip.MustParseAddrPort(s) // validated with the config
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 // Ready reports whether the proxy holds a valid certificate and is not
@@ -286,9 +298,16 @@ func (p *Proxy) shutdown() {
 		for c := range p.conns {
 			c.Close()
 		}
+		for c := range p.upstreams {
+			c.Close()
+		}
 		p.connsMu.Unlock()
 		p.log.Warn("drain timed out; closed the remaining connections", "count", n)
-		<-done
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			p.log.Error("connections still being handled after they were closed; exiting anyway")
+		}
 	}
 	p.mesh.closeIdle()
 }
@@ -334,6 +353,18 @@ func (p *Proxy) closeInadmissible(st *policyState) {
 				p.log.Info("closed a connection the new mTLS mode does not admit", "port", m.appPort, "mode", mode, "tls", m.tls)
 			}
 		}
+	}
+}
+
+// trackUpstream registers a connection a relay opened, until release.
+func (p *Proxy) trackUpstream(c net.Conn) (release func()) {
+	p.connsMu.Lock()
+	p.upstreams[c] = struct{}{}
+	p.connsMu.Unlock()
+	return func() {
+		p.connsMu.Lock()
+		delete(p.upstreams, c)
+		p.connsMu.Unlock()
 	}
 }
 

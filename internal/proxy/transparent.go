@@ -52,7 +52,7 @@ func (p *Proxy) handleTransparentOutbound(c net.Conn) {
 		p.refuse(c, "outbound", "direct connection to the outbound capture port")
 		return
 	}
-	if rt, ok := p.routesByAddr[dst.String()]; ok {
+	if rt, ok := p.routesByAddr[dst]; ok {
 		p.handleOutbound(c, rt)
 		return
 	}

@@ -214,7 +214,25 @@ outbound:
 	if r := get(fmt.Sprintf("http://%s:15001/", server.addr)); r.code == "200" {
 		t.Fatalf("a remote caller reached the outbound capture port: %+v", r)
 	}
+	// The capture ports themselves lead nowhere: a remote caller dialling
+	// the inbound one, or a local process dialling the outbound one, is
+	// refused instead of being forwarded to the proxy itself (a loop that
+	// would exhaust its file descriptors).
+	if r := get(fmt.Sprintf("http://%s:15006/", server.addr)); r.code == "200" {
+		t.Fatalf("the inbound capture port answered a direct request: %+v", r)
+	}
+	if r := server.exec(t, "", curlBin, "-sS", "--max-time", "5", "http://127.0.0.1:15001/"); r.err == nil {
+		t.Fatalf("the outbound capture port answered a direct local request: %s", r.stdout)
+	}
 	metrics := server.exec(t, "", curlBin, "-fsS", "http://127.0.0.1:15000/metrics").stdout
+	for _, reason := range []string{"direct connection to the inbound capture port", "direct connection to the outbound capture port"} {
+		if !strings.Contains(metrics, `reason="`+reason+`"} 1`) {
+			t.Errorf("the server's sidecar did not count one refusal for %q:\n%s", reason, metrics)
+		}
+	}
+	if n := strings.Count(server.exec(t, "", "ss", "-tn").stdout, "\n"); n > 100 {
+		t.Errorf("%d TCP connections in the server's namespace: a capture port is looping", n)
+	}
 	if !strings.Contains(metrics, `reason="connection to the outbound capture port from outside"} 1`) {
 		t.Errorf("the server's sidecar did not refuse the connection to its outbound capture port:\n%s", metrics)
 	}

@@ -57,15 +57,22 @@ func get(c *net.TCPConn) (netip.AddrPort, bool, error) {
 	if err == nil {
 		err = optErr
 	}
-	if errors.Is(err, unix.ENOENT) && la != nil {
-		// Conntrack has no NAT entry: nothing rewrote the destination.
+	var local netip.AddrPort
+	if la != nil {
 		ap := la.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), false, nil
+		local = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	if errors.Is(err, unix.ENOENT) && la != nil {
+		// Conntrack has no entry at all: nothing rewrote the destination.
+		return local, false, nil
 	}
 	if err != nil {
 		return netip.AddrPort{}, false, fmt.Errorf("original destination: %w", err)
 	}
-	return dst, true, nil
+	// With NAT rules installed every connection has a conntrack entry; one
+	// that REDIRECT did not rewrite reports the address it was made to.
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	return dst, dst != local, nil
 }
 
 // MarkControl is a net.Dialer Control function that sets BypassMark on the
