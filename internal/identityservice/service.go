@@ -16,8 +16,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -304,12 +304,7 @@ func (s *Service) authenticate(ctx context.Context, cred *identityv1.Credential)
 }
 
 func (s *Service) credentialTypes() []string {
-	types := make([]string, 0, len(s.auths))
-	for t := range s.auths {
-		types = append(types, t)
-	}
-	sort.Strings(types)
-	return slices.Clip(types)
+	return slices.Sorted(maps.Keys(s.auths))
 }
 
 func peerAddr(ctx context.Context) string {

@@ -82,3 +82,15 @@ func ValidateName(what, name string) error {
 	}
 	return nil
 }
+
+// NamespaceOf returns the namespace a principal names, as Istio derives
+// source.namespace: the segment after "ns" in a principal written without
+// "spiffe://" (cluster.local/ns/shipping/sa/orders-api), or "" when it has
+// none. Unlike Parse it does not require the full workload shape.
+func NamespaceOf(principal string) string {
+	parts := strings.Split(principal, "/")
+	if len(parts) >= 3 && parts[1] == "ns" {
+		return parts[2]
+	}
+	return ""
+}

@@ -54,3 +54,16 @@ func TestControlPlane(t *testing.T) {
 		t.Fatalf("ControlPlane = %q, want %q", got, want)
 	}
 }
+
+func TestNamespaceOf(t *testing.T) {
+	for in, want := range map[string]string{
+		"cluster.local/ns/shipping/sa/orders-api": "shipping",
+		"cluster.local/ns/x":                      "x",
+		"cluster.local/sa/x":                      "",
+		"":                                        "",
+	} {
+		if got := NamespaceOf(in); got != want {
+			t.Errorf("NamespaceOf(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -178,16 +178,14 @@ func newAppTransports(dialer *net.Dialer) (http1, h2c http.RoundTripper) {
 // request by closing their write side keep working.
 func (p *Proxy) relay(a, b net.Conn, direction, source, destination, tlsLabel string) {
 	defer p.trackUpstream(b)()
-	var open, received, sent interface{ Add(float64) }
+	var received, sent interface{ Add(float64) }
 	if p.metrics != nil {
-		g := p.metrics.open.WithLabelValues(direction, source, destination, tlsLabel)
-		g.Inc()
-		defer g.Dec()
+		open := p.metrics.open.WithLabelValues(direction, source, destination, tlsLabel)
+		open.Inc()
+		defer open.Dec()
 		received = p.metrics.bytes.WithLabelValues(direction, source, destination, tlsLabel, "received")
 		sent = p.metrics.bytes.WithLabelValues(direction, source, destination, tlsLabel, "sent")
-		open = g
 	}
-	_ = open
 	// last is when either direction last carried data: a stream idles out
 	// only when both have been silent, so a one-way stream (pub/sub, a log
 	// tail) is not half-closed while it flows.

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/meshid"
+
 	"github.com/trellis-mesh/trellis/internal/policy"
 	"github.com/trellis-mesh/trellis/internal/policy/authz"
 	"github.com/trellis-mesh/trellis/internal/policy/mtls"
@@ -213,7 +215,7 @@ func (p *Proxy) serveMesh(pc *peekConn) {
 	m.tls, m.tlsLabel = true, "true"
 	m.peer = strings.TrimPrefix(id.String(), "spiffe://")
 	m.peerLabel = id.String()
-	m.peerNS = namespaceOf(id.Path())
+	m.peerNS = meshid.NamespaceOf(m.peer)
 	if !p.admitted(pc.Conn, m) {
 		m.stopExpiry()
 		return
@@ -257,22 +259,12 @@ func handshakeFailure(err error) string {
 	}
 }
 
-// namespaceOf returns NS from a SPIFFE path /ns/NS/sa/SA.
-func namespaceOf(path string) string {
-	rest, ok := strings.CutPrefix(path, "/ns/")
-	if !ok {
-		return ""
-	}
-	ns, _, _ := strings.Cut(rest, "/")
-	return ns
-}
-
 // serveInboundTCP authorizes an opaque TCP connection once and relays it to
 // the application.
 func (p *Proxy) serveInboundTCP(pc net.Conn, m *connMeta) {
 	req := authz.Request{HTTP: false, Port: m.appPort, Principal: m.peer, Namespace: m.peerNS, IP: m.peerIP}
 	res := p.policies.Load().authz.Evaluate(&req)
-	decision, policyRef := decisionLabels4(res)
+	decision, policyRef := decisionOf(res)
 	p.reportShadow(res, m)
 	if p.metrics != nil {
 		p.metrics.connections.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef).Inc()
@@ -289,8 +281,8 @@ func (p *Proxy) serveInboundTCP(pc net.Conn, m *connMeta) {
 	p.relay(pc, up, "inbound", m.peerLabel, p.selfLabel(), m.tlsLabel)
 }
 
-// decisionLabels4 names the decision and the responsible policy for metrics.
-func decisionLabels4(res authz.Result) (decision, policyRef string) {
+// decisionOf names the decision and the responsible policy for metrics.
+func decisionOf(res authz.Result) (decision, policyRef string) {
 	decision = "allow"
 	if !res.Allowed {
 		decision = "deny"
@@ -394,7 +386,7 @@ func (p *Proxy) serveInboundHTTP(w http.ResponseWriter, r *http.Request) {
 		Method: r.Method, Path: path, Host: r.Host, Headers: r.Header,
 	}
 	res := st.authz.Evaluate(&req)
-	decision, policyRef = decisionLabels4(res)
+	decision, policyRef = decisionOf(res)
 	p.reportShadow(res, m)
 	if !res.Allowed {
 		denied(rec, res, m)

@@ -13,6 +13,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/trellis-mesh/trellis/internal/meshid"
+
 	"github.com/trellis-mesh/trellis/internal/policy"
 	"github.com/trellis-mesh/trellis/internal/policy/authz"
 	"github.com/trellis-mesh/trellis/internal/policy/match"
@@ -104,13 +106,7 @@ const (
 
 // NamespaceOf returns the namespace of a principal of the form
 // TRUST_DOMAIN/ns/NAMESPACE/sa/NAME, or "".
-func NamespaceOf(principal string) string {
-	parts := strings.Split(principal, "/")
-	if len(parts) >= 3 && parts[1] == "ns" {
-		return parts[2]
-	}
-	return ""
-}
+func NamespaceOf(principal string) string { return meshid.NamespaceOf(principal) }
 
 // Decide evaluates the input against every policy.
 func (m *Mesh) Decide(in Input) Decision {
