@@ -29,6 +29,8 @@ between workloads mutual TLS, and decides who may call whom by identity.`,
 		newIdentityCommand(),
 		newTokenCommand(),
 		newPolicyCommand(),
+		newControlPlaneCommand(),
+		newStatusCommand(),
 	)
 	return root
 }

@@ -1,0 +1,102 @@
+package controlplane
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/push"
+	"github.com/trellis-mesh/trellis/internal/registry"
+)
+
+// Status is what GET /api/v1/status returns.
+type Status struct {
+	TrustDomain string `json:"trustDomain"`
+	// Generation counts the configuration changes pushed since start.
+	Generation uint64             `json:"generation"`
+	Resources  ResourceStatus     `json:"resources"`
+	Proxies    []push.ProxyStatus `json:"proxies"`
+	// Converged is true when every connected proxy runs its current
+	// version.
+	Converged bool                   `json:"converged"`
+	CA        CAStatus               `json:"ca"`
+	Services  []registry.Destination `json:"services"`
+}
+
+// CAStatus summarizes the certificate authority.
+type CAStatus struct {
+	Roots        []CertStatus `json:"roots"`
+	Intermediate CertStatus   `json:"intermediate"`
+}
+
+// CertStatus is one CA certificate.
+type CertStatus struct {
+	Subject  string    `json:"subject"`
+	NotAfter time.Time `json:"notAfter"`
+}
+
+// Status returns the control plane's view of the mesh.
+func (cp *ControlPlane) Status() Status {
+	cp.mu.Lock()
+	res := cp.resources
+	cp.mu.Unlock()
+	st := Status{
+		TrustDomain: cp.cfg.TrustDomain,
+		Generation:  cp.push.Generation(),
+		Resources:   res,
+		Proxies:     cp.push.Status(),
+		Converged:   true,
+		Services:    cp.registry.Snapshot().Destinations(),
+	}
+	for _, p := range st.Proxies {
+		if p.Connected && !p.InSync {
+			st.Converged = false
+		}
+	}
+	for _, r := range cp.ca.Bundle() {
+		st.CA.Roots = append(st.CA.Roots, CertStatus{Subject: r.Subject.String(), NotAfter: r.NotAfter})
+	}
+	iss := cp.ca.Issuer()
+	st.CA.Intermediate = CertStatus{Subject: iss.Subject.String(), NotAfter: iss.NotAfter}
+	return st
+}
+
+// adminHandler serves the admin API. Everything but /healthz needs the
+// bearer credential from the state directory.
+func (cp *ControlPlane) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.Handle("GET /api/v1/status", cp.authenticated(func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, cp.Status())
+	}))
+	return mux
+}
+
+func (cp *ControlPlane) authenticated(h http.HandlerFunc) http.Handler {
+	want := []byte("Bearer " + cp.token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got := []byte(r.Header.Get("Authorization"))
+		if subtle.ConstantTimeCompare(got, want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="trellis"`)
+			msg := "the admin API needs the credential from the state directory's " + AdminTokenFile + " file (Authorization: Bearer …)"
+			if !strings.HasPrefix(string(got), "Bearer ") {
+				msg = "missing credential: " + msg
+			}
+			http.Error(w, msg, http.StatusUnauthorized)
+			return
+		}
+		h(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

@@ -1,0 +1,127 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/trellis-mesh/trellis/internal/ca"
+	"github.com/trellis-mesh/trellis/internal/certpem"
+	"github.com/trellis-mesh/trellis/internal/meshid"
+)
+
+// Client calls a control plane's admin API, verifying that the server is
+// the control plane of the mesh whose trust bundle it holds.
+type Client struct {
+	base  string
+	token string
+	http  *http.Client
+}
+
+// Dial builds a client from a state directory: the admin address from the
+// running control plane's EndpointsFile (unless addr is given), the
+// credential and the trust bundle.
+func Dial(stateDir, addr string) (*Client, error) {
+	if addr == "" {
+		data, err := os.ReadFile(filepath.Join(stateDir, EndpointsFile))
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("no control plane is running with state directory %s (start one with 'trellis control-plane', or give --admin-addr)", stateDir)
+		}
+		if err != nil {
+			return nil, err
+		}
+		var ep Endpoints
+		if err := json.Unmarshal(data, &ep); err != nil {
+			return nil, fmt.Errorf("%s: %w", filepath.Join(stateDir, EndpointsFile), err)
+		}
+		addr = ep.Admin
+	}
+	token, err := os.ReadFile(filepath.Join(stateDir, AdminTokenFile))
+	if err != nil {
+		return nil, fmt.Errorf("admin credential: %w", err)
+	}
+	pem, err := os.ReadFile(ca.BundlePath(stateDir))
+	if err != nil {
+		return nil, fmt.Errorf("trust bundle: %w", err)
+	}
+	roots, err := certpem.ParseCerts(pem)
+	if err != nil {
+		return nil, fmt.Errorf("trust bundle %s: %w", ca.BundlePath(stateDir), err)
+	}
+	tlsCfg := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// The server is verified below as an SVID of the bundle, with the
+		// control plane's SPIFFE ID, instead of by host name.
+		InsecureSkipVerify: true,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			return verifyControlPlane(raw, roots)
+		},
+	}
+	return &Client{
+		base:  "https://" + addr,
+		token: strings.TrimSpace(string(token)),
+		http:  &http.Client{Transport: &http.Transport{TLSClientConfig: tlsCfg}, Timeout: 10 * time.Second},
+	}, nil
+}
+
+func verifyControlPlane(raw [][]byte, roots []*x509.Certificate) error {
+	if len(raw) == 0 {
+		return errors.New("the server sent no certificate")
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return err
+	}
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil {
+		return fmt.Errorf("the server's certificate is not an SVID: %w", err)
+	}
+	got, _, err := x509svid.ParseAndVerify(raw, x509bundle.FromX509Authorities(id.TrustDomain(), roots))
+	if err != nil {
+		return fmt.Errorf("the server is not part of this mesh: %w", err)
+	}
+	if want := meshid.ControlPlane(id.TrustDomain()); got != want {
+		return fmt.Errorf("the server is %s, not the control plane %s", got, want)
+	}
+	return nil
+}
+
+// Status fetches the control plane's status.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	err := c.get(ctx, "/api/v1/status", &st)
+	return st, err
+}
+
+func (c *Client) get(ctx context.Context, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("control plane admin API: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("control plane admin API: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	return json.Unmarshal(body, v)
+}

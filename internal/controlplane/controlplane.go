@@ -1,0 +1,382 @@
+// Package controlplane runs Trellis' control plane: the CA and identity
+// service, the discovery service that pushes each proxy its configuration,
+// the registry of workloads and services, the watched directory of policy
+// resources, and the authenticated admin API that the CLI (and the
+// dashboard) read.
+package controlplane
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+
+	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
+	"github.com/trellis-mesh/trellis/internal/ca"
+	"github.com/trellis-mesh/trellis/internal/dirwatch"
+	"github.com/trellis-mesh/trellis/internal/identityservice"
+	"github.com/trellis-mesh/trellis/internal/jointoken"
+	"github.com/trellis-mesh/trellis/internal/meshid"
+	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/push"
+	"github.com/trellis-mesh/trellis/internal/registry"
+	"github.com/trellis-mesh/trellis/internal/statefile"
+)
+
+// Files in the state directory besides the CA's and the join tokens'.
+const (
+	// AdminTokenFile holds the admin API's bearer credential (0600).
+	AdminTokenFile = "admin-token"
+	// EndpointsFile says where a running control plane serves, so the CLI
+	// finds it from the state directory alone.
+	EndpointsFile     = "control-plane.json"
+	registrationsFile = "registrations.json"
+	caCheckInterval   = 10 * time.Second
+)
+
+// Options configure a ControlPlane.
+type Options struct {
+	Config *Config
+	Log    *slog.Logger
+	// Init creates the CA when the state directory has none.
+	Init bool
+	// Coalesce overrides push.DefaultCoalesce (tests).
+	Coalesce time.Duration
+}
+
+// ControlPlane is one running control plane.
+type ControlPlane struct {
+	cfg      *Config
+	log      *slog.Logger
+	ca       *ca.CA
+	identity *identityservice.Service
+	registry *registry.Registry
+	push     *push.Server
+	token    string
+
+	grpcLis, adminLis net.Listener
+
+	mu        sync.Mutex
+	resources ResourceStatus
+	stamp     string // dirwatch.Stamp of the directory last loaded
+}
+
+// ResourceStatus reports the watched resource directory.
+type ResourceStatus struct {
+	Directory string `json:"directory,omitempty"`
+	// Version identifies the files in force.
+	Version  string    `json:"version"`
+	LoadedAt time.Time `json:"loadedAt,omitzero"`
+	Files    []string  `json:"files,omitempty"`
+	// Error is the last rejected change; the previous resources stay in
+	// force until the directory is valid again.
+	Error      []ResourceError `json:"error,omitempty"`
+	RejectedAt time.Time       `json:"rejectedAt,omitzero"`
+	Warnings   []ResourceError `json:"warnings,omitempty"`
+}
+
+// ResourceError is one problem in a resource file.
+type ResourceError struct {
+	File     string `json:"file,omitempty"`
+	Line     int    `json:"line,omitempty"`
+	Resource string `json:"resource,omitempty"`
+	Field    string `json:"field,omitempty"`
+	Message  string `json:"message"`
+}
+
+// New opens (or with Init creates) the state, loads the resources and
+// binds the listeners; Run serves.
+func New(opts Options) (*ControlPlane, error) {
+	cfg := opts.Config
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	caCfg := ca.Config{StateDir: cfg.StateDir, Log: log}
+	authority, err := ca.Load(caCfg)
+	if errors.Is(err, ca.ErrNotInitialized) && opts.Init {
+		log.Info("no CA in the state directory; creating one", "dir", cfg.StateDir, "trustDomain", cfg.TrustDomain)
+		authority, err = ca.Init(caCfg, ca.InitOptions{TrustDomain: cfg.TrustDomain})
+	}
+	if err != nil {
+		return nil, err
+	}
+	if td := authority.TrustDomain().Name(); td != cfg.TrustDomain {
+		return nil, fmt.Errorf("trustDomain: the CA in %s is for %q, the configuration says %q; fix the configuration or use another stateDir", cfg.StateDir, td, cfg.TrustDomain)
+	}
+	token, err := adminToken(filepath.Join(cfg.StateDir, AdminTokenFile))
+	if err != nil {
+		return nil, err
+	}
+	cp := &ControlPlane{cfg: cfg, log: log, ca: authority, token: token}
+	cp.identity = identityservice.New(identityservice.Config{
+		CA:  authority,
+		Log: log.With("component", "identity"),
+		Authenticators: []identityservice.Authenticator{
+			identityservice.JoinTokens{Store: jointoken.NewStore(cfg.StateDir, nil), TrustDomain: authority.TrustDomain()},
+		},
+	})
+	var pushServer *push.Server
+	cp.registry, err = registry.New(registry.Config{
+		Declarations: cfg.Registry(),
+		GracePeriod:  time.Duration(cfg.GracePeriod),
+		StateFile:    filepath.Join(cfg.StateDir, registrationsFile),
+		OnChange:     func() { pushServer.Changed() },
+		Log:          log.With("component", "registry"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	pushServer = push.New(push.Config{
+		Registry: cp.registry,
+		Verify:   cp.verifyPeer,
+		Coalesce: opts.Coalesce,
+		Log:      log.With("component", "push"),
+	})
+	cp.push = pushServer
+	if cfg.Resources != "" {
+		// The first load must succeed: there is no previous configuration
+		// to keep in force.
+		set, err := policy.LoadDir(cfg.Resources)
+		if err != nil {
+			return nil, fmt.Errorf("resources %s: %w", cfg.Resources, err)
+		}
+		cp.install(set, dirwatch.Stamp(cfg.Resources))
+	} else {
+		cp.resources = ResourceStatus{Version: "none"}
+	}
+	cp.grpcLis, err = net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen: %w (is another control plane running? change listen)", err)
+	}
+	cp.adminLis, err = net.Listen("tcp", cfg.AdminListen)
+	if err != nil {
+		cp.grpcLis.Close()
+		return nil, fmt.Errorf("adminListen: %w (is another control plane running? change adminListen)", err)
+	}
+	if err := cp.writeEndpoints(); err != nil {
+		cp.grpcLis.Close()
+		cp.adminLis.Close()
+		return nil, err
+	}
+	return cp, nil
+}
+
+// adminToken reads the admin credential, creating it on first use.
+func adminToken(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err == nil {
+		if t := strings.TrimSpace(string(data)); len(t) >= 32 {
+			return t, nil
+		}
+		return "", fmt.Errorf("admin credential %s is too short: delete it to have a new one generated", path)
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("admin credential: %w", err)
+	}
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	t := hex.EncodeToString(b)
+	if err := statefile.WriteAtomic(path, []byte(t+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("admin credential: %w", err)
+	}
+	return t, nil
+}
+
+// verifyPeer checks a proxy's certificate chain against the bundle in force.
+func (cp *ControlPlane) verifyPeer(chain []*x509.Certificate) (spiffeid.ID, error) {
+	bundle := x509bundle.FromX509Authorities(cp.ca.TrustDomain(), cp.ca.Bundle())
+	id, _, err := x509svid.Verify(chain, bundle)
+	if err != nil {
+		return spiffeid.ID{}, err
+	}
+	if id == meshid.ControlPlane(cp.ca.TrustDomain()) {
+		return spiffeid.ID{}, errors.New("the control plane's own identity is not a proxy")
+	}
+	return id, nil
+}
+
+// Addr returns the address proxies connect to.
+func (cp *ControlPlane) Addr() string { return cp.grpcLis.Addr().String() }
+
+// AdminAddr returns the admin API's address.
+func (cp *ControlPlane) AdminAddr() string { return cp.adminLis.Addr().String() }
+
+// CA returns the certificate authority.
+func (cp *ControlPlane) CA() *ca.CA { return cp.ca }
+
+// Run serves until ctx ends.
+func (cp *ControlPlane) Run(ctx context.Context) error {
+	g := grpc.NewServer(
+		grpc.Creds(cp.identity.ServerCredentials()),
+		// Small buffers: one control plane holds a stream per proxy, and
+		// updates are small.
+		grpc.ReadBufferSize(8<<10),
+		grpc.WriteBufferSize(8<<10),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	cp.identity.Register(g)
+	discoveryv1.RegisterDiscoveryServer(g, cp.push)
+	admin := &http.Server{
+		Handler:           cp.adminHandler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		TLSConfig: &tls.Config{
+			MinVersion:     tls.VersionTLS12,
+			GetCertificate: cp.identity.TLSConfig().GetCertificate,
+		},
+	}
+	cp.log.Info("control plane serving", "proxies", cp.Addr(), "admin", "https://"+cp.AdminAddr(),
+		"trustDomain", cp.cfg.TrustDomain, "stateDir", cp.cfg.StateDir, "resources", cp.cfg.Resources)
+
+	eg, ctx := errgroup.WithContext(ctx)
+	eg.Go(func() error { return cp.ca.Run(ctx, caCheckInterval) })
+	eg.Go(func() error { return cp.push.Run(ctx) })
+	eg.Go(func() error { return cp.maintainRegistry(ctx) })
+	if cp.cfg.Resources != "" {
+		eg.Go(func() error {
+			return dirwatch.Watch(ctx, dirwatch.Config{Dir: cp.cfg.Resources, Since: cp.resourceStamp(), OnChange: cp.reload, Log: cp.log})
+		})
+	}
+	eg.Go(func() error {
+		if err := g.Serve(cp.grpcLis); !errors.Is(err, grpc.ErrServerStopped) {
+			return err
+		}
+		return nil
+	})
+	eg.Go(func() error {
+		if err := admin.ServeTLS(cp.adminLis, "", ""); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	eg.Go(func() error {
+		<-ctx.Done()
+		// Streams never finish on their own: end them (proxies keep
+		// their configuration and reconnect), and give in-flight unary
+		// calls a moment.
+		cp.push.Shutdown()
+		stopped := make(chan struct{})
+		go func() { g.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(time.Second):
+			g.Stop()
+		}
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = admin.Shutdown(shutdownCtx)
+		_ = os.Remove(filepath.Join(cp.cfg.StateDir, EndpointsFile))
+		return nil
+	})
+	err := eg.Wait()
+	if serr := cp.registry.Save(); serr != nil {
+		cp.log.Error("saving registrations failed", "err", serr)
+	}
+	return err
+}
+
+// maintainRegistry expires instances past their grace period and saves
+// the registrations, at most once a second.
+func (cp *ControlPlane) maintainRegistry(ctx context.Context) error {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		cp.registry.Expire()
+		if err := cp.registry.Save(); err != nil {
+			cp.log.Error("saving registrations failed; retrying", "err", err)
+		}
+	}
+}
+
+// Endpoints is the content of EndpointsFile.
+type Endpoints struct {
+	Admin       string `json:"admin"`
+	Proxies     string `json:"proxies"`
+	TrustDomain string `json:"trustDomain"`
+	PID         int    `json:"pid"`
+}
+
+func (cp *ControlPlane) writeEndpoints() error {
+	data, _ := json.MarshalIndent(Endpoints{Admin: cp.AdminAddr(), Proxies: cp.Addr(), TrustDomain: cp.cfg.TrustDomain, PID: os.Getpid()}, "", "  ")
+	return statefile.WriteAtomic(filepath.Join(cp.cfg.StateDir, EndpointsFile), data, 0o600)
+}
+
+// reload loads the resource directory after a change; an invalid directory
+// is reported and the previous resources stay in force.
+func (cp *ControlPlane) reload() {
+	stamp := dirwatch.Stamp(cp.cfg.Resources)
+	set, err := policy.LoadDir(cp.cfg.Resources)
+	if err != nil {
+		cp.mu.Lock()
+		cp.stamp = stamp
+		cp.resources.Error = resourceErrors(err)
+		cp.resources.RejectedAt = time.Now()
+		cp.mu.Unlock()
+		cp.log.Error("resource change rejected; the previous configuration stays in force", "dir", cp.cfg.Resources, "err", err)
+		return
+	}
+	cp.install(set, stamp)
+	cp.log.Info("resources reloaded", "dir", cp.cfg.Resources, "version", stamp,
+		"peerAuthentications", len(set.PeerAuthentications), "authorizationPolicies", len(set.AuthorizationPolicies))
+}
+
+// resourceStamp is the listing stamp of the resources in force (or last
+// rejected), so that changes made before the watch starts are not missed.
+func (cp *ControlPlane) resourceStamp() string {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return cp.stamp
+}
+
+func (cp *ControlPlane) install(set *policy.Set, stamp string) {
+	cp.mu.Lock()
+	cp.stamp = stamp
+	cp.resources = ResourceStatus{Directory: cp.cfg.Resources, Version: stamp, LoadedAt: time.Now(), Files: set.Files}
+	for _, w := range set.Warnings {
+		cp.resources.Warnings = append(cp.resources.Warnings, ResourceError{File: w.File, Line: w.Line, Resource: w.Resource, Field: w.Field, Message: w.Message})
+	}
+	cp.mu.Unlock()
+	cp.push.SetPolicies(set)
+}
+
+func resourceErrors(err error) []ResourceError {
+	var perrs policy.Errors
+	if errors.As(err, &perrs) {
+		out := make([]ResourceError, 0, len(perrs))
+		for _, e := range perrs {
+			out = append(out, ResourceError{File: e.File, Line: e.Line, Resource: e.Resource, Field: e.Field, Message: e.Message})
+		}
+		return out
+	}
+	return []ResourceError{{Message: err.Error()}}
+}

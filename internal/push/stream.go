@@ -1,0 +1,316 @@
+package push
+
+import (
+	"cmp"
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
+	"github.com/trellis-mesh/trellis/internal/meshid"
+	"github.com/trellis-mesh/trellis/internal/registry"
+)
+
+// Verifier checks a peer's certificate chain against the trust bundle in
+// force now and returns the SPIFFE ID it proves.
+type Verifier func(chain []*x509.Certificate) (spiffeid.ID, error)
+
+var errStopping = status.Error(codes.Unavailable, "the control plane is shutting down; keep the current configuration and reconnect")
+
+// stream is one connected proxy.
+type stream struct {
+	workload    registry.Workload
+	instance    string
+	identity    spiffeid.ID
+	peer        string
+	connectedAt time.Time
+	notify      chan struct{}
+
+	mu         sync.Mutex
+	sent       string // version last sent (or announced by the proxy)
+	acked      string
+	nack       string // reason of the last NACK, cleared by an ACK
+	nackFor    string // version the NACK was for
+	lastSeen   time.Time
+	certExpiry time.Time
+}
+
+func (st *stream) wake() {
+	select {
+	case st.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (st *stream) sentVersion() string {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.sent
+}
+
+// Stream implements discoveryv1.DiscoveryServer.
+func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
+	ctx := ss.Context()
+	select {
+	case <-s.stopping:
+		return errStopping
+	default:
+	}
+	chain, peerAddr, err := peerChain(ctx)
+	if err != nil {
+		return err
+	}
+	id, err := s.cfg.Verify(chain)
+	if err != nil {
+		return status.Errorf(codes.Unauthenticated, "the client certificate is not a valid SVID of this mesh: %v", err)
+	}
+	certExpiry := chain[0].NotAfter
+
+	// Reads happen on their own goroutine so the loop below can wait on
+	// updates and messages at once.
+	msgs := make(chan *discoveryv1.ProxyMessage)
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			m, err := ss.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case msgs <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+
+	var hello *discoveryv1.Hello
+	select {
+	case m := <-msgs:
+		if hello = m.GetHello(); hello == nil {
+			return status.Error(codes.InvalidArgument, "the first message of a stream must be a Hello")
+		}
+	case err := <-recvErr:
+		return err
+	case <-time.After(helloTimeout):
+		return status.Error(codes.DeadlineExceeded, "no Hello received")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	w, ports, err := s.claim(id, hello)
+	if err != nil {
+		s.cfg.Log.Warn("proxy registration refused", "id", id, "peer", peerAddr, "workload", hello.GetWorkload(), "err", err)
+		if errors.Is(err, registry.ErrNotAllowed) {
+			return status.Error(codes.PermissionDenied, err.Error())
+		}
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+
+	now := s.cfg.Now()
+	st := &stream{
+		workload: w, instance: hello.GetInstance(), identity: id, peer: peerAddr,
+		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), certExpiry: certExpiry,
+	}
+	if n := hello.GetCertificateNotAfterUnix(); n > 0 {
+		st.certExpiry = time.Unix(n, 0)
+	}
+	// A proxy that already runs the current version (a reconnect after a
+	// control plane restart) is not sent it again.
+	if v := s.viewOf(w.Ref()); v != nil && hello.GetVersion() == v.version {
+		st.sent, st.acked = v.version, v.version
+	}
+	in := registry.Instance{Namespace: w.Namespace, Workload: w.Name, Instance: st.instance, Identity: id.String(), Ports: ports}
+	session := s.cfg.Registry.Register(in)
+	s.mu.Lock()
+	s.streams[st] = struct{}{}
+	s.mu.Unlock()
+	s.cfg.Log.Info("proxy connected", "instance", in.Key(), "id", id, "peer", peerAddr)
+	graceful := false
+	defer func() {
+		s.mu.Lock()
+		delete(s.streams, st)
+		s.mu.Unlock()
+		s.cfg.Registry.Disconnect(in.Key(), session, graceful)
+		s.cfg.Log.Info("proxy disconnected", "instance", in.Key(), "graceful", graceful)
+	}()
+
+	// The connection was authenticated with a certificate that will
+	// expire; the proxy must come back with its renewed one.
+	expiry := time.NewTimer(time.Until(certExpiry))
+	defer expiry.Stop()
+	st.wake()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.stopping:
+			return errStopping
+		case <-expiry.C:
+			return status.Error(codes.Unauthenticated, "the certificate this stream was opened with has expired; reconnect with the renewed one")
+		case err := <-recvErr:
+			return err
+		case <-st.notify:
+			v := s.viewOf(w.Ref())
+			if v == nil || v.version == st.sentVersion() {
+				continue
+			}
+			if err := ss.Send(v.update); err != nil {
+				return err
+			}
+			s.cfg.Pushes()
+			st.mu.Lock()
+			st.sent = v.version
+			st.mu.Unlock()
+		case m := <-msgs:
+			now := s.cfg.Now()
+			st.mu.Lock()
+			st.lastSeen = now
+			switch {
+			case m.GetAck() != nil:
+				a := m.GetAck()
+				if a.GetError() == "" {
+					st.acked, st.nack, st.nackFor = a.GetVersion(), "", ""
+				} else {
+					st.nack, st.nackFor = a.GetError(), a.GetVersion()
+				}
+			case m.GetHeartbeat() != nil:
+				if n := m.GetHeartbeat().GetCertificateNotAfterUnix(); n > 0 {
+					st.certExpiry = time.Unix(n, 0)
+				}
+			}
+			st.mu.Unlock()
+			if a := m.GetAck(); a != nil && a.GetError() != "" {
+				s.cfg.Log.Warn("proxy rejected a configuration", "instance", in.Key(), "version", a.GetVersion(), "reason", a.GetError())
+			}
+			if m.GetGoodbye() != nil {
+				graceful = true
+				return nil
+			}
+		}
+	}
+}
+
+// claim checks the Hello against the proxy's identity and the declared
+// workload, and returns the workload and its port addresses.
+func (s *Server) claim(id spiffeid.ID, h *discoveryv1.Hello) (registry.Workload, map[uint32]string, error) {
+	w, err := s.cfg.Registry.Claim(id, h.GetWorkload())
+	if err != nil {
+		return w, nil, err
+	}
+	if err := meshid.ValidateName("instance", h.GetInstance()); err != nil {
+		return w, nil, fmt.Errorf("hello.instance: %v", err)
+	}
+	declared := map[uint32]bool{}
+	for _, p := range w.Ports {
+		declared[p.Port] = true
+	}
+	ports := map[uint32]string{}
+	for i, p := range h.GetPorts() {
+		if !declared[p.GetPort()] {
+			return w, nil, fmt.Errorf("hello.ports[%d]: workload %s declares no port %d", i, w.Ref(), p.GetPort())
+		}
+		if _, err := netip.ParseAddrPort(p.GetAddress()); err != nil {
+			return w, nil, fmt.Errorf("hello.ports[%d].address: %q is not ip:port", i, p.GetAddress())
+		}
+		ports[p.GetPort()] = p.GetAddress()
+	}
+	return w, ports, nil
+}
+
+func peerChain(ctx context.Context) ([]*x509.Certificate, string, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, "", status.Error(codes.Unauthenticated, "no peer information")
+	}
+	addr := ""
+	if p.Addr != nil {
+		addr = p.Addr.String()
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.PeerCertificates) == 0 {
+		return nil, addr, status.Error(codes.Unauthenticated, "discovery needs the proxy's SVID as TLS client certificate")
+	}
+	return info.State.PeerCertificates, addr, nil
+}
+
+// ProxyStatus is what the control plane knows about one proxy.
+type ProxyStatus struct {
+	Instance          string    `json:"instance"`
+	Workload          string    `json:"workload"`
+	Identity          string    `json:"identity"`
+	Peer              string    `json:"peer,omitempty"`
+	Connected         bool      `json:"connected"`
+	ConnectedAt       time.Time `json:"connectedAt,omitzero"`
+	LastSeen          time.Time `json:"lastSeen,omitzero"`
+	DisconnectedAt    time.Time `json:"disconnectedAt,omitzero"`
+	CertificateExpiry time.Time `json:"certificateExpiry,omitzero"`
+	// CurrentVersion is the version of the proxy's view now; AckedVersion
+	// the last one it applied.
+	CurrentVersion string `json:"currentVersion"`
+	AckedVersion   string `json:"ackedVersion"`
+	// Rejected is the reason of the proxy's last NACK, for RejectedVersion.
+	Rejected        string `json:"rejected,omitempty"`
+	RejectedVersion string `json:"rejectedVersion,omitempty"`
+	InSync          bool   `json:"inSync"`
+}
+
+// Status lists the connected proxies and the instances kept in service
+// while their proxy is away, sorted by instance.
+func (s *Server) Status() []ProxyStatus {
+	snap := s.cfg.Registry.Snapshot()
+	s.mu.Lock()
+	connected := map[string]bool{}
+	var out []ProxyStatus
+	for st := range s.streams {
+		ref := st.workload.Ref()
+		cur := ""
+		if v := s.views[ref]; v != nil {
+			cur = v.version
+		}
+		st.mu.Lock()
+		ps := ProxyStatus{
+			Instance: ref + "/" + st.instance, Workload: ref, Identity: st.identity.String(), Peer: st.peer,
+			Connected: true, ConnectedAt: st.connectedAt, LastSeen: st.lastSeen, CertificateExpiry: st.certExpiry,
+			CurrentVersion: cur, AckedVersion: st.acked, Rejected: st.nack, RejectedVersion: st.nackFor,
+			InSync: cur != "" && st.acked == cur,
+		}
+		st.mu.Unlock()
+		connected[ps.Instance] = true
+		out = append(out, ps)
+	}
+	s.mu.Unlock()
+	for _, in := range snap.Instances {
+		if connected[in.Key()] || in.DisconnectedAt.IsZero() {
+			continue
+		}
+		out = append(out, ProxyStatus{
+			Instance: in.Key(), Workload: in.Namespace + "/" + in.Workload, Identity: in.Identity,
+			DisconnectedAt: in.DisconnectedAt,
+		})
+	}
+	sortStatus(out)
+	return out
+}
+
+func sortStatus(list []ProxyStatus) {
+	slices.SortFunc(list, func(a, b ProxyStatus) int {
+		return cmp.Or(cmp.Compare(a.Instance, b.Instance), a.ConnectedAt.Compare(b.ConnectedAt))
+	})
+}

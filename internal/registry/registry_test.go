@@ -1,0 +1,123 @@
+package registry
+
+import (
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+var decl = Declarations{
+	Workloads: []Workload{
+		{Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders", "track": "stable"}, Ports: []WorkloadPort{{Port: 8080, Protocol: "http"}}},
+		{Namespace: "shipping", Name: "orders-canary", ServiceAccount: "orders", Labels: map[string]string{"app": "orders", "track": "canary"}, Ports: []WorkloadPort{{Port: 8080}}},
+		{Namespace: "web", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders"}},
+	},
+	Services: []Service{
+		{Namespace: "shipping", Name: "orders", Selector: map[string]string{"app": "orders"}, Address: "198.18.128.1",
+			Ports: []ServicePort{{Name: "http", Port: 80, TargetPort: 8080}, {Name: "admin", Port: 9000, TargetPort: 9000, Protocol: "tcp"}}},
+		{Namespace: "shipping", Name: "stable", Selector: map[string]string{"track": "stable"}, Ports: []ServicePort{{Port: 8080, TargetPort: 8080}}},
+	},
+}
+
+func TestDestinations(t *testing.T) {
+	snap := Snapshot{Declarations: decl, Instances: []Instance{
+		{Namespace: "shipping", Workload: "orders", Instance: "a", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "198.18.0.2:8080"}},
+		{Namespace: "shipping", Workload: "orders", Instance: "b", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "198.18.0.1:8080"}},
+		{Namespace: "shipping", Workload: "orders-canary", Instance: "c", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "198.18.0.3:8080"}},
+		// Same labels in another namespace: not selected.
+		{Namespace: "web", Workload: "orders", Instance: "d", Identity: "spiffe://td/ns/web/sa/orders", Ports: map[uint32]string{8080: "198.18.0.9:8080"}},
+	}}
+	ep := func(addr string) Endpoint {
+		return Endpoint{Address: addr, Identity: "spiffe://td/ns/shipping/sa/orders"}
+	}
+	want := []Destination{
+		{Service: "orders.shipping", Port: 80, Protocol: "http", Addresses: []string{"198.18.128.1:80"},
+			Endpoints: []Endpoint{ep("198.18.0.1:8080"), ep("198.18.0.2:8080"), ep("198.18.0.3:8080")}},
+		// No instance serves 9000: a destination without endpoints.
+		{Service: "orders.shipping", Port: 9000, Protocol: "tcp", Addresses: []string{"198.18.128.1:9000"}},
+		{Service: "stable.shipping", Port: 8080, Protocol: "http", Endpoints: []Endpoint{ep("198.18.0.1:8080"), ep("198.18.0.2:8080")}},
+	}
+	if diff := cmp.Diff(want, snap.Destinations()); diff != "" {
+		t.Fatalf("Destinations (-want +got):\n%s", diff)
+	}
+}
+
+func TestClaim(t *testing.T) {
+	r, err := New(Config{Declarations: decl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := func(s string) spiffeid.ID { return spiffeid.RequireFromString(s) }
+	tests := []struct {
+		id       string
+		workload string
+		ok       bool
+	}{
+		{"spiffe://td/ns/shipping/sa/orders", "orders", true},
+		{"spiffe://td/ns/shipping/sa/orders", "orders-canary", true},
+		{"spiffe://td/ns/shipping/sa/billing", "orders", false},
+		{"spiffe://td/ns/web/sa/orders", "orders-canary", false},
+		{"spiffe://td/ns/shipping/sa/orders", "nope", false},
+		{"spiffe://td/not/a/workload", "orders", false},
+	}
+	for _, tc := range tests {
+		_, err := r.Claim(id(tc.id), tc.workload)
+		if tc.ok != (err == nil) || (err != nil && !errors.Is(err, ErrNotAllowed)) {
+			t.Errorf("Claim(%s, %s) = %v, want ok=%v", tc.id, tc.workload, err, tc.ok)
+		}
+	}
+}
+
+func TestGraceSessionsAndPersistence(t *testing.T) {
+	now := time.Unix(1000, 0)
+	changes := 0
+	file := filepath.Join(t.TempDir(), "registrations.json")
+	cfg := Config{Declarations: decl, GracePeriod: 30 * time.Second, StateFile: file, Now: func() time.Time { return now }, OnChange: func() { changes++ }}
+	r, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := Instance{Namespace: "shipping", Workload: "orders", Instance: "a", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "198.18.0.1:8080"}}
+	s1 := r.Register(in)
+	// A reconnect takes the instance over; the old session's disconnect
+	// changes nothing.
+	s2 := r.Register(in)
+	r.Disconnect(in.Key(), s1, false)
+	if got := r.Snapshot().Instances[0].DisconnectedAt; !got.IsZero() {
+		t.Fatalf("a stale session disconnected the instance at %v", got)
+	}
+	if changes != 1 {
+		t.Fatalf("changes = %d, want 1 (re-registering the same ports is no change)", changes)
+	}
+	r.Disconnect(in.Key(), s2, false)
+	now = now.Add(29 * time.Second)
+	if r.Expire() != 0 {
+		t.Fatal("expired within the grace period")
+	}
+	if err := r.Save(); err != nil {
+		t.Fatal(err)
+	}
+	// Restored after a restart, it is in service for a new grace period.
+	now = now.Add(10 * time.Second)
+	r2, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r2.Snapshot().Instances; len(got) != 1 || !got[0].DisconnectedAt.Equal(now) {
+		t.Fatalf("restored = %+v", got)
+	}
+	now = now.Add(30 * time.Second)
+	if r2.Expire() != 1 || len(r2.Snapshot().Instances) != 0 {
+		t.Fatal("not expired after the grace period")
+	}
+	// Goodbye removes at once.
+	s := r2.Register(in)
+	r2.Disconnect(in.Key(), s, true)
+	if len(r2.Snapshot().Instances) != 0 {
+		t.Fatal("a graceful disconnect kept the instance")
+	}
+}
