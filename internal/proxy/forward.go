@@ -42,14 +42,15 @@ func forward(w http.ResponseWriter, r *http.Request, scheme, addr string, transp
 	key := forwarderKey{scheme, addr, transport, what}
 	v, ok := forwarders.Load(key)
 	if !ok {
-		v, _ = forwarders.LoadOrStore(key, newForwarder(scheme, addr, transport, logger, what))
+		v, _ = forwarders.LoadOrStore(key, newForwarder(scheme, addr, transport, logger, func(*http.Request) string { return what }))
 	}
 	v.(*httputil.ReverseProxy).ServeHTTP(w, r)
 }
 
 // newForwarder returns a reverse proxy to scheme://addr through transport
-// (which may redirect the request elsewhere, as failover does).
-func newForwarder(scheme, addr string, transport http.RoundTripper, logger *slog.Logger, what string) *httputil.ReverseProxy {
+// (which may redirect the request elsewhere, as failover does); what names
+// the request's upstream in error responses.
+func newForwarder(scheme, addr string, transport http.RoundTripper, logger *slog.Logger, what func(*http.Request) string) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = scheme
@@ -71,7 +72,7 @@ func newForwarder(scheme, addr string, transport http.RoundTripper, logger *slog
 			}
 			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			w.WriteHeader(code)
-			fmt.Fprintf(w, "trellis: %s unavailable: %s\n", what, why)
+			fmt.Fprintf(w, "trellis: %s unavailable: %s\n", what(r), why)
 		},
 	}
 }

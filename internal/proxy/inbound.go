@@ -64,7 +64,7 @@ type connMeta struct {
 	peerNS    string
 	peerIP    netip.Addr
 	tls       bool
-	route     *route // outbound only
+	target    outboundTarget // outbound only
 	tlsLabel  string
 	peerLabel string
 	// expiry closes a mesh connection when the peer's certificate expires:

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -21,28 +22,31 @@ import (
 )
 
 // route is one destination the application calls: its endpoints, the
-// identity each must prove, and a round-robin cursor.
+// identity each must prove, and a round-robin cursor. A route belongs to one
+// routing table and never changes; an update builds new ones.
 type route struct {
 	service   string
 	protocol  config.Protocol
-	endpoints []endpoint
+	endpoints []endpoint // empty while the service has no ready instance
 	next      atomic.Uint64
-	// http forwards the application's requests, with failover between
-	// endpoints; built by the proxy, which owns the transports.
-	http *httputil.ReverseProxy
 }
 
 type endpoint struct {
 	addr  string
 	id    spiffeid.ID
 	label string
+	// peer holds the pooled connections to the endpoint, shared by every
+	// route (and table) that lists the same address and identity.
+	peer *peer
 }
 
-func newRoute(out config.Outbound) *route {
+// newRoute builds the route of a validated destination; peerFor supplies
+// the connection pool of each endpoint.
+func newRoute(out config.Outbound, peerFor func(addr string, id spiffeid.ID) *peer) *route {
 	r := &route{service: out.Service, protocol: out.Protocol}
 	for _, ep := range out.Endpoints {
-		id := spiffeid.RequireFromString(ep.Identity) // validated with the config
-		r.endpoints = append(r.endpoints, endpoint{addr: ep.Address, id: id, label: id.String()})
+		id := spiffeid.RequireFromString(ep.Identity) // validated with the table
+		r.endpoints = append(r.endpoints, endpoint{addr: ep.Address, id: id, label: id.String(), peer: peerFor(ep.Address, id)})
 	}
 	return r
 }
@@ -55,23 +59,32 @@ func (r *route) pick() *endpoint {
 	return &r.endpoints[Pick(r.next.Add(1)-1, len(r.endpoints))]
 }
 
+// handleListenerOutbound serves a connection to the listener of the static
+// configuration's outbound entry i, whose route the table in force says.
+func (p *Proxy) handleListenerOutbound(c net.Conn, i int) {
+	target := outboundTarget{listener: i}
+	p.handleOutbound(c, p.table.Load().resolve(target), target)
+}
+
 // handleOutbound serves one connection from the application to a
 // destination: HTTP is parsed and each request sent over a pooled mTLS
-// connection; anything else is one mTLS stream.
-func (p *Proxy) handleOutbound(c net.Conn, rt *route) {
+// connection; anything else is one mTLS stream. rt is the route when the
+// connection arrived, which decides its handling and, for a stream, where
+// it goes; each HTTP request resolves target again.
+func (p *Proxy) handleOutbound(c net.Conn, rt *route, target outboundTarget) {
 	if !p.waitReady() {
 		p.refuse(c, "outbound", "no certificate yet")
 		return
 	}
 	r := bufio.NewReaderSize(c, 4096)
-	meta := &connMeta{direction: "outbound", protocol: rt.protocol, route: rt, tlsLabel: "true", peerLabel: p.selfLabel()}
+	meta := &connMeta{direction: "outbound", protocol: rt.protocol, target: target, tlsLabel: "true", peerLabel: p.selfLabel()}
 	pc := &peekConn{Conn: c, r: r, meta: meta}
 	switch rt.protocol {
 	case config.ProtocolHTTP, config.ProtocolHTTP2, config.ProtocolGRPC:
 		p.outboundConns.push(pc)
 		return
 	case config.ProtocolTCP, config.ProtocolServerFirst:
-		p.serveOutboundTCP(pc)
+		p.serveOutboundTCP(pc, rt)
 		return
 	}
 	// Undeclared: a client of a server-first protocol says nothing, so
@@ -81,13 +94,16 @@ func (p *Proxy) handleOutbound(c net.Conn, rt *route) {
 		p.outboundConns.push(pc)
 		return
 	}
-	p.serveOutboundTCP(pc)
+	p.serveOutboundTCP(pc, rt)
 }
 
 // serveOutboundTCP relays an opaque stream over its own mTLS connection to
 // one endpoint, trying the others if it cannot be reached.
-func (p *Proxy) serveOutboundTCP(pc *peekConn) {
-	rt := pc.meta.route
+func (p *Proxy) serveOutboundTCP(pc *peekConn, rt *route) {
+	if len(rt.endpoints) == 0 {
+		p.refuse(pc, "outbound", "destination has no endpoints", "service", rt.service)
+		return
+	}
 	var lastErr error
 	for range rt.endpoints {
 		ep := rt.pick()
@@ -116,46 +132,94 @@ func (p *Proxy) logSecureNaming(ep *endpoint, err error) {
 	}
 }
 
+// outboundCall is one application request on its way out: the route it
+// resolved to, the endpoint tried last, and the pool whose connection
+// carries the response, held until the response is done.
+type outboundCall struct {
+	route *route
+	used  *endpoint
+	pool  *meshPool
+}
+
+type outboundCallKey struct{}
+
+func callFrom(ctx context.Context) *outboundCall {
+	c, _ := ctx.Value(outboundCallKey{}).(*outboundCall)
+	return c
+}
+
 // serveOutboundHTTP sends one application request to an endpoint of its
 // destination over the pooled mTLS connection to that endpoint.
 func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	m := metaFrom(r.Context())
 	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
-	var used *endpoint
-	r = r.WithContext(context.WithValue(r.Context(), usedEndpointKey{}, &used))
-	guardBody(w, r)
-	m.route.http.ServeHTTP(rec, r)
+	call := &outboundCall{route: p.table.Load().resolve(m.target)}
+	// Deferred so that it also runs when the reverse proxy aborts a
+	// response half-way by panicking.
+	defer call.done()
+	switch {
+	case call.route == nil:
+		// An intercepted destination that an update removed while this
+		// connection was open; a new connection passes through.
+		rec.Header().Set("Connection", "close")
+		http.Error(rec, fmt.Sprintf("trellis: %s is no longer a mesh destination; reconnect", m.target.dst), http.StatusServiceUnavailable)
+	case len(call.route.endpoints) == 0:
+		http.Error(rec, fmt.Sprintf("trellis: %s unavailable: it has no endpoints (no instance is ready, or the control plane has sent none)", call.route.service), http.StatusServiceUnavailable)
+	default:
+		r = r.WithContext(context.WithValue(r.Context(), outboundCallKey{}, call))
+		guardBody(w, r)
+		p.outboundProxy.ServeHTTP(rec, r)
+	}
 	if p.metrics != nil {
 		dest := "unreachable"
-		if used != nil {
-			dest = used.label
+		if call.used != nil {
+			dest = call.used.label
 		}
 		p.metrics.requests.WithLabelValues("outbound", m.peerLabel, dest, "true", "", "", statusClass(rec.status)).Inc()
 		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, dest, "true").Observe(time.Since(start).Seconds())
 	}
 }
 
-type usedEndpointKey struct{}
+// done lets go of the pool that carried the response.
+func (c *outboundCall) done() {
+	if c.pool != nil {
+		c.pool.release()
+		c.pool = nil
+	}
+}
+
+// newOutboundProxy returns the reverse proxy that carries every
+// application request to its destination. Its host is a placeholder:
+// failover sends each attempt to an endpoint of the request's route, which
+// also names the destination in error responses.
+func newOutboundProxy(mt *meshTransport, logger *slog.Logger) *httputil.ReverseProxy {
+	return newForwarder("http", "mesh.invalid", &failover{mesh: mt}, logger, func(r *http.Request) string {
+		if call := callFrom(r.Context()); call != nil && call.route != nil {
+			return call.route.service
+		}
+		return "the destination"
+	})
+}
 
 // failover sends a request to the route's next endpoint (round robin) and,
 // when that endpoint cannot be reached or does not prove its identity —
 // failures that happen before any of the request is sent — to the others
 // in turn. Errors after the request went out are returned as they are: a
-// retry could repeat a request the server has acted on.
+// retry could repeat a request the server has acted on. The route comes
+// with the request (outboundCall), so one failover serves every route.
 type failover struct {
-	route *route
-	mesh  *meshTransport
+	mesh *meshTransport
 }
 
 func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
-	pool := f.mesh.pool()
-	transport := pool.h2
-	if isUpgrade(req) {
-		transport = pool.h1
+	call := callFrom(req.Context())
+	if call == nil || call.route == nil || len(call.route.endpoints) == 0 {
+		return nil, errors.New("no endpoint to send the request to")
 	}
-	eps := f.route.endpoints
-	first := Pick(f.route.next.Add(1)-1, len(eps))
+	svid := f.mesh.p.opts.Identity.Current()
+	eps := call.route.endpoints
+	first := Pick(call.route.next.Add(1)-1, len(eps))
 	// A transport closes the body when it fails, even before sending any of
 	// it; keep it open across attempts and close it once at the end.
 	var body *retryBody
@@ -166,8 +230,11 @@ func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
 	var lastErr error
 	for i := range eps {
 		ep := &eps[(first+i)%len(eps)]
-		if used, ok := req.Context().Value(usedEndpointKey{}).(**endpoint); ok {
-			*used = ep
+		call.used = ep
+		pool := ep.peer.acquire(svid)
+		transport := pool.h2
+		if isUpgrade(req) {
+			transport = pool.h1
 		}
 		out := *req
 		u := *req.URL
@@ -181,8 +248,10 @@ func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
 			if body != nil {
 				body.handedOver.Store(true)
 			}
+			call.pool = pool // released when the response is done
 			return resp, nil
 		}
+		pool.release()
 		lastErr = err
 		var de *dialError
 		if !errors.As(err, &de) || req.Context().Err() != nil || body != nil && body.read.Load() {
@@ -232,80 +301,176 @@ func isUpgrade(r *http.Request) bool {
 	return r.Header.Get("Upgrade") != "" && r.ProtoMajor == 1
 }
 
-// meshTransport holds the pooled connections to peer proxies: one transport
-// multiplexing HTTP/2 requests over long-lived mTLS connections, and an
-// HTTP/1.1 one for upgrades (WebSocket), which need a connection of their
-// own. Both speak prior-knowledge HTTP inside the mTLS stream the proxy
-// opened itself, so net/http never sees the mesh ALPN.
+// meshTransport opens the pooled connections to peer proxies. Each
+// endpoint has a peer with a pool of its own: one transport multiplexing
+// HTTP/2 requests over long-lived mTLS connections, and an HTTP/1.1 one for
+// upgrades (WebSocket), which need a connection of their own. Both speak
+// prior-knowledge HTTP inside the mTLS stream the proxy opened itself, so
+// net/http never sees the mesh ALPN.
 //
-// A pooled connection presents the certificate it was opened with for as
-// long as it lives, so the pool belongs to one SVID: after a rotation new
-// requests go to a fresh pool, and the old one is closed as it falls idle.
+// Pools are per endpoint, rather than one pool keyed by address, because a
+// pooled connection was verified against the identity the endpoint had
+// when it was opened: when an update gives an address another identity, or
+// removes it, the connections to it must not serve new requests, while
+// those to every other endpoint carry on untouched.
 type meshTransport struct {
-	p   *Proxy
-	ids map[string]spiffeid.ID // endpoint address → identity it must prove
-
-	cur atomic.Pointer[meshPool]
-	mu  sync.Mutex // serializes replacing the pool
+	p *Proxy
+	// pools and conns count the pools not yet closed and the pooled
+	// connections open, so that a test can tell that updates and
+	// rotations do not leak them.
+	pools, conns atomic.Int64
 }
 
+func newMeshTransport(p *Proxy) *meshTransport { return &meshTransport{p: p} }
+
+// peer is one endpoint as the mesh transport sees it: an address and the
+// identity the server there must prove. Both are fixed; an address with a
+// new identity is a new peer.
+type peer struct {
+	mt   *meshTransport
+	addr string
+	id   spiffeid.ID
+	cur  atomic.Pointer[meshPool]
+	mu   sync.Mutex // serializes replacing cur, and retiring
+	gone bool       // left the routing table; guarded by mu
+}
+
+func (mt *meshTransport) newPeer(addr string, id spiffeid.ID) *peer {
+	return &peer{mt: mt, addr: addr, id: id}
+}
+
+// meshPool is a peer's connections for one SVID of ours. A pooled
+// connection presents the certificate it was opened with for as long as it
+// lives, so after a rotation new requests go to a fresh pool.
+//
+// refs counts who holds the pool: its peer while it is the peer's current
+// pool, and each request whose response it carries. The last to let go
+// closes every connection, so a pool that was replaced (rotation) or whose
+// endpoint left the routing table goes as soon as its in-flight requests
+// are done, and never before.
 type meshPool struct {
+	mt     *meshTransport
 	svid   *identity.SVID
 	h2, h1 *http.Transport
+	refs   atomic.Int64
+
+	mu     sync.Mutex
+	open   map[net.Conn]struct{} // the connections dialled and not yet closed
+	closed bool
 }
 
-func newMeshTransport(p *Proxy) *meshTransport {
-	mt := &meshTransport{p: p, ids: map[string]spiffeid.ID{}}
-	for _, out := range p.opts.Config.Outbound {
-		for _, ep := range out.Endpoints {
-			mt.ids[ep.Address] = spiffeid.RequireFromString(ep.Identity)
+// acquire returns the peer's pool for svid, held for the caller until it
+// calls release. A request that resolved its route just before an update
+// retired the peer still gets a pool: one of its own, which closes when the
+// request is done.
+func (pe *peer) acquire(svid *identity.SVID) *meshPool {
+	for {
+		pl := pe.cur.Load()
+		if pl != nil && pl.svid == svid && pl.tryAcquire() {
+			return pl
+		}
+		pe.mu.Lock()
+		if pe.cur.Load() != pl {
+			pe.mu.Unlock()
+			continue // another request replaced it meanwhile
+		}
+		fresh := pe.mt.newPool(pe, svid)
+		var replaced *meshPool
+		if pe.gone {
+			fresh.refs.Store(1) // the caller's only: a retired peer holds none
+		} else {
+			fresh.refs.Store(2) // the peer's and the caller's
+			replaced = pl
+		}
+		pe.cur.Store(fresh)
+		pe.mu.Unlock()
+		if replaced != nil {
+			// In-flight requests finish on the old connections; the last
+			// of them closes the pool.
+			replaced.release()
+		}
+		return fresh
+	}
+}
+
+// retire is called once the peer has left the routing table: its pool
+// closes when the requests in flight on it are done.
+func (pe *peer) retire() {
+	pe.mu.Lock()
+	if pe.gone {
+		pe.mu.Unlock()
+		return
+	}
+	pe.gone = true
+	pl := pe.cur.Load()
+	pe.mu.Unlock()
+	if pl != nil {
+		pl.release()
+	}
+}
+
+// closeIdle closes the idle connections of the peer's current pool.
+func (pe *peer) closeIdle() {
+	if pl := pe.cur.Load(); pl != nil {
+		pl.h2.CloseIdleConnections()
+		pl.h1.CloseIdleConnections()
+	}
+}
+
+// tryAcquire takes a reference unless the pool has already closed.
+func (pl *meshPool) tryAcquire() bool {
+	for {
+		n := pl.refs.Load()
+		if n == 0 {
+			return false
+		}
+		if pl.refs.CompareAndSwap(n, n+1) {
+			return true
 		}
 	}
-	return mt
 }
 
-// pool returns the connection pool for the proxy's current certificate,
-// starting a new one after a rotation.
-func (mt *meshTransport) pool() *meshPool {
-	svid := mt.p.opts.Identity.Current()
-	if pl := mt.cur.Load(); pl != nil && pl.svid == svid {
-		return pl
+func (pl *meshPool) release() {
+	if pl.refs.Add(-1) == 0 {
+		pl.close()
 	}
-	mt.mu.Lock()
-	defer mt.mu.Unlock()
-	old := mt.cur.Load()
-	if old != nil && old.svid == svid {
-		return old
-	}
-	pl := mt.newPool(svid)
-	mt.cur.Store(pl)
-	if old != nil {
-		// In-flight requests finish on the old connections; idle ones go
-		// now, the rest when they fall idle (IdleConnTimeout).
-		old.closeIdle()
-	}
-	return pl
 }
 
-func (mt *meshTransport) newPool(svid *identity.SVID) *meshPool {
+// close ends every connection of a pool nobody holds. Closing idle ones
+// would not be enough: an HTTP/2 connection counts as busy for a moment
+// after its last response was read, and would then linger until it timed
+// out.
+func (pl *meshPool) close() {
+	pl.h2.CloseIdleConnections()
+	pl.h1.CloseIdleConnections()
+	pl.mu.Lock()
+	pl.closed = true
+	open := pl.open
+	pl.open = nil
+	pl.mu.Unlock()
+	for c := range open {
+		c.Close()
+	}
+	pl.mt.pools.Add(-1)
+}
+
+func (mt *meshTransport) newPool(pe *peer, svid *identity.SVID) *meshPool {
 	p := mt.p
-	dial := func(alpn string) func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return func(ctx context.Context, _, addr string) (net.Conn, error) {
-			want, ok := mt.ids[addr]
-			if !ok {
-				return nil, fmt.Errorf("no identity known for endpoint %s", addr)
-			}
-			c, err := p.dialMesh(ctx, addr, alpn, want)
+	pl := &meshPool{mt: mt, svid: svid, open: map[net.Conn]struct{}{}}
+	dial := func(alpn string) func(ctx context.Context, _, _ string) (net.Conn, error) {
+		// The transport asks for the address the request names, which
+		// failover set to the peer's own.
+		return func(ctx context.Context, _, _ string) (net.Conn, error) {
+			c, err := p.dialMesh(ctx, pe.addr, alpn, pe.id)
 			if err != nil {
 				if errors.Is(err, errWrongIdentity) {
-					p.logSecureNaming(&endpoint{addr: addr, id: want}, err)
+					p.logSecureNaming(&endpoint{addr: pe.addr, id: pe.id}, err)
 				}
 				return nil, &dialError{err}
 			}
-			return &metaConn{Conn: c}, nil
+			return pl.track(c)
 		}
 	}
-	pl := &meshPool{svid: svid}
 	pl.h2 = &http.Transport{
 		DialContext:        dial(ALPNHTTP2),
 		Protocols:          new(http.Protocols),
@@ -326,16 +491,48 @@ func (mt *meshTransport) newPool(svid *identity.SVID) *meshPool {
 		DisableCompression:  true,
 	}
 	pl.h1.Protocols.SetHTTP1(true)
+	mt.pools.Add(1)
 	return pl
 }
 
-func (pl *meshPool) closeIdle() {
-	pl.h2.CloseIdleConnections()
-	pl.h1.CloseIdleConnections()
+// track registers a connection the pool dialled, so that closing the pool
+// can end it; a dial that completes after the pool closed is undone.
+func (pl *meshPool) track(c net.Conn) (net.Conn, error) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if pl.closed {
+		c.Close()
+		return nil, &dialError{errors.New("connection pool closed")}
+	}
+	pc := &pooledConn{Conn: c, pool: pl}
+	pl.open[pc] = struct{}{}
+	pl.mt.conns.Add(1)
+	return pc, nil
 }
 
+// pooledConn is a mesh connection in a pool. It hides the *tls.Conn from
+// net/http, which would otherwise look for HTTP/2 in the TLS ALPN (the mesh
+// negotiated its own), and it leaves the pool's books when it closes.
+type pooledConn struct {
+	net.Conn
+	pool *meshPool
+	once sync.Once
+}
+
+func (c *pooledConn) Close() error {
+	c.once.Do(func() {
+		c.pool.mu.Lock()
+		delete(c.pool.open, c)
+		c.pool.mu.Unlock()
+		c.pool.mt.conns.Add(-1)
+	})
+	return c.Conn.Close()
+}
+
+// closeIdle closes the idle pooled connections of every endpoint in the
+// table, as shutdown does once requests have drained.
 func (mt *meshTransport) closeIdle() {
-	if pl := mt.cur.Load(); pl != nil {
-		pl.closeIdle()
+	for _, pe := range mt.p.table.Load().peers {
+		pe.closeIdle()
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httputil"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -79,8 +80,15 @@ type Proxy struct {
 	// interception it marks them so the iptables rules let them pass.
 	dialer *net.Dialer
 
-	routes        []*route                  // one per configured outbound destination
-	routesByAddr  map[netip.AddrPort]*route // original destination → route (transparent)
+	// outboundProxy forwards every application request, whatever its
+	// route: the route travels with the request, so no per-route state
+	// outlives an update.
+	outboundProxy *httputil.ReverseProxy
+	// table is where outbound traffic goes; Apply replaces it whole.
+	table atomic.Pointer[routeTable]
+	// applyMu serializes Apply: each update is built from the table it
+	// replaces.
+	applyMu       sync.Mutex
 	inboundByPort map[uint32]config.Inbound
 
 	// connsMu guards conns and draining's transition, so no connection is
@@ -136,37 +144,18 @@ func New(opts Options) (*Proxy, error) {
 	if cfg.Transparent != nil {
 		p.dialer.Control = intercept.MarkControl
 	}
-	p.routesByAddr = map[netip.AddrPort]*route{}
-	for _, out := range cfg.Outbound {
-		rt := newRoute(out)
-		p.routes = append(p.routes, rt)
-		for _, a := range out.Addresses {
-			p.routesByAddr[canonicalAddr(a)] = rt
-		}
-	}
-	// An application may dial one endpoint directly (a StatefulSet member,
-	// a headless service): that goes through the mesh too, to that
-	// endpoint only, with its identity checked.
-	for _, out := range cfg.Outbound {
-		for _, ep := range out.Endpoints {
-			if _, ok := p.routesByAddr[canonicalAddr(ep.Address)]; !ok {
-				one := out
-				one.Endpoints = []config.Endpoint{ep}
-				rt := newRoute(one)
-				p.routes = append(p.routes, rt)
-				p.routesByAddr[canonicalAddr(ep.Address)] = rt
-			}
-		}
-	}
 	p.inboundByPort = map[uint32]config.Inbound{}
 	for _, in := range cfg.Inbound {
 		p.inboundByPort[in.AppPort] = in
 	}
 	p.appHTTP1, p.appH2C = newAppTransports(p.dialer)
 	p.mesh = newMeshTransport(p)
-	for _, rt := range p.routes {
-		rt.http = newForwarder("http", rt.service, &failover{route: rt, mesh: p.mesh}, p.log, rt.service)
+	tbl, err := buildTable(cfg.Outbound, nil, nil, p.mesh)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: outbound: %w", err)
 	}
+	p.table.Store(tbl)
+	p.outboundProxy = newOutboundProxy(p.mesh, p.log)
 	p.buildServers()
 	return p, nil
 }
@@ -185,8 +174,13 @@ func (p *Proxy) Ready() bool {
 	return svid != nil && p.opts.Now().Before(svid.NotAfter()) && !p.draining.Load()
 }
 
-// PolicyVersion identifies the policies in force, for /config.
+// PolicyVersion identifies the policies in force, for /config: a hash of
+// the policy directory, "none" without policies, or the version of the
+// update that pushed them.
 func (p *Proxy) PolicyVersion() string { return p.policies.Load().version }
+
+// ConfigVersion is the version of the last update applied, "" before any.
+func (p *Proxy) ConfigVersion() string { return p.table.Load().version }
 
 // Run listens on every configured address and serves until ctx ends, then
 // drains: listeners close, in-flight requests get up to DrainTimeout.
@@ -224,8 +218,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 		if out.Listen == "" {
 			continue
 		}
-		rt := p.routes[i]
-		if err := listen(out.Listen, "outbound listener for "+out.Service, func(c net.Conn) { p.handleOutbound(c, rt) }); err != nil {
+		if err := listen(out.Listen, "outbound listener for "+out.Service, func(c net.Conn) { p.handleListenerOutbound(c, i) }); err != nil {
 			return err
 		}
 	}
@@ -480,12 +473,24 @@ func newLogLimiter(every time.Duration) *logLimiter {
 	return &logLimiter{every: every, last: map[string]time.Time{}}
 }
 
+// logLimiterPrune is how many causes the limiter remembers before it
+// forgets those whose interval has passed: some causes name an endpoint,
+// and endpoints come and go with control plane updates.
+const logLimiterPrune = 1024
+
 func (l *logLimiter) allow(cause string) bool {
 	now := time.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if t, ok := l.last[cause]; ok && now.Sub(t) < l.every {
 		return false
+	}
+	if len(l.last) >= logLimiterPrune {
+		for c, t := range l.last {
+			if now.Sub(t) >= l.every {
+				delete(l.last, c)
+			}
+		}
 	}
 	l.last[cause] = now
 	return true

@@ -52,8 +52,8 @@ func (p *Proxy) handleTransparentOutbound(c net.Conn) {
 		p.refuse(c, "outbound", "direct connection to the outbound capture port")
 		return
 	}
-	if rt, ok := p.routesByAddr[dst]; ok {
-		p.handleOutbound(c, rt)
+	if rt, ok := p.table.Load().byAddr[dst]; ok {
+		p.handleOutbound(c, rt, outboundTarget{listener: -1, dst: dst})
 		return
 	}
 	p.passthrough(c, dst)

@@ -2,7 +2,8 @@
 // beside, where it listens for inbound (mesh) and outbound (application)
 // traffic, which destinations exist and which identity each endpoint must
 // present. A static file supplies it for tests, benchmarks and hand-run
-// sidecars; the control plane will push the same structure.
+// sidecars; a control plane pushes destinations in the same shape
+// (Outbound), checked by the same rules (ValidateOutbound).
 package config
 
 import (
@@ -100,15 +101,24 @@ type Inbound struct {
 	Protocol Protocol `yaml:"protocol" json:"protocol,omitempty"`
 }
 
-// Outbound is one destination service the application calls: on a listener
-// of its own, and/or, under transparent interception, at the addresses
-// (virtual IP and port) the application dials.
+// Outbound is one destination service port the application calls: on a
+// listener of its own, and/or, under transparent interception, at the
+// addresses (virtual IP and port) the application dials. The control plane
+// pushes destinations in the same shape, without listen.
 type Outbound struct {
 	Listen    string   `yaml:"listen" json:"listen,omitempty"`
 	Addresses []string `yaml:"addresses" json:"addresses,omitempty"`
 	// Service names the destination, "name.namespace".
-	Service   string     `yaml:"service" json:"service,omitempty"`
-	Protocol  Protocol   `yaml:"protocol" json:"protocol,omitempty"`
+	Service string `yaml:"service" json:"service,omitempty"`
+	// Port is the service port. It is needed only to tell apart the ports
+	// of a service the control plane sends several of: a listener follows
+	// the pushed destination of its service and port (0 matches a
+	// service's only one).
+	Port     uint32   `yaml:"port" json:"port,omitempty"`
+	Protocol Protocol `yaml:"protocol" json:"protocol,omitempty"`
+	// Endpoints may be empty when a control plane supplies them: until it
+	// sends some (and whenever the service has no ready instance), requests
+	// get 503 and TCP connections are closed.
 	Endpoints []Endpoint `yaml:"endpoints" json:"endpoints,omitempty"`
 }
 
@@ -179,21 +189,6 @@ func (c *Config) Validate() error {
 		}
 		listens[addr] = field
 	}
-	// Protocols may be written as Kubernetes names them (appProtocol or a
-	// port-name prefix: "mysql", "redis", "h2c", "grpc-web"…); each is
-	// stored as the handling it implies. A name nothing recognises is an
-	// error rather than silent sniffing, so a typo is caught.
-	checkProtocol := func(field string, p *Protocol) {
-		switch *p {
-		case ProtocolSniff, ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP, ProtocolServerFirst:
-			return
-		}
-		if parsed := ParseProtocol(string(*p)); parsed != ProtocolSniff {
-			*p = parsed
-			return
-		}
-		bad(field, "%q is not one of http, http2, grpc, tcp, server-first (or a Kubernetes name such as mysql, redis, h2c; empty to sniff)", *p)
-	}
 	if t := c.Transparent; t != nil {
 		if t.Inbound != "" {
 			checkListen("transparent.inbound", t.Inbound)
@@ -220,10 +215,10 @@ func (c *Config) Validate() error {
 		if in.AppPort == 0 || in.AppPort > 65535 {
 			bad(f+".appPort", "must be a port number from 1 to 65535")
 		}
-		checkProtocol(f+".protocol", &c.Inbound[i].Protocol)
+		if err := normalizeProtocol(&c.Inbound[i].Protocol); err != nil {
+			bad(f+".protocol", "%v", err)
+		}
 	}
-	addrs := map[string]string{}
-	endpointIDs := map[string]string{}
 	for i, out := range c.Outbound {
 		f := fmt.Sprintf("outbound[%d]", i)
 		if out.Listen != "" {
@@ -231,40 +226,97 @@ func (c *Config) Validate() error {
 		} else if len(out.Addresses) == 0 {
 			bad(f+".listen", "is required unless addresses (for transparent interception) are given")
 		}
-		for j, a := range out.Addresses {
+		for j := range out.Addresses {
 			if !transparentOut {
 				bad(fmt.Sprintf("%s.addresses[%d]", f, j), "needs transparent.outbound: only intercepted traffic has an original destination")
 			}
-			if _, err := netip.ParseAddrPort(a); err != nil {
-				bad(fmt.Sprintf("%s.addresses[%d]", f, j), "%q is not an ip:port address such as 198.18.128.1:80", a)
-			} else if prev, dup := addrs[a]; dup {
-				bad(fmt.Sprintf("%s.addresses[%d]", f, j), "%s is also %s", a, prev)
-			} else {
-				addrs[a] = out.Service
-			}
 		}
-		if name, ns, ok := strings.Cut(out.Service, "."); !ok || meshid.ValidateName("service", name) != nil || meshid.ValidateName("namespace", ns) != nil {
-			bad(f+".service", "%q is not of the form name.namespace", out.Service)
-		}
-		checkProtocol(f+".protocol", &c.Outbound[i].Protocol)
-		if len(out.Endpoints) == 0 {
-			bad(f+".endpoints", "is empty: list at least one address and identity")
-		}
-		for j, ep := range out.Endpoints {
-			ef := fmt.Sprintf("%s.endpoints[%d]", f, j)
-			if _, err := netip.ParseAddrPort(ep.Address); err != nil {
-				bad(ef+".address", "%q is not an ip:port address", ep.Address)
-			}
-			if _, err := spiffeid.FromString(ep.Identity); err != nil {
-				bad(ef+".identity", "%q is not a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA: %v", ep.Identity, err)
-			} else if prev, ok := endpointIDs[ep.Address]; ok && prev != ep.Identity {
-				bad(ef+".identity", "%s is also listed with identity %s; one endpoint has one identity", ep.Address, prev)
-			}
-			endpointIDs[ep.Address] = ep.Identity
-		}
+	}
+	if err := ValidateOutbound(c.Outbound, func(i int) string { return fmt.Sprintf("outbound[%d]", i) }); err != nil {
+		errs = append(errs, err)
 	}
 	if len(c.Inbound)+len(c.Outbound) == 0 && c.Transparent == nil {
 		bad("inbound", "no inbound or outbound listener: the proxy would do nothing")
 	}
 	return errors.Join(errs...)
+}
+
+// ValidateOutbound checks destinations by the rules both of their sources
+// obey — the configuration file's outbound entries and the destinations a
+// control plane pushes — so that neither can hold what the other would
+// refuse: a service named "name.namespace", a known protocol (normalized in
+// place, as Validate does), ip:port addresses that no two destinations
+// share, and endpoints with an ip:port address and a SPIFFE ID, one
+// identity per address however many destinations list it. An empty list of
+// endpoints is valid: a service may have no ready instance. Listeners are
+// left to the caller, as only the file has them. field(i) names outs[i] in
+// messages, such as "outbound[3]".
+func ValidateOutbound(outs []Outbound, field func(i int) string) error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	// Addresses are compared as the proxy matches original destinations:
+	// an IPv4-mapped IPv6 address is the IPv4 address.
+	canonical := func(ap netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()) }
+	addrs := map[netip.AddrPort]string{}
+	endpointIDs := map[netip.AddrPort]string{}
+	for i, out := range outs {
+		f := field(i)
+		for j, a := range out.Addresses {
+			af := fmt.Sprintf("%s.addresses[%d]", f, j)
+			if ap, err := netip.ParseAddrPort(a); err != nil {
+				bad(af, "%q is not an ip:port address such as 198.18.128.1:80", a)
+			} else if prev, dup := addrs[canonical(ap)]; dup {
+				bad(af, "%s is also %s", a, prev)
+			} else {
+				addrs[canonical(ap)] = af
+			}
+		}
+		if name, ns, ok := strings.Cut(out.Service, "."); !ok || meshid.ValidateName("service", name) != nil || meshid.ValidateName("namespace", ns) != nil {
+			bad(f+".service", "%q is not of the form name.namespace", out.Service)
+		}
+		if out.Port > 65535 {
+			bad(f+".port", "must be a port number from 1 to 65535, or 0 for a service's only port")
+		}
+		if err := normalizeProtocol(&outs[i].Protocol); err != nil {
+			bad(f+".protocol", "%v", err)
+		}
+		for j, ep := range out.Endpoints {
+			ef := fmt.Sprintf("%s.endpoints[%d]", f, j)
+			ap, addrErr := netip.ParseAddrPort(ep.Address)
+			if addrErr != nil {
+				bad(ef+".address", "%q is not an ip:port address", ep.Address)
+			}
+			if _, err := spiffeid.FromString(ep.Identity); err != nil {
+				bad(ef+".identity", "%q is not a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA: %v", ep.Identity, err)
+				continue
+			}
+			if addrErr != nil {
+				continue
+			}
+			if prev, ok := endpointIDs[canonical(ap)]; ok && prev != ep.Identity {
+				bad(ef+".identity", "%s is also listed with identity %s; one endpoint has one identity", ep.Address, prev)
+				continue
+			}
+			endpointIDs[canonical(ap)] = ep.Identity
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// normalizeProtocol accepts a protocol written as Kubernetes names them
+// (appProtocol or a port-name prefix: "mysql", "redis", "h2c",
+// "grpc-web"…) and stores the handling it implies. A name nothing
+// recognises is an error rather than silent sniffing, so a typo is caught.
+func normalizeProtocol(p *Protocol) error {
+	switch *p {
+	case ProtocolSniff, ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP, ProtocolServerFirst:
+		return nil
+	}
+	if parsed := ParseProtocol(string(*p)); parsed != ProtocolSniff {
+		*p = parsed
+		return nil
+	}
+	return fmt.Errorf("%q is not one of http, http2, grpc, tcp, server-first (or a Kubernetes name such as mysql, redis, h2c; empty to sniff)", *p)
 }

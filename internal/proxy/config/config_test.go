@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -52,6 +53,56 @@ func TestLoadErrorsNameTheField(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("err = %v, want it to mention %q", err, tc.want)
 		}
+	}
+}
+
+// TestOutboundWithoutEndpoints: a listener whose endpoints the control
+// plane will send is a valid configuration.
+func TestOutboundWithoutEndpoints(t *testing.T) {
+	c, err := Parse([]byte(valid[:strings.Index(valid, "    endpoints:")]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Outbound) != 1 || len(c.Outbound[0].Endpoints) != 0 {
+		t.Fatalf("loaded %+v", c.Outbound)
+	}
+}
+
+// TestValidateOutbound: destinations pushed by a control plane obey the
+// rules of the file's outbound entries, with messages naming the field.
+func TestValidateOutbound(t *testing.T) {
+	const id = "spiffe://cluster.local/ns/shipping/sa/payments"
+	field := func(i int) string { return fmt.Sprintf("destinations[%d]", i) }
+	for _, tc := range []struct {
+		name string
+		outs []Outbound
+		want string // "" for valid
+	}{
+		{"no endpoints", []Outbound{{Service: "payments.shipping", Addresses: []string{"198.18.0.1:80"}}}, ""},
+		{"service", []Outbound{{Service: "payments"}}, `destinations[0].service: "payments" is not of the form name.namespace`},
+		{"port", []Outbound{{Service: "payments.shipping", Port: 70000}}, "destinations[0].port: must be a port number"},
+		{"protocol", []Outbound{{Service: "payments.shipping", Protocol: "htp"}}, `destinations[0].protocol: "htp" is not one of`},
+		{"address", []Outbound{{Service: "payments.shipping", Addresses: []string{"payments:80"}}}, `destinations[0].addresses[0]: "payments:80" is not an ip:port address`},
+		{"address twice, spelt differently", []Outbound{
+			{Service: "payments.shipping", Addresses: []string{"198.18.0.1:80"}},
+			{Service: "orders.shipping", Addresses: []string{"[::ffff:198.18.0.1]:80"}},
+		}, "destinations[1].addresses[0]: [::ffff:198.18.0.1]:80 is also destinations[0].addresses[0]"},
+		{"endpoint address", []Outbound{{Service: "payments.shipping", Endpoints: []Endpoint{{Address: "10.0.0.1", Identity: id}}}}, `destinations[0].endpoints[0].address: "10.0.0.1" is not an ip:port address`},
+		{"identity", []Outbound{{Service: "payments.shipping", Endpoints: []Endpoint{{Address: "10.0.0.1:15006", Identity: "payments"}}}}, `destinations[0].endpoints[0].identity: "payments" is not a SPIFFE ID`},
+		{"two identities", []Outbound{
+			{Service: "payments.shipping", Endpoints: []Endpoint{{Address: "10.0.0.1:15006", Identity: id}}},
+			{Service: "orders.shipping", Endpoints: []Endpoint{{Address: "10.0.0.1:15006", Identity: "spiffe://cluster.local/ns/shipping/sa/orders"}}},
+		}, "destinations[1].endpoints[0].identity: 10.0.0.1:15006 is also listed with identity " + id},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := ValidateOutbound(tc.outs, field)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("unexpected error: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("err = %v, want it to contain %q", err, tc.want)
+			}
+		})
 	}
 }
 
