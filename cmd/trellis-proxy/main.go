@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -30,9 +31,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 
+	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
 	identityv1 "github.com/trellis-mesh/trellis/api/identity/v1"
 	"github.com/trellis-mesh/trellis/internal/admin"
 	"github.com/trellis-mesh/trellis/internal/certpem"
+	"github.com/trellis-mesh/trellis/internal/discovery"
 	"github.com/trellis-mesh/trellis/internal/identity"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/proxy"
@@ -65,6 +68,12 @@ type config struct {
 	serviceAccount string
 	joinTokenFile  string
 	ttl            time.Duration
+	// follow makes the proxy follow the control plane at identityAddr:
+	// it registers as an instance of the config's workload and takes its
+	// policies and destinations from there.
+	follow      bool
+	instance    string
+	advertiseIP string
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -82,6 +91,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.serviceAccount, "service-account", "", "service account of the workload")
 	fs.StringVar(&c.joinTokenFile, "join-token-file", "", "file holding the join token for the first certificate")
 	fs.DurationVar(&c.ttl, "cert-ttl", 0, "workload certificate lifetime to ask for (default: the control plane's)")
+	fs.BoolVar(&c.follow, "control-plane", false, "register the --config workload with the control plane at --identity-addr and take policies and destinations from it")
+	fs.StringVar(&c.instance, "instance", "", "name of this replica among the workload's (default: the host name)")
+	fs.StringVar(&c.advertiseIP, "advertise-ip", "", "IP address mesh peers reach this workload at (needed for transparent inbound and wildcard listeners)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, `Usage: trellis-proxy [flags]
 
@@ -89,6 +101,9 @@ Examples:
   trellis-proxy --ca-bundle .trellis/bundle.pem --namespace shipping \
     --service-account orders-api --join-token-file token
   trellis-proxy --static ./orders --config proxy.yaml
+  trellis-proxy --ca-bundle .trellis/bundle.pem --namespace shipping \
+    --service-account orders-api --join-token-file token \
+    --config proxy.yaml --control-plane --advertise-ip 198.18.0.10
 
 Flags:
 `)
@@ -99,6 +114,17 @@ Flags:
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments %q: every setting is a flag (see --help)", fs.Args())
+	}
+	if c.follow && c.static != "" {
+		return c, errors.New("--control-plane needs the identity service, which --static does without: drop one of them")
+	}
+	if c.follow && c.configFile == "" {
+		return c, errors.New("--control-plane needs --config for the proxy's workload and listeners")
+	}
+	if c.advertiseIP != "" {
+		if _, err := netip.ParseAddr(c.advertiseIP); err != nil {
+			return c, fmt.Errorf("--advertise-ip %q is not an IP address", c.advertiseIP)
+		}
 	}
 	if c.static != "" {
 		return c, nil
@@ -163,8 +189,20 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
+		if cfg.follow && pcfg.Policies != "" {
+			return fmt.Errorf("%s sets policies, but with --control-plane they come from the control plane: remove the policies field", cfg.configFile)
+		}
+		if cfg.follow && pcfg.Workload.Namespace != cfg.namespace {
+			return fmt.Errorf("%s: workload.namespace %q differs from --namespace %q: a proxy registers in the namespace of its identity", cfg.configFile, pcfg.Workload.Namespace, cfg.namespace)
+		}
 		px, err = proxy.New(proxy.Options{Config: pcfg, Identity: holder, Log: log, Metrics: proxy.NewMetrics(reg)})
 		if err != nil {
+			return err
+		}
+	}
+	var follower *discovery.Client
+	if cfg.follow {
+		if follower, err = newFollower(cfg, pcfg, holder, px, log); err != nil {
 			return err
 		}
 	}
@@ -178,6 +216,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	srv := &http.Server{
 		Handler: admin.Handler(admin.Endpoints{
 			Ready: func() bool {
+				if follower != nil {
+					select {
+					case <-follower.Synced():
+					default:
+						return false // no configuration yet
+					}
+				}
 				if px != nil {
 					return px.Ready()
 				}
@@ -187,6 +232,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 				st := adminState(holder, source)
 				if px != nil {
 					st.PolicyVersion = px.PolicyVersion()
+					st.ConfigVersion = px.ConfigVersion()
 					st.Config = pcfg
 				}
 				return st
@@ -205,6 +251,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	eg.Go(func() error { return runAgent(ctx) })
 	if px != nil {
 		eg.Go(func() error { return px.Run(ctx) })
+	}
+	if follower != nil {
+		eg.Go(func() error { return follower.Run(ctx) })
 	}
 	eg.Go(func() error {
 		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
@@ -247,6 +296,38 @@ func newSource(cfg config, log *slog.Logger) (*identity.Source, error) {
 	return identity.NewSource(identity.Config{
 		Log: log, Addr: cfg.identityAddr, ID: id, ServerID: meshid.ControlPlane(td), Bundle: bundle, TTL: cfg.ttl,
 		Credential: &identityv1.Credential{Type: identity.CredentialJoinToken, Value: strings.TrimSpace(string(token))},
+	})
+}
+
+// newFollower builds the control plane client: it registers an instance of
+// the configured workload with the address of each inbound port and
+// applies what it is pushed.
+func newFollower(cfg config, pcfg *proxyconfig.Config, holder *identity.Holder, px *proxy.Proxy, log *slog.Logger) (*discovery.Client, error) {
+	td, err := spiffeid.TrustDomainFromString(cfg.trustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("--trust-domain %q: %w", cfg.trustDomain, err)
+	}
+	instance := cfg.instance
+	if instance == "" {
+		if instance, err = os.Hostname(); err != nil {
+			return nil, fmt.Errorf("--instance not given and no host name: %w", err)
+		}
+		instance = strings.ToLower(instance)
+	}
+	ports, err := discovery.PortAddresses(pcfg, cfg.advertiseIP)
+	if err != nil {
+		return nil, err
+	}
+	return discovery.New(discovery.Config{
+		Addr: cfg.identityAddr, ServerID: meshid.ControlPlane(td), Holder: holder,
+		Workload: pcfg.Workload.Name, Instance: instance, Ports: ports, Log: log.With("component", "discovery"),
+		Apply: func(u *discoveryv1.Update) error {
+			pu, err := discovery.ProxyUpdate(u)
+			if err != nil {
+				return err
+			}
+			return px.Apply(pu)
+		},
 	})
 }
 

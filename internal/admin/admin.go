@@ -30,6 +30,9 @@ type State struct {
 	Source string `json:"source"`
 	// PolicyVersion identifies the policies in force.
 	PolicyVersion string `json:"policyVersion,omitempty"`
+	// ConfigVersion is the control plane configuration version applied,
+	// when the proxy follows a control plane.
+	ConfigVersion string `json:"configVersion,omitempty"`
 	// Config is the proxy configuration in force, when it has one.
 	Config any `json:"config,omitempty"`
 }

@@ -86,7 +86,13 @@ With --wait, block until every connected proxy runs its current version
 				ctx, cancel = context.WithTimeout(ctx, timeout)
 				defer cancel()
 			}
-			st, err := client.Status(ctx)
+			var st controlplane.Status
+			if wait {
+				// Changes written just before this command must count.
+				st, err = client.Sync(ctx)
+			} else {
+				st, err = client.Status(ctx)
+			}
 			for wait && err == nil && !st.Converged {
 				select {
 				case <-ctx.Done():

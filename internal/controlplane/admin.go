@@ -74,6 +74,12 @@ func (cp *ControlPlane) adminHandler() http.Handler {
 	mux.Handle("GET /api/v1/status", cp.authenticated(func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, cp.Status())
 	}))
+	// POST /api/v1/sync takes in pending resource changes and recomputes
+	// the proxies' views before answering with the status.
+	mux.Handle("POST /api/v1/sync", cp.authenticated(func(w http.ResponseWriter, _ *http.Request) {
+		cp.Sync()
+		writeJSON(w, cp.Status())
+	}))
 	return mux
 }
 

@@ -101,12 +101,20 @@ func verifyControlPlane(raw [][]byte, roots []*x509.Certificate) error {
 // Status fetches the control plane's status.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	var st Status
-	err := c.get(ctx, "/api/v1/status", &st)
+	err := c.do(ctx, http.MethodGet, "/api/v1/status", &st)
 	return st, err
 }
 
-func (c *Client) get(ctx context.Context, path string, v any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+// Sync makes the control plane take in resource changes it has not seen
+// yet and recompute every view, then returns the status.
+func (c *Client) Sync(ctx context.Context) (Status, error) {
+	var st Status
+	err := c.do(ctx, http.MethodPost, "/api/v1/sync", &st)
+	return st, err
+}
+
+func (c *Client) do(ctx context.Context, method, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
 	if err != nil {
 		return err
 	}

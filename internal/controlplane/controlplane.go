@@ -350,6 +350,17 @@ func (cp *ControlPlane) reload() {
 		"peerAuthentications", len(set.PeerAuthentications), "authorizationPolicies", len(set.AuthorizationPolicies))
 }
 
+// Sync takes in any change to the resource directory the watcher has not
+// reported yet and recomputes every proxy's view now, so that a status
+// read afterwards compares the proxies with everything written before the
+// call: what `trellis status --wait` needs to be safe right after an edit.
+func (cp *ControlPlane) Sync() {
+	if cp.cfg.Resources != "" && dirwatch.Stamp(cp.cfg.Resources) != cp.resourceStamp() {
+		cp.reload()
+	}
+	cp.push.Sync()
+}
+
 // resourceStamp is the listing stamp of the resources in force (or last
 // rejected), so that changes made before the watch starts are not missed.
 func (cp *ControlPlane) resourceStamp() string {

@@ -68,11 +68,14 @@ type Server struct {
 	stopping chan struct{}
 	stopOnce sync.Once
 
-	mu         sync.Mutex
-	views      map[string]*view // by workload namespace/name
-	streams    map[*stream]struct{}
-	generation uint64 // counts recomputations that changed a view
-	computedAt time.Time
+	// recomputing serializes recomputations, so a Sync and the loop cannot
+	// install views out of order.
+	recomputing sync.Mutex
+	mu          sync.Mutex
+	views       map[string]*view // by workload namespace/name
+	streams     map[*stream]struct{}
+	generation  uint64 // counts recomputations that changed a view
+	computedAt  time.Time
 }
 
 // view is the configuration of every proxy of one workload. It is never
@@ -162,9 +165,16 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 }
 
+// Sync recomputes the views now, without waiting for the coalescing
+// delay, so that what Status reports next reflects every change made
+// before the call.
+func (s *Server) Sync() { s.recompute() }
+
 // recompute translates the current state into one view per declared
 // workload and wakes the streams whose view changed.
 func (s *Server) recompute() {
+	s.recomputing.Lock()
+	defer s.recomputing.Unlock()
 	snap := s.cfg.Registry.Snapshot()
 	set := s.policies.Load()
 	dests := destinations(snap.Destinations())

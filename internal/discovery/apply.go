@@ -1,0 +1,58 @@
+package discovery
+
+import (
+	"fmt"
+	"net/netip"
+
+	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
+	"github.com/trellis-mesh/trellis/internal/policy/policypb"
+	"github.com/trellis-mesh/trellis/internal/proxy"
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+)
+
+// ProxyUpdate turns a pushed update into the proxy's terms. The policies
+// are validated again (the proxy trusts the control plane's identity, not
+// every byte it sends); the proxy validates the destinations when it
+// applies them.
+func ProxyUpdate(u *discoveryv1.Update) (proxy.Update, error) {
+	set, err := policypb.ToSet(u.GetPeerAuthentications(), u.GetAuthorizationPolicies())
+	if err != nil {
+		return proxy.Update{}, fmt.Errorf("policies: %w", err)
+	}
+	out := proxy.Update{Version: u.GetVersion(), Labels: u.GetWorkload().GetLabels(), Policies: set}
+	for _, d := range u.GetDestinations() {
+		o := config.Outbound{Service: d.GetService(), Port: d.GetPort(), Protocol: config.Protocol(d.GetProtocol()), Addresses: d.GetAddresses()}
+		for _, e := range d.GetEndpoints() {
+			o.Endpoints = append(o.Endpoints, config.Endpoint{Address: e.GetAddress(), Identity: e.GetIdentity()})
+		}
+		out.Destinations = append(out.Destinations, o)
+	}
+	return out, nil
+}
+
+// PortAddresses says where mesh peers reach each inbound port of cfg: the
+// port's own listener, or under transparent interception the workload's
+// IP and the port itself. advertiseIP replaces a wildcard listen address
+// and is required for transparent inbound ports.
+func PortAddresses(cfg *config.Config, advertiseIP string) ([]*discoveryv1.PortAddress, error) {
+	var out []*discoveryv1.PortAddress
+	for i, in := range cfg.Inbound {
+		var addr netip.AddrPort
+		if in.Listen != "" {
+			addr = netip.MustParseAddrPort(in.Listen) // validated with the config
+			if addr.Addr().IsUnspecified() {
+				if advertiseIP == "" {
+					return nil, fmt.Errorf("inbound[%d].listen %s is a wildcard address: give --advertise-ip so peers know where to connect", i, in.Listen)
+				}
+				addr = netip.AddrPortFrom(netip.MustParseAddr(advertiseIP), addr.Port())
+			}
+		} else {
+			if advertiseIP == "" {
+				return nil, fmt.Errorf("inbound[%d] (app port %d) is reached by transparent interception: give --advertise-ip, the workload's address", i, in.AppPort)
+			}
+			addr = netip.AddrPortFrom(netip.MustParseAddr(advertiseIP), uint16(in.AppPort))
+		}
+		out = append(out, &discoveryv1.PortAddress{Port: in.AppPort, Address: addr.String()})
+	}
+	return out, nil
+}

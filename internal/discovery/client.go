@@ -1,0 +1,256 @@
+// Package discovery is the proxy's side of the discovery service: it keeps
+// one stream to the control plane, registers the workload instance the
+// proxy serves, applies every update it receives and acknowledges it (or
+// reports why not). When the control plane is unreachable the proxy keeps
+// running what it has and reconnects with backoff and jitter.
+package discovery
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
+	"github.com/trellis-mesh/trellis/internal/identity"
+)
+
+// Defaults.
+const (
+	DefaultHeartbeat = 30 * time.Second
+	// goodbyeWait bounds how long shutdown waits for the control plane to
+	// acknowledge a Goodbye by ending the stream.
+	goodbyeWait = 2 * time.Second
+	// stableSession is how long a stream must last for the reconnect
+	// backoff to start over.
+	stableSession = 30 * time.Second
+)
+
+// Config configures a Client.
+type Config struct {
+	// Addr is the control plane's discovery (and identity) address.
+	Addr string
+	// ServerID is the SPIFFE ID the control plane must prove.
+	ServerID spiffeid.ID
+	// Holder supplies the client certificate and the trust bundle.
+	Holder   *identity.Holder
+	Workload string
+	Instance string
+	Ports    []*discoveryv1.PortAddress
+	// Apply installs an update; an error is sent back as a NACK and the
+	// proxy keeps its previous configuration.
+	Apply     func(*discoveryv1.Update) error
+	Heartbeat time.Duration
+	Log       *slog.Logger
+	// Dial options for tests.
+	DialOptions []grpc.DialOption
+}
+
+// Client follows the control plane.
+type Client struct {
+	cfg     Config
+	mu      sync.Mutex
+	version string // last applied
+	synced  chan struct{}
+	once    sync.Once
+}
+
+// New returns a Client; Run connects.
+func New(cfg Config) (*Client, error) {
+	if cfg.Holder == nil || cfg.Apply == nil {
+		return nil, errors.New("discovery: a holder and an apply function are required")
+	}
+	if cfg.Heartbeat == 0 {
+		cfg.Heartbeat = DefaultHeartbeat
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Client{cfg: cfg, synced: make(chan struct{})}, nil
+}
+
+// Version returns the version of the last update applied, "" before the
+// first.
+func (c *Client) Version() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.version
+}
+
+// Synced is closed once the first update has been applied.
+func (c *Client) Synced() <-chan struct{} { return c.synced }
+
+// Run keeps a stream to the control plane until ctx ends, then says
+// goodbye so that the instance leaves its services at once.
+func (c *Client) Run(ctx context.Context) error {
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS13}
+	tlsconfig.HookTLSClientConfig(tlsCfg, c.cfg.Holder, tlsconfig.AuthorizeID(c.cfg.ServerID))
+	tlsCfg.GetClientCertificate = c.cfg.Holder.GetClientCertificate
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg))}, c.cfg.DialOptions...)
+	conn, err := grpc.NewClient(c.cfg.Addr, opts...)
+	if err != nil {
+		return fmt.Errorf("discovery: %w", err)
+	}
+	defer conn.Close()
+	client := discoveryv1.NewDiscoveryClient(conn)
+	attempt := 0
+	for {
+		if !c.waitForCertificate(ctx) {
+			return nil
+		}
+		start := time.Now()
+		err := c.session(ctx, client)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(start) > stableSession {
+			attempt = 0
+		}
+		wait := identity.Backoff(attempt, rand.Float64())
+		attempt++
+		level := slog.LevelWarn
+		if status.Code(err) == codes.PermissionDenied || status.Code(err) == codes.InvalidArgument {
+			level = slog.LevelError // a configuration problem, not an outage
+		}
+		c.cfg.Log.Log(ctx, level, "control plane stream ended; keeping the current configuration and reconnecting",
+			"addr", c.cfg.Addr, "err", err, "retryIn", wait.Round(time.Millisecond), "version", c.Version())
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (c *Client) waitForCertificate(ctx context.Context) bool {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for c.cfg.Holder.Current() == nil {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+	}
+	return true
+}
+
+func (c *Client) certificateExpiry() int64 {
+	if svid := c.cfg.Holder.Current(); svid != nil {
+		return svid.NotAfter().Unix()
+	}
+	return 0
+}
+
+// session runs one stream until it fails or ctx ends.
+func (c *Client) session(ctx context.Context, client discoveryv1.DiscoveryClient) error {
+	// The stream outlives ctx by the goodbye.
+	sctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := client.Stream(sctx)
+	if err != nil {
+		return err
+	}
+	hello := &discoveryv1.Hello{
+		Workload: c.cfg.Workload, Instance: c.cfg.Instance, Ports: c.cfg.Ports,
+		Version: c.Version(), CertificateNotAfterUnix: c.certificateExpiry(),
+	}
+	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
+		return recvError(stream, err)
+	}
+	updates := make(chan *discoveryv1.Update)
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			u, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case updates <- u:
+			case <-sctx.Done():
+				return
+			}
+		}
+	}()
+	heartbeat := time.NewTicker(c.cfg.Heartbeat)
+	defer heartbeat.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			_ = stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Goodbye{Goodbye: &discoveryv1.Goodbye{}}})
+			_ = stream.CloseSend()
+			select {
+			case <-recvErr:
+			case <-time.After(goodbyeWait):
+			}
+			return nil
+		case err := <-recvErr:
+			if errors.Is(err, io.EOF) {
+				return errors.New("the control plane closed the stream")
+			}
+			return err
+		case u := <-updates:
+			ack := &discoveryv1.Ack{Version: u.GetVersion()}
+			if err := c.cfg.Apply(u); err != nil {
+				ack.Error = err.Error()
+				c.cfg.Log.Error("configuration rejected; keeping the previous one", "version", u.GetVersion(), "err", err)
+			} else {
+				c.mu.Lock()
+				c.version = u.GetVersion()
+				c.mu.Unlock()
+				c.once.Do(func() { close(c.synced) })
+				c.cfg.Log.Info("configuration applied", "version", u.GetVersion(), "destinations", len(u.GetDestinations()),
+					"peerAuthentications", len(u.GetPeerAuthentications()), "authorizationPolicies", len(u.GetAuthorizationPolicies()))
+			}
+			if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Ack{Ack: ack}}); err != nil {
+				return streamError(recvErr, err)
+			}
+		case <-heartbeat.C:
+			hb := &discoveryv1.Heartbeat{CertificateNotAfterUnix: c.certificateExpiry()}
+			if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Heartbeat{Heartbeat: hb}}); err != nil {
+				return streamError(recvErr, err)
+			}
+		}
+	}
+}
+
+// streamError turns a failed Send into the stream's real status, which only
+// Recv reports, once the receiving goroutine has it.
+func streamError(recvErr <-chan error, sendErr error) error {
+	if !errors.Is(sendErr, io.EOF) {
+		return sendErr
+	}
+	select {
+	case err := <-recvErr:
+		return err
+	case <-time.After(goodbyeWait):
+		return sendErr
+	}
+}
+
+// recvError turns a failed Send into the stream's real status, which only
+// Recv reports; for use before anything else reads the stream.
+func recvError(stream discoveryv1.Discovery_StreamClient, sendErr error) error {
+	if !errors.Is(sendErr, io.EOF) {
+		return sendErr
+	}
+	for {
+		if _, err := stream.Recv(); err != nil {
+			return err
+		}
+	}
+}
