@@ -195,7 +195,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		if cfg.follow && pcfg.Workload.Namespace != cfg.namespace {
 			return fmt.Errorf("%s: workload.namespace %q differs from --namespace %q: a proxy registers in the namespace of its identity", cfg.configFile, pcfg.Workload.Namespace, cfg.namespace)
 		}
-		px, err = proxy.New(proxy.Options{Config: pcfg, Identity: holder, Log: log, Metrics: proxy.NewMetrics(reg)})
+		px, err = proxy.New(proxy.Options{Config: pcfg, Identity: holder, Log: log, Metrics: proxy.NewMetrics(reg), AwaitUpdate: cfg.follow})
 		if err != nil {
 			return err
 		}

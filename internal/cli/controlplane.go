@@ -94,6 +94,10 @@ With --wait, block until every connected proxy runs its current version
 				st, err = client.Status(ctx)
 			}
 			for wait && err == nil && !st.Converged {
+				if rejected := rejectedBy(st); len(rejected) > 0 {
+					printStatus(cmd.OutOrStdout(), st, output)
+					return fmt.Errorf("%s rejected the current configuration (see the table above); it keeps running the previous one", strings.Join(rejected, ", "))
+				}
 				select {
 				case <-ctx.Done():
 					printStatus(cmd.OutOrStdout(), st, output)
@@ -118,6 +122,18 @@ With --wait, block until every connected proxy runs its current version
 	cmd.Flags().DurationVar(&timeout, "timeout", time.Minute, "how long --wait waits")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	return cmd
+}
+
+// rejectedBy lists the connected proxies that NACKed their current version:
+// waiting for them is pointless.
+func rejectedBy(st controlplane.Status) []string {
+	var out []string
+	for _, p := range st.Proxies {
+		if p.Connected && p.Rejected != "" && p.RejectedVersion == p.CurrentVersion {
+			out = append(out, p.Instance)
+		}
+	}
+	return out
 }
 
 func printStatus(w io.Writer, st controlplane.Status, output string) {

@@ -43,8 +43,9 @@ type Config struct {
 	// AuthorizationPolicy files, watched; none means no policy.
 	Resources string `yaml:"resources"`
 	// GracePeriod is how long a disconnected proxy's endpoints stay in
-	// service, so a proxy restart or a network blip does not remove them.
-	GracePeriod Duration   `yaml:"gracePeriod"`
+	// service, so a proxy restart or a network blip does not remove them;
+	// 30s unless set ("0s" removes them at once).
+	GracePeriod *Duration  `yaml:"gracePeriod"`
 	Workloads   []Workload `yaml:"workloads"`
 	Services    []Service  `yaml:"services"`
 }
@@ -150,8 +151,9 @@ func (c *Config) setDefaults(dir string) {
 	if c.AdminListen == "" {
 		c.AdminListen = DefaultAdminListen
 	}
-	if c.GracePeriod == 0 {
-		c.GracePeriod = Duration(DefaultGracePeriod)
+	if c.GracePeriod == nil {
+		d := Duration(DefaultGracePeriod)
+		c.GracePeriod = &d
 	}
 	for i := range c.Services {
 		for j := range c.Services[i].Ports {
@@ -185,7 +187,7 @@ func (c *Config) Validate() error {
 	if c.Listen == c.AdminListen && !strings.HasSuffix(c.Listen, ":0") {
 		bad("adminListen", "is the same address as listen; give each its own port")
 	}
-	if c.GracePeriod < 0 {
+	if c.GracePeriod != nil && *c.GracePeriod < 0 {
 		bad("gracePeriod", "must not be negative")
 	}
 	workloads := map[string]*Workload{}

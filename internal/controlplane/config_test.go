@@ -13,7 +13,7 @@ func TestParseConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.StateDir != filepath.Join("/mesh", ".trellis") || c.Listen != DefaultListen || c.AdminListen != DefaultAdminListen ||
-		time.Duration(c.GracePeriod) != DefaultGracePeriod || c.TrustDomain != "cluster.local" || c.Resources != "" {
+		time.Duration(*c.GracePeriod) != DefaultGracePeriod || c.TrustDomain != "cluster.local" || c.Resources != "" {
 		t.Fatalf("defaults: %+v", c)
 	}
 }

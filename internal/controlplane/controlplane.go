@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/proto"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
 	"github.com/trellis-mesh/trellis/internal/ca"
@@ -37,6 +38,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/jointoken"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/policy/policypb"
 	"github.com/trellis-mesh/trellis/internal/push"
 	"github.com/trellis-mesh/trellis/internal/registry"
 	"github.com/trellis-mesh/trellis/internal/statefile"
@@ -50,7 +52,13 @@ const (
 	// finds it from the state directory alone.
 	EndpointsFile     = "control-plane.json"
 	registrationsFile = "registrations.json"
-	caCheckInterval   = 10 * time.Second
+	// lastGoodFile keeps the last valid resources, so that a restart
+	// while the directory holds a rejected edit starts from them.
+	lastGoodFile = "resources-last-good.pb"
+	// restoreGrace keeps restored registrations long enough for proxies
+	// to reconnect: their backoff reaches a minute (plus jitter).
+	restoreGrace    = 3 * time.Minute
+	caCheckInterval = 10 * time.Second
 )
 
 // Options configure a ControlPlane.
@@ -75,6 +83,7 @@ type ControlPlane struct {
 
 	grpcLis, adminLis net.Listener
 
+	reloadMu  sync.Mutex
 	mu        sync.Mutex
 	resources ResourceStatus
 	stamp     string // dirwatch.Stamp of the directory last loaded
@@ -141,7 +150,8 @@ func New(opts Options) (*ControlPlane, error) {
 	var pushServer *push.Server
 	cp.registry, err = registry.New(registry.Config{
 		Declarations: cfg.Registry(),
-		GracePeriod:  time.Duration(cfg.GracePeriod),
+		GracePeriod:  time.Duration(*cfg.GracePeriod),
+		RestoreGrace: restoreGrace,
 		StateFile:    filepath.Join(cfg.StateDir, registrationsFile),
 		OnChange:     func() { pushServer.Changed() },
 		Log:          log.With("component", "registry"),
@@ -157,13 +167,9 @@ func New(opts Options) (*ControlPlane, error) {
 	})
 	cp.push = pushServer
 	if cfg.Resources != "" {
-		// The first load must succeed: there is no previous configuration
-		// to keep in force.
-		set, err := policy.LoadDir(cfg.Resources)
-		if err != nil {
-			return nil, fmt.Errorf("resources %s: %w", cfg.Resources, err)
+		if err := cp.loadInitial(); err != nil {
+			return nil, err
 		}
-		cp.install(set, dirwatch.Stamp(cfg.Resources))
 	} else {
 		cp.resources = ResourceStatus{Version: "none"}
 	}
@@ -188,6 +194,9 @@ func New(opts Options) (*ControlPlane, error) {
 func adminToken(path string) (string, error) {
 	data, err := os.ReadFile(path)
 	if err == nil {
+		if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			return "", fmt.Errorf("admin credential %s is readable by others (mode %v): run chmod 600 on it", path, fi.Mode().Perm())
+		}
 		if t := strings.TrimSpace(string(data)); len(t) >= 32 {
 			return t, nil
 		}
@@ -237,6 +246,8 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 		// updates are small.
 		grpc.ReadBufferSize(8<<10),
 		grpc.WriteBufferSize(8<<10),
+		// Proxies send small messages; a CSR or a Hello is a few KB.
+		grpc.MaxRecvMsgSize(256<<10),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
@@ -331,10 +342,64 @@ func (cp *ControlPlane) writeEndpoints() error {
 	return statefile.WriteAtomic(filepath.Join(cp.cfg.StateDir, EndpointsFile), data, 0o600)
 }
 
-// reload loads the resource directory after a change; an invalid directory
-// is reported and the previous resources stay in force.
-func (cp *ControlPlane) reload() {
+// loadInitial loads the resource directory at startup. If it holds a
+// rejected edit, the last valid resources (saved in the state directory)
+// are put in force and the problem is reported, as it would be had the
+// control plane kept running; with nothing saved, startup fails.
+func (cp *ControlPlane) loadInitial() error {
 	stamp := dirwatch.Stamp(cp.cfg.Resources)
+	set, err := policy.LoadDir(cp.cfg.Resources)
+	if err == nil {
+		cp.install(set, stamp)
+		return nil
+	}
+	last, lerr := cp.loadLastGood()
+	if lerr != nil {
+		return fmt.Errorf("resources %s: %w", cp.cfg.Resources, err)
+	}
+	cp.log.Error("resources rejected; starting with the last valid ones", "dir", cp.cfg.Resources, "err", err)
+	cp.install(last, "last-good")
+	cp.mu.Lock()
+	cp.stamp = stamp
+	cp.resources.Error = resourceErrors(err)
+	cp.resources.RejectedAt = time.Now()
+	cp.mu.Unlock()
+	return nil
+}
+
+func (cp *ControlPlane) saveLastGood(set *policy.Set) {
+	pas, aps := policypb.FromSet(set)
+	data, err := proto.Marshal(&discoveryv1.Update{PeerAuthentications: pas, AuthorizationPolicies: aps})
+	if err == nil {
+		err = statefile.WriteAtomic(filepath.Join(cp.cfg.StateDir, lastGoodFile), data, 0o600)
+	}
+	if err != nil {
+		cp.log.Error("saving the last valid resources failed", "err", err)
+	}
+}
+
+func (cp *ControlPlane) loadLastGood() (*policy.Set, error) {
+	data, err := os.ReadFile(filepath.Join(cp.cfg.StateDir, lastGoodFile))
+	if err != nil {
+		return nil, err
+	}
+	var u discoveryv1.Update
+	if err := proto.Unmarshal(data, &u); err != nil {
+		return nil, err
+	}
+	return policypb.ToSet(u.GetPeerAuthentications(), u.GetAuthorizationPolicies())
+}
+
+// reload loads the resource directory after a change; an invalid directory
+// is reported and the previous resources stay in force. Reloads are
+// serialized, so a slow one cannot install an older directory over a newer.
+func (cp *ControlPlane) reload() {
+	cp.reloadMu.Lock()
+	defer cp.reloadMu.Unlock()
+	stamp := dirwatch.Stamp(cp.cfg.Resources)
+	if stamp == cp.resourceStamp() {
+		return
+	}
 	set, err := policy.LoadDir(cp.cfg.Resources)
 	if err != nil {
 		cp.mu.Lock()
@@ -355,7 +420,7 @@ func (cp *ControlPlane) reload() {
 // read afterwards compares the proxies with everything written before the
 // call: what `trellis status --wait` needs to be safe right after an edit.
 func (cp *ControlPlane) Sync() {
-	if cp.cfg.Resources != "" && dirwatch.Stamp(cp.cfg.Resources) != cp.resourceStamp() {
+	if cp.cfg.Resources != "" {
 		cp.reload()
 	}
 	cp.push.Sync()
@@ -370,6 +435,9 @@ func (cp *ControlPlane) resourceStamp() string {
 }
 
 func (cp *ControlPlane) install(set *policy.Set, stamp string) {
+	if stamp != "last-good" {
+		cp.saveLastGood(set)
+	}
 	cp.mu.Lock()
 	cp.stamp = stamp
 	cp.resources = ResourceStatus{Directory: cp.cfg.Resources, Version: stamp, LoadedAt: time.Now(), Files: set.Files}

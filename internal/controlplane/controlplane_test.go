@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
+	"github.com/trellis-mesh/trellis/internal/discovery"
 	"github.com/trellis-mesh/trellis/internal/identity"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 )
@@ -108,6 +109,11 @@ func (m *testMesh) writePolicy(name, content string) {
 // svid issues a certificate for ns/sa from the test CA.
 func (m *testMesh) svid(ns, sa string) *identity.Holder {
 	m.t.Helper()
+	return m.svidTTL(ns, sa, time.Hour)
+}
+
+func (m *testMesh) svidTTL(ns, sa string, ttl time.Duration) *identity.Holder {
+	m.t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		m.t.Fatal(err)
@@ -116,7 +122,7 @@ func (m *testMesh) svid(ns, sa string) *identity.Holder {
 	if err != nil {
 		m.t.Fatal(err)
 	}
-	chain, err := m.cp.CA().SignPublicKey(key.Public(), id, time.Hour)
+	chain, err := m.cp.CA().SignPublicKey(key.Public(), id, ttl)
 	if err != nil {
 		m.t.Fatal(err)
 	}
@@ -532,5 +538,123 @@ func TestStartupRefusesInvalidResources(t *testing.T) {
 	_, err = New(Options{Config: cfg, Init: true})
 	if err == nil || !strings.Contains(err.Error(), "STRIKT") {
 		t.Fatalf("New = %v, want the policy error", err)
+	}
+}
+
+func TestSecondConnectionOfAnInstanceTakesOver(t *testing.T) {
+	m := startMesh(t, "")
+	first, err := m.connect("shipping", "orders", "orders", "o1", map[uint32]string{8080: "127.0.0.1:18080"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.next()
+	second, err := m.connect("shipping", "orders", "orders", "o1", map[uint32]string{8080: "127.0.0.1:18080"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second.next()
+	select {
+	case err := <-first.errs:
+		if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "--instance") {
+			t.Fatalf("the replaced stream ended with %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the replaced stream was not ended")
+	}
+	waitFor(t, "one row for the instance", func() bool {
+		p := m.cp.Status().Proxies
+		return len(p) == 1 && p[0].Connected
+	})
+}
+
+func TestAddressOfAConnectedInstanceIsRefused(t *testing.T) {
+	m := startMesh(t, "")
+	orders, err := m.connect("shipping", "orders", "orders", "o1", map[uint32]string{8080: "10.0.0.5:8080"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	orders.next()
+	front, err := m.connect("web", "frontend", "frontend", "f1", map[uint32]string{8080: "10.0.0.5:8080"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-front.errs:
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "shipping/orders/o1") {
+			t.Fatalf("a second instance at the same address: %v", err)
+		}
+	case u := <-front.updates:
+		t.Fatalf("registered at a taken address: %v", u)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no answer")
+	}
+}
+
+// A restart while the directory holds a rejected edit starts from the
+// last valid resources and reports the problem.
+func TestRestartWithRejectedEditKeepsLastGood(t *testing.T) {
+	m := startMesh(t, "")
+	m.writePolicy("shipping.yaml", shippingStrict)
+	waitFor(t, "the policy to load", func() bool { return len(m.cp.Status().Resources.Files) == 1 })
+	m.writePolicy("shipping.yaml", strings.Replace(shippingStrict, "STRICT", "STRIKT", 1))
+	waitFor(t, "the rejection", func() bool { return len(m.cp.Status().Resources.Error) > 0 })
+	m.stop()
+	m.start()
+	if st := m.cp.Status(); len(st.Resources.Error) == 0 {
+		t.Fatalf("the rejected edit is not reported after the restart: %+v", st.Resources)
+	}
+	orders, err := m.connect("shipping", "orders", "orders", "o1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := orders.next()
+	if len(u.GetPeerAuthentications()) != 1 || u.GetPeerAuthentications()[0].GetMtlsMode() != "STRICT" {
+		t.Fatalf("after the restart the proxy got %v, want the last valid STRICT policy", u.GetPeerAuthentications())
+	}
+}
+
+// The proxy's client reconnects with a renewed certificate (a TLS
+// connection keeps the certificate of its handshake), without being sent
+// its configuration again.
+func TestClientReconnectsWithRenewedCertificate(t *testing.T) {
+	m := startMesh(t, "")
+	holder := m.svid("shipping", "orders")
+	applied := make(chan string, 10)
+	client, err := discovery.New(discovery.Config{
+		Addr: m.cp.Addr(), ServerID: meshid.ControlPlane(m.cp.CA().TrustDomain()), Holder: holder,
+		Workload: "orders", Instance: "o1", Log: testLogger(t),
+		Apply: func(u *discoveryv1.Update) error { applied <- u.GetVersion(); return nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- client.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	<-client.Synced()
+	expiry := func() time.Time {
+		for _, p := range m.cp.Status().Proxies {
+			if p.Connected {
+				return p.CertificateExpiry
+			}
+		}
+		return time.Time{}
+	}
+	first := holder.Current().NotAfter()
+	waitFor(t, "the first certificate in status", func() bool { return expiry().Equal(first) })
+
+	renewed := m.svidTTL("shipping", "orders", 2*time.Hour).Current()
+	holder.Set(renewed)
+	waitFor(t, "the renewed certificate in status", func() bool { return expiry().Equal(renewed.NotAfter()) })
+	for len(applied) > 0 {
+		<-applied
+	}
+	select {
+	case v := <-applied:
+		if v != client.Version() {
+			t.Fatalf("a new version %s was applied after the reconnect", v)
+		}
+	case <-time.After(300 * time.Millisecond):
 	}
 }

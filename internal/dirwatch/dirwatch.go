@@ -1,19 +1,19 @@
 // Package dirwatch reports changes to the files of a configuration
 // directory. It listens to inotify (fsnotify) for promptness and also
-// compares the directory's listing (names, sizes, modification times) on a
-// slow poll, because inotify misses changes on some filesystems (network
-// mounts, some container volumes) and cannot be set up everywhere.
+// compares the directory's stamp (names and contents) on a slow poll,
+// because inotify misses changes on some filesystems (network mounts, some
+// container volumes) and cannot be set up everywhere.
 package dirwatch
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -37,39 +37,49 @@ type Config struct {
 	Since string
 }
 
-// Stamp summarizes the directory's listing: it changes when a file is
-// added, removed, resized or modified. Subdirectories are not read (as
-// kubectl apply -f), and neither are names starting with '.', except that
-// a ConfigMap mount's "..data" link is followed through its target's
-// change, which renames the link.
+// Stamp summarizes the directory: it changes when a file is added,
+// removed or has other contents. Contents are hashed rather than
+// modification times compared, so an edit is seen even within one tick of
+// the file system's clock. Subdirectories are not read (as kubectl apply
+// -f), except a mounted ConfigMap's "..data" link, whose target changes on
+// every update.
 func Stamp(dir string) string {
-	var b strings.Builder
+	h := sha256.New()
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		b.WriteString("error:" + err.Error())
+		h.Write([]byte("error:" + err.Error()))
 	}
 	for _, e := range entries {
-		fi, err := os.Stat(filepath.Join(dir, e.Name()))
+		path := filepath.Join(dir, e.Name())
+		fi, err := os.Stat(path)
 		if err != nil {
 			continue
 		}
-		if fi.IsDir() && e.Name() != "..data" {
-			continue
+		h.Write([]byte(e.Name()))
+		h.Write([]byte{0})
+		if target, err := os.Readlink(path); err == nil {
+			h.Write([]byte(target))
 		}
-		b.WriteString(e.Name())
-		b.WriteByte(0)
-		b.WriteString(fi.ModTime().UTC().Format(time.RFC3339Nano))
-		b.WriteByte(0)
-		b.WriteString(strconv.FormatInt(fi.Size(), 10))
-		b.WriteByte(0)
-		if target, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil {
-			b.WriteString(target)
+		h.Write([]byte{0})
+		switch {
+		case fi.IsDir():
+		case fi.Size() > maxHashed:
+			// Too large to be configuration; the loader will say so.
+			// Its size and time still change the stamp.
+			h.Write([]byte(fi.ModTime().UTC().Format(time.RFC3339Nano) + strconv.FormatInt(fi.Size(), 10)))
+		default:
+			if f, err := os.Open(path); err == nil {
+				_, _ = io.Copy(h, f)
+				f.Close()
+			}
 		}
-		b.WriteByte('\n')
+		h.Write([]byte{'\n'})
 	}
-	sum := sha256.Sum256([]byte(b.String()))
-	return hex.EncodeToString(sum[:8])
+	return hex.EncodeToString(h.Sum(nil)[:8])
 }
+
+// maxHashed bounds the files Stamp reads.
+const maxHashed = 8 << 20
 
 // Watch calls cfg.OnChange after every change to the directory until ctx
 // ends. It always returns nil: when inotify is unavailable it logs why and

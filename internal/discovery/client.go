@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
@@ -95,25 +96,19 @@ func (c *Client) Synced() <-chan struct{} { return c.synced }
 // Run keeps a stream to the control plane until ctx ends, then says
 // goodbye so that the instance leaves its services at once.
 func (c *Client) Run(ctx context.Context) error {
-	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS13}
-	tlsconfig.HookTLSClientConfig(tlsCfg, c.cfg.Holder, tlsconfig.AuthorizeID(c.cfg.ServerID))
-	tlsCfg.GetClientCertificate = c.cfg.Holder.GetClientCertificate
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg))}, c.cfg.DialOptions...)
-	conn, err := grpc.NewClient(c.cfg.Addr, opts...)
-	if err != nil {
-		return fmt.Errorf("discovery: %w", err)
-	}
-	defer conn.Close()
-	client := discoveryv1.NewDiscoveryClient(conn)
 	attempt := 0
 	for {
 		if !c.waitForCertificate(ctx) {
 			return nil
 		}
 		start := time.Now()
-		err := c.session(ctx, client)
+		err := c.session(ctx)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if errors.Is(err, errRenewed) {
+			attempt = 0
+			continue // at once, with the new certificate
 		}
 		if time.Since(start) > stableSession {
 			attempt = 0
@@ -121,7 +116,8 @@ func (c *Client) Run(ctx context.Context) error {
 		wait := identity.Backoff(attempt, rand.Float64())
 		attempt++
 		level := slog.LevelWarn
-		if status.Code(err) == codes.PermissionDenied || status.Code(err) == codes.InvalidArgument {
+		switch status.Code(err) {
+		case codes.PermissionDenied, codes.InvalidArgument, codes.Aborted:
 			level = slog.LevelError // a configuration problem, not an outage
 		}
 		c.cfg.Log.Log(ctx, level, "control plane stream ended; keeping the current configuration and reconnecting",
@@ -147,26 +143,43 @@ func (c *Client) waitForCertificate(ctx context.Context) bool {
 	return true
 }
 
-func (c *Client) certificateExpiry() int64 {
-	if svid := c.cfg.Holder.Current(); svid != nil {
-		return svid.NotAfter().Unix()
-	}
-	return 0
-}
+// errRenewed ends a session whose connection was authenticated with a
+// certificate that has since been renewed.
+var errRenewed = errors.New("certificate renewed")
 
-// session runs one stream until it fails or ctx ends.
-func (c *Client) session(ctx context.Context, client discoveryv1.DiscoveryClient) error {
+// certificateCheck is how often a session checks whether the certificate
+// it connected with has been renewed.
+const certificateCheck = time.Second
+
+// session runs one stream, on a connection of its own, until it fails, ctx
+// ends, or the certificate is renewed. A connection of its own, because a
+// TLS connection keeps the client certificate of its handshake: the
+// control plane ends the stream when that certificate expires, and a
+// stream reopened on the same connection would present it again.
+func (c *Client) session(ctx context.Context) error {
+	svid := c.cfg.Holder.Current()
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS13}
+	tlsconfig.HookTLSClientConfig(tlsCfg, c.cfg.Holder, tlsconfig.AuthorizeID(c.cfg.ServerID))
+	tlsCfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return svid.TLSCertificate(), nil }
+	opts := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)),
+		// Notice a control plane that vanished without closing the
+		// connection within a minute, not after TCP gives up.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 15 * time.Second}),
+	}, c.cfg.DialOptions...)
+	conn, err := grpc.NewClient(c.cfg.Addr, opts...)
+	if err != nil {
+		return fmt.Errorf("discovery: %w", err)
+	}
+	defer conn.Close()
 	// The stream outlives ctx by the goodbye.
 	sctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	stream, err := client.Stream(sctx)
+	stream, err := discoveryv1.NewDiscoveryClient(conn).Stream(sctx)
 	if err != nil {
 		return err
 	}
-	hello := &discoveryv1.Hello{
-		Workload: c.cfg.Workload, Instance: c.cfg.Instance, Ports: c.cfg.Ports,
-		Version: c.Version(), CertificateNotAfterUnix: c.certificateExpiry(),
-	}
+	hello := &discoveryv1.Hello{Workload: c.cfg.Workload, Instance: c.cfg.Instance, Ports: c.cfg.Ports, Version: c.Version()}
 	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
 		return recvError(stream, err)
 	}
@@ -188,8 +201,16 @@ func (c *Client) session(ctx context.Context, client discoveryv1.DiscoveryClient
 	}()
 	heartbeat := time.NewTicker(c.cfg.Heartbeat)
 	defer heartbeat.Stop()
+	renewal := time.NewTicker(certificateCheck)
+	defer renewal.Stop()
 	for {
 		select {
+		case <-renewal.C:
+			if c.cfg.Holder.Current() != svid {
+				// No goodbye: the instance stays, the next session
+				// takes it over with the renewed certificate.
+				return errRenewed
+			}
 		case <-ctx.Done():
 			_ = stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Goodbye{Goodbye: &discoveryv1.Goodbye{}}})
 			_ = stream.CloseSend()
@@ -220,8 +241,7 @@ func (c *Client) session(ctx context.Context, client discoveryv1.DiscoveryClient
 				return streamError(recvErr, err)
 			}
 		case <-heartbeat.C:
-			hb := &discoveryv1.Heartbeat{CertificateNotAfterUnix: c.certificateExpiry()}
-			if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Heartbeat{Heartbeat: hb}}); err != nil {
+			if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Heartbeat{Heartbeat: &discoveryv1.Heartbeat{}}}); err != nil {
 				return streamError(recvErr, err)
 			}
 		}

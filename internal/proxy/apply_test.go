@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"github.com/trellis-mesh/trellis/internal/policy/authz"
 	"io"
 	"net"
 	"net/http"
@@ -501,5 +502,26 @@ func waitFor(t *testing.T, cond func() error) {
 			t.Fatal(err)
 		}
 		time.Sleep(10 * time.Millisecond) // polling interval
+	}
+}
+
+// A proxy that awaits the control plane admits nothing until its first
+// update: plaintext is refused, mesh requests are denied with a reason.
+func TestAwaitUpdateStartsClosed(t *testing.T) {
+	set := awaitingPolicies()
+	st, err := compilePolicies(set, policy.Workload{Namespace: "shipping", Name: "orders"}, AwaitingVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mode := st.ports.Mode(8080); mode != policy.ModeStrict {
+		t.Fatalf("mode before the first update = %s, want STRICT", mode)
+	}
+	for _, req := range []*authz.Request{
+		{HTTP: true, Port: 8080, Principal: "cluster.local/ns/default/sa/checkout", Namespace: "default", Method: "GET", Path: "/"},
+		{Port: 6379, Principal: "cluster.local/ns/default/sa/checkout", Namespace: "default"},
+	} {
+		if res := st.authz.Evaluate(req); res.Allowed {
+			t.Fatalf("%+v was allowed before the first update", req)
+		}
 	}
 }

@@ -38,6 +38,22 @@ func compilePolicies(set *policy.Set, wl policy.Workload, version string) (*poli
 	}, nil
 }
 
+// AwaitingVersion is the policy version of a proxy that waits for its
+// first update (Options.AwaitUpdate).
+const AwaitingVersion = "awaiting-control-plane"
+
+// awaitingPolicies admits nothing: mesh-wide STRICT, and an ALLOW policy
+// without rules, which denies every request with its name as the reason.
+func awaitingPolicies() *policy.Set {
+	meta := policy.Metadata{Name: AwaitingVersion, Namespace: meshid.RootNamespace}
+	return &policy.Set{
+		PeerAuthentications: []*policy.PeerAuthentication{{APIVersion: policy.APIVersion, Metadata: meta,
+			Spec: policy.PeerAuthenticationSpec{MTLS: &policy.MTLS{Mode: policy.ModeStrict}}}},
+		AuthorizationPolicies: []*policy.AuthorizationPolicy{{APIVersion: policy.APIVersion, Metadata: meta,
+			Spec: policy.AuthorizationPolicySpec{Action: policy.ActionAllow}}},
+	}
+}
+
 // loadPolicyDir loads and compiles a policy directory; with dir empty the
 // state is the mesh without policy: PERMISSIVE, everything allowed.
 func loadPolicyDir(dir string, wl policy.Workload) (*policyState, error) {

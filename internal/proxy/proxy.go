@@ -58,6 +58,11 @@ type Options struct {
 	Now func() time.Time
 	// PolicyReload is how often the policy directory is checked for edits.
 	PolicyReload time.Duration
+	// AwaitUpdate starts the proxy closed: every inbound port STRICT and
+	// every request denied, until the first Apply. A proxy that takes its
+	// policies from the control plane must not serve its workload openly
+	// while it waits for them.
+	AwaitUpdate bool
 }
 
 // Proxy is one sidecar.
@@ -135,7 +140,16 @@ func New(opts Options) (*Proxy, error) {
 		conns:     map[net.Conn]*connMeta{},
 		upstreams: map[net.Conn]struct{}{},
 	}
-	st, err := loadPolicyDir(cfg.Policies, p.workload)
+	var st *policyState
+	var err error
+	if opts.AwaitUpdate {
+		if cfg.Policies != "" {
+			return nil, fmt.Errorf("proxy: policies: %w (%s)", ErrPoliciesFromDirectory, cfg.Policies)
+		}
+		st, err = compilePolicies(awaitingPolicies(), p.workload, AwaitingVersion)
+	} else {
+		st, err = loadPolicyDir(cfg.Policies, p.workload)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("proxy: %w", err)
 	}

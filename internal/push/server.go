@@ -74,7 +74,8 @@ type Server struct {
 	mu          sync.Mutex
 	views       map[string]*view // by workload namespace/name
 	streams     map[*stream]struct{}
-	generation  uint64 // counts recomputations that changed a view
+	owners      map[string]*stream // the stream that owns each instance
+	generation  uint64             // counts recomputations that changed a view
 	computedAt  time.Time
 }
 
@@ -106,6 +107,7 @@ func New(cfg Config) *Server {
 		stopping: make(chan struct{}),
 		views:    map[string]*view{},
 		streams:  map[*stream]struct{}{},
+		owners:   map[string]*stream{},
 	}
 	s.policies.Store(&policy.Set{})
 	return s

@@ -28,8 +28,25 @@ type Verifier func(chain []*x509.Certificate) (spiffeid.ID, error)
 
 var errStopping = status.Error(codes.Unavailable, "the control plane is shutting down; keep the current configuration and reconnect")
 
+const (
+	// reverifyEvery is how often a stream's client certificate is checked
+	// against the bundle in force.
+	reverifyEvery = time.Minute
+	// maxReason bounds the NACK reason kept and logged.
+	maxReason = 1024
+)
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
 // stream is one connected proxy.
 type stream struct {
+	key         string // namespace/workload/instance
+	replaced    chan struct{}
 	workload    registry.Workload
 	instance    string
 	identity    spiffeid.ID
@@ -126,10 +143,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	now := s.cfg.Now()
 	st := &stream{
 		workload: w, instance: hello.GetInstance(), identity: id, peer: peerAddr,
-		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), certExpiry: certExpiry,
-	}
-	if n := hello.GetCertificateNotAfterUnix(); n > 0 {
-		st.certExpiry = time.Unix(n, 0)
+		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), replaced: make(chan struct{}), certExpiry: certExpiry,
 	}
 	// A proxy that already runs the current version (a reconnect after a
 	// control plane restart) is not sent it again.
@@ -137,8 +151,20 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 		st.sent, st.acked = v.version, v.version
 	}
 	in := registry.Instance{Namespace: w.Namespace, Workload: w.Name, Instance: st.instance, Identity: id.String(), Ports: ports}
-	session := s.cfg.Registry.Register(in)
+	session, err := s.cfg.Registry.Register(in)
+	if err != nil {
+		s.cfg.Log.Warn("proxy registration refused", "id", id, "peer", peerAddr, "instance", in.Key(), "err", err)
+		return status.Error(codes.FailedPrecondition, err.Error())
+	}
+	st.key = in.Key()
 	s.mu.Lock()
+	// A newer connection of the same instance (a reconnect the old
+	// connection has not noticed, or two replicas given one name) takes
+	// over: the older stream ends, so one proxy owns the registration.
+	if old := s.owners[st.key]; old != nil {
+		close(old.replaced)
+	}
+	s.owners[st.key] = st
 	s.streams[st] = struct{}{}
 	s.mu.Unlock()
 	s.cfg.Log.Info("proxy connected", "instance", in.Key(), "id", id, "peer", peerAddr)
@@ -146,6 +172,9 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	defer func() {
 		s.mu.Lock()
 		delete(s.streams, st)
+		if s.owners[st.key] == st {
+			delete(s.owners, st.key)
+		}
 		s.mu.Unlock()
 		s.cfg.Registry.Disconnect(in.Key(), session, graceful)
 		s.cfg.Log.Info("proxy disconnected", "instance", in.Key(), "graceful", graceful)
@@ -155,6 +184,10 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	// expire; the proxy must come back with its renewed one.
 	expiry := time.NewTimer(time.Until(certExpiry))
 	defer expiry.Stop()
+	// The bundle can change under a long stream (a root retired): the
+	// chain is verified again from time to time.
+	reverify := time.NewTicker(reverifyEvery)
+	defer reverify.Stop()
 	st.wake()
 	for {
 		select {
@@ -162,8 +195,14 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			return ctx.Err()
 		case <-s.stopping:
 			return errStopping
+		case <-st.replaced:
+			return status.Errorf(codes.Aborted, "instance %s connected again from another connection, which takes over; if two replicas share this instance name, give each its own --instance", in.Key())
 		case <-expiry.C:
 			return status.Error(codes.Unauthenticated, "the certificate this stream was opened with has expired; reconnect with the renewed one")
+		case <-reverify.C:
+			if _, err := s.cfg.Verify(chain); err != nil {
+				return status.Errorf(codes.Unauthenticated, "the certificate this stream was opened with no longer verifies: %v", err)
+			}
 		case err := <-recvErr:
 			return err
 		case <-st.notify:
@@ -178,6 +217,12 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			st.mu.Lock()
 			st.sent = v.version
 			st.mu.Unlock()
+			// The view may have changed while Send blocked — even back to
+			// what was sent before, which recompute would not have
+			// noticed as a difference.
+			if cur := s.viewOf(w.Ref()); cur != nil && cur.version != v.version {
+				st.wake()
+			}
 		case m := <-msgs:
 			now := s.cfg.Now()
 			st.mu.Lock()
@@ -188,16 +233,12 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 				if a.GetError() == "" {
 					st.acked, st.nack, st.nackFor = a.GetVersion(), "", ""
 				} else {
-					st.nack, st.nackFor = a.GetError(), a.GetVersion()
-				}
-			case m.GetHeartbeat() != nil:
-				if n := m.GetHeartbeat().GetCertificateNotAfterUnix(); n > 0 {
-					st.certExpiry = time.Unix(n, 0)
+					st.nack, st.nackFor = truncate(a.GetError(), maxReason), truncate(a.GetVersion(), 64)
 				}
 			}
 			st.mu.Unlock()
 			if a := m.GetAck(); a != nil && a.GetError() != "" {
-				s.cfg.Log.Warn("proxy rejected a configuration", "instance", in.Key(), "version", a.GetVersion(), "reason", a.GetError())
+				s.cfg.Log.Warn("proxy rejected a configuration", "instance", in.Key(), "version", truncate(a.GetVersion(), 64), "reason", truncate(a.GetError(), maxReason))
 			}
 			if m.GetGoodbye() != nil {
 				graceful = true
@@ -226,8 +267,12 @@ func (s *Server) claim(id spiffeid.ID, h *discoveryv1.Hello) (registry.Workload,
 		if !declared[p.GetPort()] {
 			return w, nil, fmt.Errorf("hello.ports[%d]: workload %s declares no port %d", i, w.Ref(), p.GetPort())
 		}
-		if _, err := netip.ParseAddrPort(p.GetAddress()); err != nil {
+		ap, err := netip.ParseAddrPort(p.GetAddress())
+		if err != nil || ap.Port() == 0 {
 			return w, nil, fmt.Errorf("hello.ports[%d].address: %q is not ip:port", i, p.GetAddress())
+		}
+		if a := ap.Addr(); a.IsUnspecified() || a.IsMulticast() {
+			return w, nil, fmt.Errorf("hello.ports[%d].address: %s is not an address peers can connect to (give the proxy --advertise-ip)", i, a)
 		}
 		ports[p.GetPort()] = p.GetAddress()
 	}

@@ -95,6 +95,10 @@ type Config struct {
 	Declarations Declarations
 	// GracePeriod keeps a disconnected instance's endpoints in service.
 	GracePeriod time.Duration
+	// RestoreGrace is the grace period of instances restored from
+	// StateFile, if longer than GracePeriod: proxies that lost the control
+	// plane retry with a backoff that may well exceed GracePeriod.
+	RestoreGrace time.Duration
 	// StateFile persists instances across restarts; empty: not persisted.
 	StateFile string
 	// OnChange is called (without locks held) after endpoints may have
@@ -110,13 +114,15 @@ type Registry struct {
 	workloads map[string]Workload // by namespace/name
 	mu        sync.Mutex
 	instances map[string]*entry
+	byAddr    map[string]string // port address → instance key
 	session   uint64
 	dirty     bool // instances changed since the last save
 }
 
 type entry struct {
 	Instance
-	session uint64 // the stream that owns it; 0 when restored from disk
+	session  uint64 // the stream that owns it; 0 when restored from disk
+	restored bool   // from disk and not reconnected since
 }
 
 // New builds a registry, restoring the instances saved in StateFile as
@@ -132,7 +138,7 @@ func New(cfg Config) (*Registry, error) {
 	if cfg.OnChange == nil {
 		cfg.OnChange = func() {}
 	}
-	r := &Registry{cfg: cfg, workloads: map[string]Workload{}, instances: map[string]*entry{}}
+	r := &Registry{cfg: cfg, workloads: map[string]Workload{}, instances: map[string]*entry{}, byAddr: map[string]string{}}
 	for _, w := range cfg.Declarations.Workloads {
 		r.workloads[w.Ref()] = w
 	}
@@ -152,13 +158,20 @@ func New(cfg Config) (*Registry, error) {
 	}
 	now := cfg.Now()
 	for _, in := range saved {
-		if _, ok := r.workloads[in.Namespace+"/"+in.Workload]; !ok {
+		w, ok := r.workloads[in.Namespace+"/"+in.Workload]
+		if !ok {
 			continue // no longer declared
 		}
-		// The grace period starts over: while the control plane was down
-		// no proxy could reconnect.
+		if id, err := spiffeid.FromString(in.Identity); err != nil {
+			continue
+		} else if _, err := r.Claim(id, w.Name); err != nil {
+			continue // the declaration changed its service account
+		}
+		// The grace period starts over, and lasts long enough for
+		// proxies to come back: while the control plane was down none
+		// could reconnect.
 		in.DisconnectedAt = now
-		r.instances[in.Key()] = &entry{Instance: in}
+		r.addLocked(&entry{Instance: in, restored: true})
 	}
 	return r, nil
 }
@@ -180,24 +193,49 @@ func (r *Registry) Claim(id spiffeid.ID, name string) (Workload, error) {
 	return w, nil
 }
 
+// ErrAddressInUse is returned when an instance claims an address another
+// connected instance serves: one address is one instance, with one
+// identity, or no caller could check whom it reaches.
+var ErrAddressInUse = errors.New("address in use")
+
 // Register records a connected instance and returns the session that owns
 // it; a later registration of the same instance (a reconnect) takes it
-// over.
-func (r *Registry) Register(in Instance) (session uint64) {
+// over. An address held by another instance is refused while that
+// instance is connected; an instance in its grace period gives it up (its
+// address was reused).
+func (r *Registry) Register(in Instance) (session uint64, err error) {
 	r.mu.Lock()
+	evicted := false
+	for port, addr := range in.Ports {
+		k, ok := r.byAddr[addr]
+		if !ok || k == in.Key() {
+			continue
+		}
+		e := r.instances[k]
+		if e.DisconnectedAt.IsZero() {
+			r.mu.Unlock()
+			return 0, fmt.Errorf("%w: port %d's address %s is served by instance %s (%s); each instance needs its own address", ErrAddressInUse, port, addr, k, e.Identity)
+		}
+		r.removeLocked(k)
+		evicted = true
+		r.cfg.Log.Info("instance removed: a new instance took over its address", "instance", k, "address", addr, "by", in.Key())
+	}
 	r.session++
 	session = r.session
 	in.DisconnectedAt = time.Time{}
 	in.RegisteredAt = r.cfg.Now()
 	prev := r.instances[in.Key()]
-	r.instances[in.Key()] = &entry{Instance: in, session: session}
-	changed := prev == nil || !prev.DisconnectedAt.IsZero() || !maps.Equal(prev.Ports, in.Ports) || prev.Identity != in.Identity
+	if prev != nil {
+		r.removeLocked(in.Key())
+	}
+	r.addLocked(&entry{Instance: in, session: session})
+	changed := evicted || prev == nil || !prev.DisconnectedAt.IsZero() || !maps.Equal(prev.Ports, in.Ports) || prev.Identity != in.Identity
 	r.dirty = true
 	r.mu.Unlock()
 	if changed {
 		r.cfg.OnChange()
 	}
-	return session
+	return session, nil
 }
 
 // Disconnect marks the session's instance disconnected; graceful removes
@@ -211,7 +249,7 @@ func (r *Registry) Disconnect(key string, session uint64, graceful bool) {
 		return
 	}
 	if graceful || r.cfg.GracePeriod == 0 {
-		delete(r.instances, key)
+		r.removeLocked(key)
 	} else {
 		e.DisconnectedAt = r.cfg.Now()
 	}
@@ -229,9 +267,13 @@ func (r *Registry) Expire() int {
 	r.mu.Lock()
 	n := 0
 	for k, e := range r.instances {
-		if !e.DisconnectedAt.IsZero() && now.Sub(e.DisconnectedAt) >= r.cfg.GracePeriod {
-			delete(r.instances, k)
-			r.cfg.Log.Info("instance removed: its proxy did not come back within the grace period", "instance", k, "grace", r.cfg.GracePeriod)
+		grace := r.cfg.GracePeriod
+		if e.restored {
+			grace = max(grace, r.cfg.RestoreGrace)
+		}
+		if !e.DisconnectedAt.IsZero() && now.Sub(e.DisconnectedAt) >= grace {
+			r.removeLocked(k)
+			r.cfg.Log.Info("instance removed: its proxy did not come back within the grace period", "instance", k, "grace", grace)
 			n++
 		}
 	}
@@ -243,6 +285,26 @@ func (r *Registry) Expire() int {
 		r.cfg.OnChange()
 	}
 	return n
+}
+
+func (r *Registry) addLocked(e *entry) {
+	r.instances[e.Key()] = e
+	for _, addr := range e.Ports {
+		r.byAddr[addr] = e.Key()
+	}
+}
+
+func (r *Registry) removeLocked(key string) {
+	e, ok := r.instances[key]
+	if !ok {
+		return
+	}
+	delete(r.instances, key)
+	for _, addr := range e.Ports {
+		if r.byAddr[addr] == key {
+			delete(r.byAddr, addr)
+		}
+	}
 }
 
 // Save writes the instances to the state file if they changed.

@@ -82,10 +82,10 @@ func TestGraceSessionsAndPersistence(t *testing.T) {
 		t.Fatal(err)
 	}
 	in := Instance{Namespace: "shipping", Workload: "orders", Instance: "a", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "198.18.0.1:8080"}}
-	s1 := r.Register(in)
+	s1 := register(t, r, in)
 	// A reconnect takes the instance over; the old session's disconnect
 	// changes nothing.
-	s2 := r.Register(in)
+	s2 := register(t, r, in)
 	r.Disconnect(in.Key(), s1, false)
 	if got := r.Snapshot().Instances[0].DisconnectedAt; !got.IsZero() {
 		t.Fatalf("a stale session disconnected the instance at %v", got)
@@ -115,9 +115,44 @@ func TestGraceSessionsAndPersistence(t *testing.T) {
 		t.Fatal("not expired after the grace period")
 	}
 	// Goodbye removes at once.
-	s := r2.Register(in)
+	s := register(t, r2, in)
 	r2.Disconnect(in.Key(), s, true)
 	if len(r2.Snapshot().Instances) != 0 {
 		t.Fatal("a graceful disconnect kept the instance")
+	}
+}
+
+func register(t *testing.T, r *Registry, in Instance) uint64 {
+	t.Helper()
+	s, err := r.Register(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// One address is one instance: a connected instance keeps its address; a
+// disconnected one gives it up to a newcomer (the address was reused).
+func TestAddressConflicts(t *testing.T) {
+	r, err := New(Config{Declarations: decl, GracePeriod: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	orders := Instance{Namespace: "shipping", Workload: "orders", Instance: "a", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "10.0.0.5:8080"}}
+	web := Instance{Namespace: "web", Workload: "orders", Instance: "x", Identity: "spiffe://td/ns/web/sa/orders", Ports: map[uint32]string{8080: "10.0.0.5:8080"}}
+	canary := Instance{Namespace: "shipping", Workload: "orders-canary", Instance: "c", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "10.0.0.5:8080"}}
+	s := register(t, r, orders)
+	if _, err := r.Register(web); !errors.Is(err, ErrAddressInUse) {
+		t.Fatalf("another identity took a connected instance's address: %v", err)
+	}
+	if _, err := r.Register(canary); !errors.Is(err, ErrAddressInUse) {
+		t.Fatalf("another instance, even of the same identity, took a connected instance's address: %v", err)
+	}
+	r.Disconnect(orders.Key(), s, false)
+	register(t, r, web)
+	for _, in := range r.Snapshot().Instances {
+		if in.Key() == orders.Key() {
+			t.Fatal("the disconnected instance kept a reused address")
+		}
 	}
 }

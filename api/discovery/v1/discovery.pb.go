@@ -154,12 +154,9 @@ type Hello struct {
 	// version is the configuration version the proxy runs (empty at first
 	// start), so that a reconnect after a control plane restart resends only
 	// what changed.
-	Version string `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
-	// certificate_not_after_unix is when the proxy's current certificate
-	// expires.
-	CertificateNotAfterUnix int64 `protobuf:"varint,5,opt,name=certificate_not_after_unix,json=certificateNotAfterUnix,proto3" json:"certificate_not_after_unix,omitempty"`
-	unknownFields           protoimpl.UnknownFields
-	sizeCache               protoimpl.SizeCache
+	Version       string `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Hello) Reset() {
@@ -218,13 +215,6 @@ func (x *Hello) GetVersion() string {
 		return x.Version
 	}
 	return ""
-}
-
-func (x *Hello) GetCertificateNotAfterUnix() int64 {
-	if x != nil {
-		return x.CertificateNotAfterUnix
-	}
-	return 0
 }
 
 type PortAddress struct {
@@ -371,14 +361,14 @@ func (*Goodbye) Descriptor() ([]byte, []int) {
 	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{4}
 }
 
-// Heartbeat is sent periodically, and when the proxy's certificate is
-// renewed, so the control plane can show when each proxy last checked in
-// and when its certificate expires.
+// Heartbeat is sent periodically so the control plane can show when each
+// proxy last checked in. (Certificate expiry is not reported: the control
+// plane shows that of the certificate it verified, and a proxy reconnects
+// when its certificate is renewed.)
 type Heartbeat struct {
-	state                   protoimpl.MessageState `protogen:"open.v1"`
-	CertificateNotAfterUnix int64                  `protobuf:"varint,1,opt,name=certificate_not_after_unix,json=certificateNotAfterUnix,proto3" json:"certificate_not_after_unix,omitempty"`
-	unknownFields           protoimpl.UnknownFields
-	sizeCache               protoimpl.SizeCache
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Heartbeat) Reset() {
@@ -409,13 +399,6 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
 	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{5}
-}
-
-func (x *Heartbeat) GetCertificateNotAfterUnix() int64 {
-	if x != nil {
-		return x.CertificateNotAfterUnix
-	}
-	return 0
 }
 
 type Update struct {
@@ -1292,22 +1275,20 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\x03ack\x18\x02 \x01(\v2\x19.trellis.discovery.v1.AckH\x00R\x03ack\x129\n" +
 	"\agoodbye\x18\x03 \x01(\v2\x1d.trellis.discovery.v1.GoodbyeH\x00R\agoodbye\x12?\n" +
 	"\theartbeat\x18\x04 \x01(\v2\x1f.trellis.discovery.v1.HeartbeatH\x00R\theartbeatB\t\n" +
-	"\amessage\"\xcf\x01\n" +
+	"\amessage\"\x92\x01\n" +
 	"\x05Hello\x12\x1a\n" +
 	"\bworkload\x18\x01 \x01(\tR\bworkload\x12\x1a\n" +
 	"\binstance\x18\x02 \x01(\tR\binstance\x127\n" +
 	"\x05ports\x18\x03 \x03(\v2!.trellis.discovery.v1.PortAddressR\x05ports\x12\x18\n" +
-	"\aversion\x18\x04 \x01(\tR\aversion\x12;\n" +
-	"\x1acertificate_not_after_unix\x18\x05 \x01(\x03R\x17certificateNotAfterUnix\";\n" +
+	"\aversion\x18\x04 \x01(\tR\aversion\";\n" +
 	"\vPortAddress\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\rR\x04port\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\"5\n" +
 	"\x03Ack\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\"\t\n" +
-	"\aGoodbye\"H\n" +
-	"\tHeartbeat\x12;\n" +
-	"\x1acertificate_not_after_unix\x18\x01 \x01(\x03R\x17certificateNotAfterUnix\"\xe4\x02\n" +
+	"\aGoodbye\"\v\n" +
+	"\tHeartbeat\"\xe4\x02\n" +
 	"\x06Update\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12:\n" +
 	"\bworkload\x18\x02 \x01(\v2\x1e.trellis.discovery.v1.WorkloadR\bworkload\x12[\n" +
