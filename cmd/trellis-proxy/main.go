@@ -30,6 +30,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
 	identityv1 "github.com/trellis-mesh/trellis/api/identity/v1"
@@ -40,6 +41,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/proxy"
 	proxyconfig "github.com/trellis-mesh/trellis/internal/proxy/config"
+	"github.com/trellis-mesh/trellis/internal/proxy/intercept"
 )
 
 func main() {
@@ -149,6 +151,12 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
+	var pcfg *proxyconfig.Config
+	if cfg.configFile != "" {
+		if pcfg, err = proxyconfig.Load(cfg.configFile); err != nil {
+			return err
+		}
+	}
 
 	var (
 		holder   *identity.Holder
@@ -169,7 +177,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 			return nil
 		}
 	} else {
-		src, err := newSource(cfg, log)
+		src, err := newSource(cfg, log, controlPlaneDial(pcfg))
 		if err != nil {
 			return err
 		}
@@ -178,17 +186,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		runAgent = src.Run
 	}
 
-	var (
-		px   *proxy.Proxy
-		pcfg *proxyconfig.Config
-	)
+	var px *proxy.Proxy
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if cfg.configFile != "" {
-		pcfg, err = proxyconfig.Load(cfg.configFile)
-		if err != nil {
-			return err
-		}
 		if cfg.follow && pcfg.Policies != "" {
 			return fmt.Errorf("%s sets policies, but with --control-plane they come from the control plane: remove the policies field", cfg.configFile)
 		}
@@ -272,7 +273,21 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	return err
 }
 
-func newSource(cfg config, log *slog.Logger) (*identity.Source, error) {
+// controlPlaneDial returns the dial options for the control plane's
+// services. Under transparent interception the proxy's own connections to
+// it must carry the bypass mark, or the rules would send them back to the
+// proxy's outbound listener.
+func controlPlaneDial(pcfg *proxyconfig.Config) []grpc.DialOption {
+	if pcfg == nil || pcfg.Transparent == nil {
+		return nil
+	}
+	return []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+		d := net.Dialer{Control: intercept.MarkControl}
+		return d.DialContext(ctx, "tcp", addr)
+	})}
+}
+
+func newSource(cfg config, log *slog.Logger, dial []grpc.DialOption) (*identity.Source, error) {
 	td, err := spiffeid.TrustDomainFromString(cfg.trustDomain)
 	if err != nil {
 		return nil, fmt.Errorf("--trust-domain %q: %w", cfg.trustDomain, err)
@@ -295,7 +310,8 @@ func newSource(cfg config, log *slog.Logger) (*identity.Source, error) {
 	}
 	return identity.NewSource(identity.Config{
 		Log: log, Addr: cfg.identityAddr, ID: id, ServerID: meshid.ControlPlane(td), Bundle: bundle, TTL: cfg.ttl,
-		Credential: &identityv1.Credential{Type: identity.CredentialJoinToken, Value: strings.TrimSpace(string(token))},
+		Credential:  &identityv1.Credential{Type: identity.CredentialJoinToken, Value: strings.TrimSpace(string(token))},
+		DialOptions: dial,
 	})
 }
 
@@ -321,6 +337,7 @@ func newFollower(cfg config, pcfg *proxyconfig.Config, holder *identity.Holder, 
 	return discovery.New(discovery.Config{
 		Addr: cfg.identityAddr, ServerID: meshid.ControlPlane(td), Holder: holder,
 		Workload: pcfg.Workload.Name, Instance: instance, Ports: ports, Log: log.With("component", "discovery"),
+		DialOptions: controlPlaneDial(pcfg),
 		Apply: func(u *discoveryv1.Update) error {
 			pu, err := discovery.ProxyUpdate(u)
 			if err != nil {

@@ -54,9 +54,10 @@ whole and reported by 'trellis status'.`,
 
 func newStatusCommand() *cobra.Command {
 	var (
-		stateDir, adminAddr, output string
-		wait                        bool
-		timeout                     time.Duration
+		mesh              meshFlags
+		adminAddr, output string
+		wait              bool
+		timeout           time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "status",
@@ -69,14 +70,14 @@ change to the resource directory was rejected, with file and field.
 With --wait, block until every connected proxy runs its current version
 (this makes a PERMISSIVE → STRICT change safe to script).`,
 		Example: `  trellis status
-  trellis status --wait --timeout 30s
+  trellis status -f examples/zero-trust/mesh.yaml --wait --timeout 30s
   trellis status -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != "text" && output != "json" {
 				return fmt.Errorf("--output %q: use text or json", output)
 			}
-			client, err := controlplane.Dial(stateDir, adminAddr)
+			client, err := controlplane.Dial(mesh.dir(cmd), adminAddr)
 			if err != nil {
 				return err
 			}
@@ -116,7 +117,7 @@ With --wait, block until every connected proxy runs its current version
 			return nil
 		},
 	}
-	addStateDirFlag(cmd, &stateDir)
+	mesh.add(cmd)
 	cmd.Flags().StringVar(&adminAddr, "admin-addr", "", "admin API address (default: read from the state directory)")
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until every connected proxy runs its current configuration")
 	cmd.Flags().DurationVar(&timeout, "timeout", time.Minute, "how long --wait waits")

@@ -31,6 +31,10 @@ between workloads mutual TLS, and decides who may call whom by identity.`,
 		newPolicyCommand(),
 		newControlPlaneCommand(),
 		newStatusCommand(),
+		newUpCommand(),
+		newDownCommand(),
+		newExecCommand(),
+		newLogsCommand(),
 	)
 	return root
 }

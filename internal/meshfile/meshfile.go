@@ -1,0 +1,349 @@
+// Package meshfile reads the file `trellis up` runs: a whole mesh on one
+// machine — its workloads (the programs to run, how many replicas, with a
+// sidecar or not), its services, and the policy directory. It is strictly
+// decoded (an unknown field is an error) and validated with messages that
+// name the field and the fix.
+package meshfile
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	yaml "go.yaml.in/yaml/v2"
+
+	"github.com/trellis-mesh/trellis/internal/controlplane"
+	"github.com/trellis-mesh/trellis/internal/meshid"
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+)
+
+// Isolation modes.
+const (
+	// IsolationNetns runs each replica in its own network namespace with
+	// transparent interception (Linux, root).
+	IsolationNetns = "netns"
+	// IsolationProcess runs replicas as plain processes (anywhere); not
+	// implemented yet.
+	IsolationProcess = "process"
+)
+
+// Mesh is the mesh file.
+type Mesh struct {
+	APIVersion  string     `yaml:"apiVersion"`
+	Kind        string     `yaml:"kind"`
+	TrustDomain string     `yaml:"trustDomain"`
+	Isolation   string     `yaml:"isolation"`
+	Policies    string     `yaml:"policies"`
+	Workloads   []Workload `yaml:"workloads"`
+	Services    []Service  `yaml:"services"`
+
+	// Dir is the directory of the file; commands and paths are relative
+	// to it.
+	Dir string `yaml:"-"`
+}
+
+// Workload is a program the mesh runs, with its sidecar unless Inject is
+// false.
+type Workload struct {
+	Name           string            `yaml:"name"`
+	Namespace      string            `yaml:"namespace"`
+	ServiceAccount string            `yaml:"serviceAccount"`
+	Labels         map[string]string `yaml:"labels"`
+	Command        []string          `yaml:"command"`
+	Env            map[string]string `yaml:"env"`
+	Ports          []Port            `yaml:"ports"`
+	Replicas       *int              `yaml:"replicas"`
+	Inject         *bool             `yaml:"inject"`
+}
+
+// Port is a port the workload's program listens on.
+type Port struct {
+	Port     uint32 `yaml:"port"`
+	Protocol string `yaml:"protocol"`
+}
+
+// Service names the workloads its selector matches.
+type Service struct {
+	Name      string            `yaml:"name"`
+	Namespace string            `yaml:"namespace"`
+	Selector  map[string]string `yaml:"selector"`
+	Ports     []ServicePort     `yaml:"ports"`
+}
+
+// ServicePort is one port of a service.
+type ServicePort struct {
+	Name        string `yaml:"name"`
+	Port        uint32 `yaml:"port"`
+	TargetPort  uint32 `yaml:"targetPort"`
+	AppProtocol string `yaml:"appProtocol"`
+}
+
+// ReplicaCount returns the number of replicas (1 unless set).
+func (w Workload) ReplicaCount() int {
+	if w.Replicas == nil {
+		return 1
+	}
+	return *w.Replicas
+}
+
+// Injected reports whether the workload runs with a sidecar (the default).
+func (w Workload) Injected() bool { return w.Inject == nil || *w.Inject }
+
+// Ref returns "namespace/name".
+func (w Workload) Ref() string { return w.Namespace + "/" + w.Name }
+
+// Load reads and validates a mesh file.
+func Load(path string) (*Mesh, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("mesh file: %w", err)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	m, err := Parse(data, filepath.Dir(abs))
+	if err != nil {
+		return nil, fmt.Errorf("mesh file %s: %w", path, err)
+	}
+	return m, nil
+}
+
+// Parse decodes a mesh file whose directory is dir.
+func Parse(data []byte, dir string) (*Mesh, error) {
+	var m Mesh
+	if err := yaml.UnmarshalStrict(data, &m); err != nil {
+		return nil, fmt.Errorf("%s (see the fields of kind Mesh in the README)", strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	m.Dir = dir
+	if m.TrustDomain == "" {
+		m.TrustDomain = meshid.DefaultTrustDomain
+	}
+	if m.Isolation == "" {
+		m.Isolation = IsolationNetns
+	}
+	for i := range m.Workloads {
+		if m.Workloads[i].ServiceAccount == "" {
+			m.Workloads[i].ServiceAccount = m.Workloads[i].Name
+		}
+	}
+	for i := range m.Services {
+		for j := range m.Services[i].Ports {
+			if p := &m.Services[i].Ports[j]; p.TargetPort == 0 {
+				p.TargetPort = p.Port
+			}
+		}
+	}
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
+
+// Validate reports every problem with its field path.
+func (m *Mesh) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	if m.APIVersion != "trellis.dev/v1" {
+		bad("apiVersion", "%q is not supported: use trellis.dev/v1", m.APIVersion)
+	}
+	if m.Kind != "Mesh" {
+		bad("kind", "%q is not supported: use Mesh", m.Kind)
+	}
+	if _, err := spiffeid.TrustDomainFromString(m.TrustDomain); err != nil {
+		bad("trustDomain", "%q is not a trust domain such as cluster.local: %v", m.TrustDomain, err)
+	}
+	switch m.Isolation {
+	case IsolationNetns:
+	case IsolationProcess:
+		bad("isolation", "process isolation is not implemented yet: use netns (Linux, as root)")
+	default:
+		bad("isolation", "%q is not one of netns, process", m.Isolation)
+	}
+	if m.Policies != "" {
+		if fi, err := os.Stat(m.Path(m.Policies)); err != nil || !fi.IsDir() {
+			bad("policies", "%s is not a directory (relative paths are relative to the mesh file)", m.Path(m.Policies))
+		}
+	}
+	if len(m.Workloads) == 0 {
+		bad("workloads", "is empty: list the programs to run")
+	}
+	seen := map[string]bool{}
+	for i, w := range m.Workloads {
+		f := fmt.Sprintf("workloads[%d]", i)
+		if err := meshid.ValidateName("name", w.Name); err != nil {
+			bad(f+".name", "%v", err)
+		}
+		if err := meshid.ValidateName("namespace", w.Namespace); err != nil {
+			bad(f+".namespace", "%v", err)
+		}
+		if err := meshid.ValidateName("service account", w.ServiceAccount); err != nil {
+			bad(f+".serviceAccount", "%v", err)
+		}
+		if seen[w.Ref()] {
+			bad(f+".name", "workload %s is listed twice", w.Ref())
+		}
+		seen[w.Ref()] = true
+		if len(w.Command) == 0 || w.Command[0] == "" {
+			bad(f+".command", "is empty: give the program and its arguments, such as [\"python3\", \"-m\", \"http.server\", \"8080\"]")
+		}
+		if w.Replicas != nil && (*w.Replicas < 1 || *w.Replicas > 50) {
+			bad(f+".replicas", "must be from 1 to 50")
+		}
+		for _, k := range slices.Sorted(maps.Keys(w.Env)) {
+			if k == "" || strings.ContainsAny(k, "=\x00") {
+				bad(f+".env", "%q is not an environment variable name", k)
+			}
+		}
+		ports := map[uint32]bool{}
+		for j, p := range w.Ports {
+			pf := fmt.Sprintf("%s.ports[%d]", f, j)
+			if p.Port == 0 || p.Port > 65535 {
+				bad(pf+".port", "must be a port number from 1 to 65535")
+			}
+			if reservedPort(p.Port) {
+				bad(pf+".port", "%d is the sidecar's; use another port for the program", p.Port)
+			}
+			if ports[p.Port] {
+				bad(pf+".port", "port %d is listed twice", p.Port)
+			}
+			ports[p.Port] = true
+			if p.Protocol != "" && config.ParseProtocol(p.Protocol) == config.ProtocolSniff {
+				bad(pf+".protocol", "%q is not a known protocol: use http, http2, grpc, tcp, mysql (server-first), or leave it empty to detect", p.Protocol)
+			}
+		}
+	}
+	services := map[string]bool{}
+	for i, s := range m.Services {
+		f := fmt.Sprintf("services[%d]", i)
+		if err := meshid.ValidateName("name", s.Name); err != nil {
+			bad(f+".name", "%v", err)
+		}
+		if err := meshid.ValidateName("namespace", s.Namespace); err != nil {
+			bad(f+".namespace", "%v", err)
+		}
+		key := s.Namespace + "/" + s.Name
+		if services[key] {
+			bad(f+".name", "service %s is listed twice", key)
+		}
+		services[key] = true
+		if len(s.Selector) == 0 {
+			bad(f+".selector", "is empty: select the workloads by labels, such as {app: %s}", s.Name)
+		}
+		matched := false
+		for _, w := range m.Workloads {
+			if w.Namespace == s.Namespace && selects(s.Selector, w.Labels) {
+				matched = true
+			}
+		}
+		if !matched && len(s.Selector) > 0 {
+			bad(f+".selector", "matches no workload of namespace %s: check the workloads' labels", s.Namespace)
+		}
+		if len(s.Ports) == 0 {
+			bad(f+".ports", "is empty: list at least one port, such as {name: http, port: 80, targetPort: 8080}")
+		}
+		for j, p := range s.Ports {
+			pf := fmt.Sprintf("%s.ports[%d]", f, j)
+			if p.Port == 0 || p.Port > 65535 {
+				bad(pf+".port", "must be a port number from 1 to 65535")
+			}
+			if p.TargetPort > 65535 {
+				bad(pf+".targetPort", "must be a port number from 1 to 65535")
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// reservedPort reports the ports the sidecar takes in every replica's
+// network namespace.
+func reservedPort(p uint32) bool {
+	return p == InboundPort || p == OutboundPort || p == AdminPort
+}
+
+// The sidecar's ports inside each replica's network namespace.
+const (
+	InboundPort  = 15006
+	OutboundPort = 15001
+	AdminPort    = 15000
+)
+
+func selects(selector, labels map[string]string) bool {
+	for k, v := range selector {
+		if got, ok := labels[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
+}
+
+// Path resolves p against the mesh file's directory.
+func (m *Mesh) Path(p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(m.Dir, p)
+}
+
+// ServiceRange is where service virtual IPs are allocated.
+var ServiceRange = netip.MustParsePrefix("198.19.0.0/16")
+
+// ServiceAddresses gives each service a virtual IP in ServiceRange, in the
+// order of the file.
+func (m *Mesh) ServiceAddresses() map[string]netip.Addr {
+	out := map[string]netip.Addr{}
+	a := ServiceRange.Addr().Next()
+	for _, s := range m.Services {
+		out[s.Namespace+"/"+s.Name] = a
+		a = a.Next()
+	}
+	return out
+}
+
+// HostNames returns the names under which a service resolves inside every
+// namespace: name.namespace, name.namespace.svc and
+// name.namespace.svc.cluster.local (Kubernetes' forms).
+func HostNames(namespace, name string) []string {
+	return []string{name + "." + namespace, name + "." + namespace + ".svc", name + "." + namespace + ".svc.cluster.local"}
+}
+
+// ControlPlane returns the control plane configuration for the mesh: the
+// injected workloads and the services, with their virtual IPs.
+func (m *Mesh) ControlPlane(stateDir, listen, adminListen string) *controlplane.Config {
+	// Replicas say goodbye when they stop; a crashed one leaves its
+	// services after a short grace (a certificate renewal reconnects).
+	grace := controlplane.Duration(10 * time.Second)
+	c := &controlplane.Config{
+		APIVersion: "trellis.dev/v1", Kind: "ControlPlane",
+		TrustDomain: m.TrustDomain, StateDir: stateDir, Listen: listen, AdminListen: adminListen,
+		Resources: m.Path(m.Policies), GracePeriod: &grace,
+	}
+	for _, w := range m.Workloads {
+		if !w.Injected() {
+			continue
+		}
+		cw := controlplane.Workload{Namespace: w.Namespace, Name: w.Name, ServiceAccount: w.ServiceAccount, Labels: w.Labels}
+		for _, p := range w.Ports {
+			cw.Ports = append(cw.Ports, controlplane.WorkloadPort{Port: p.Port, Protocol: p.Protocol})
+		}
+		c.Workloads = append(c.Workloads, cw)
+	}
+	vips := m.ServiceAddresses()
+	for _, s := range m.Services {
+		cs := controlplane.Service{Namespace: s.Namespace, Name: s.Name, Selector: s.Selector, Address: vips[s.Namespace+"/"+s.Name].String()}
+		for _, p := range s.Ports {
+			cs.Ports = append(cs.Ports, controlplane.ServicePort{Name: p.Name, Port: p.Port, TargetPort: p.TargetPort, AppProtocol: p.AppProtocol})
+		}
+		c.Services = append(c.Services, cs)
+	}
+	return c
+}

@@ -1,0 +1,210 @@
+package e2e
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/localrun"
+)
+
+// copyDir copies the files of an example (one level of subdirectories)
+// into a fresh directory, so the test can edit them and keep its state
+// out of the repository.
+func copyDir(t *testing.T, src string) string {
+	t.Helper()
+	dst := t.TempDir()
+	err := filepath.WalkDir(src, func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, path)
+		if strings.HasPrefix(rel, ".trellis") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() {
+			return os.MkdirAll(filepath.Join(dst, rel), 0o755)
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(filepath.Join(dst, rel), data, 0o644)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dst
+}
+
+// upMesh is a `trellis up` of an example, run by the test.
+type upMesh struct {
+	t    *testing.T
+	dir  string
+	file string
+	up   *proc
+}
+
+func startUp(t *testing.T, dir string) *upMesh {
+	t.Helper()
+	m := &upMesh{t: t, dir: dir, file: filepath.Join(dir, "mesh.yaml")}
+	m.up = background(t, dir, "The mesh is up", trellisBin, "up", "-f", m.file, "--proxy-binary", proxyBin)
+	return m
+}
+
+// exec runs a command inside a workload's network namespace.
+func (m *upMesh) exec(workload string, args ...string) result {
+	m.t.Helper()
+	return run(m.t, m.dir, "", trellisBin, append([]string{"exec", "-f", m.file, workload, "--"}, args...)...)
+}
+
+// stop interrupts `trellis up` as Ctrl-C does and waits for it.
+func (m *upMesh) stop() {
+	m.t.Helper()
+	if err := m.up.cmd.Process.Signal(syscall.SIGINT); err != nil {
+		m.t.Fatal(err)
+	}
+	select {
+	case <-m.up.exited:
+	case <-time.After(60 * time.Second):
+		m.t.Fatal("trellis up did not stop within 60s of SIGINT")
+	}
+}
+
+// leftovers lists what of the mesh is still on the machine: network
+// namespaces, links and hosts-file directories with its prefix.
+func leftovers(t *testing.T, prefix string) []string {
+	t.Helper()
+	var out []string
+	ns, _ := exec.Command("ip", "netns", "list").Output()
+	links, _ := exec.Command("ip", "-o", "link", "show").Output()
+	for _, l := range strings.Split(string(ns)+string(links), "\n") {
+		if strings.Contains(l, prefix) {
+			out = append(out, l)
+		}
+	}
+	if matches, _ := filepath.Glob("/etc/netns/" + prefix + "*"); len(matches) > 0 {
+		out = append(out, matches...)
+	}
+	return out
+}
+
+// TestUpZeroTrustExample runs examples/zero-trust with `trellis up`: every
+// workload in its own network namespace with unmodified programs (nginx,
+// python3's http.server) calling services by name. checkout may POST
+// orders (served by both replicas); anything else gets 403 naming the
+// reason; a workload without sidecar cannot reach orders-api at all; a
+// policy edit takes effect without restart; Ctrl-C removes everything;
+// after a crash, the next up cleans the leftovers and keeps the CA.
+func TestUpZeroTrustExample(t *testing.T) {
+	requireRoot(t)
+	for _, tool := range []string{"ip", "iptables", "ip6tables", "curl", "nginx", "python3"} {
+		requireTool(t, tool)
+	}
+	dir := copyDir(t, "../../examples/zero-trust")
+	prefix := localrun.Prefix(dir)
+	t.Cleanup(func() {
+		if l := leftovers(t, prefix); len(l) > 0 {
+			t.Errorf("left on the machine after the test: %v", l)
+		}
+	})
+	m := startUp(t, dir)
+
+	// Orders from checkout succeed, spread over both replicas.
+	served := map[string]bool{}
+	for i := 0; i < 20 && len(served) < 2; i++ {
+		r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "-X", "POST", "http://orders-api.shipping/v1/orders")
+		if r.err != nil || !strings.HasPrefix(r.stdout, "order accepted by orders-api at 198.18.") {
+			t.Fatalf("POST from checkout: %v %q %s", r.err, r.stdout, r.stderr)
+		}
+		served[r.stdout] = true
+	}
+	if len(served) != 2 {
+		t.Errorf("20 orders were served by %d replica(s), want both: %v", len(served), served)
+	}
+	// The other Kubernetes spelling of the name resolves too.
+	if r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "-X", "POST", "http://orders-api.shipping.svc.cluster.local/v1/orders"); r.err != nil {
+		t.Fatalf("POST to the FQDN: %v %s", r.err, r.stderr)
+	}
+	// GET is not allowed, and badge-reader may not call at all.
+	r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "-i", "http://orders-api.shipping/v1/orders")
+	if !strings.Contains(r.stdout, "403 Forbidden") || !strings.Contains(strings.ToLower(r.stdout), "x-trellis-denied-by: no matching allow policy") {
+		t.Fatalf("GET from checkout:\n%s", r.stdout)
+	}
+	r = m.exec("default/badge-reader", "curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "http://orders-api.shipping/v1/orders")
+	if r.stdout != "403" {
+		t.Fatalf("POST from badge-reader = %q, want 403", r.stdout)
+	}
+	// legacy has no sidecar: plaintext, which STRICT shipping refuses —
+	// neither the service address nor a replica's own address answers.
+	r = m.exec("default/legacy", "curl", "-sS", "--connect-timeout", "2", "-m", "5", "-X", "POST", "http://orders-api.shipping/v1/orders")
+	if r.err == nil {
+		t.Fatalf("legacy reached orders-api through the service: %q", r.stdout)
+	}
+	r = m.exec("default/legacy", "curl", "-sS", "--connect-timeout", "2", "-m", "5", "-X", "POST", "http://198.18.0.2:8080/v1/orders")
+	if r.err == nil {
+		t.Fatalf("legacy reached an orders-api replica directly: %q", r.stdout)
+	}
+
+	// A policy edit while the mesh runs: badge-reader may now place orders.
+	policy := filepath.Join(dir, "policies", "orders-api.yaml")
+	data, err := os.ReadFile(policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edited := bytes.Replace(data, []byte(`principals: ["cluster.local/ns/default/sa/checkout-service"]`),
+		[]byte(`principals: ["cluster.local/ns/default/sa/checkout-service", "cluster.local/ns/default/sa/badge-reader"]`), 1)
+	if bytes.Equal(edited, data) {
+		t.Fatal("the example policy no longer has the line this test edits")
+	}
+	if err := os.WriteFile(policy, edited, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	trellis(t, dir, "status", "-f", m.file, "--wait", "--timeout", "20s")
+	r = m.exec("default/badge-reader", "curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "http://orders-api.shipping/v1/orders")
+	if r.stdout != "200" {
+		t.Fatalf("POST from badge-reader after the edit = %q, want 200", r.stdout)
+	}
+	if out := trellis(t, dir, "logs", "-f", m.file, "shipping/orders-api"); !strings.Contains(out, "POST /v1/orders") {
+		t.Errorf("trellis logs does not show nginx's access log:\n%s", out)
+	}
+
+	m.stop()
+	if l := leftovers(t, prefix); len(l) > 0 {
+		t.Fatalf("after Ctrl-C, still on the machine: %v", l)
+	}
+
+	// A crash leaves everything behind; the next up cleans it first and
+	// keeps the CA.
+	bundle, err := os.ReadFile(filepath.Join(dir, ".trellis", "bundle.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m = startUp(t, dir)
+	if err := m.up.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-m.up.exited
+	if len(leftovers(t, prefix)) == 0 {
+		t.Fatal("a killed trellis up left nothing behind; this test no longer tests cleanup")
+	}
+	// Its workloads and sidecars outlived it; the next up must stop them.
+	m = startUp(t, dir)
+	r = m.exec("default/checkout", "curl", "-sS", "-m", "5", "-X", "POST", "http://orders-api.shipping/v1/orders")
+	if r.err != nil {
+		t.Fatalf("POST after a restart over leftovers: %v %s", r.err, r.stderr)
+	}
+	bundle2, err := os.ReadFile(filepath.Join(dir, ".trellis", "bundle.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(bundle, bundle2) {
+		t.Fatal("the CA changed across runs")
+	}
+	m.stop()
+}
