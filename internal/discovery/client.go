@@ -234,8 +234,6 @@ func (c *Client) session(ctx context.Context) error {
 				c.version = u.GetVersion()
 				c.mu.Unlock()
 				c.once.Do(func() { close(c.synced) })
-				c.cfg.Log.Info("configuration applied", "version", u.GetVersion(), "destinations", len(u.GetDestinations()),
-					"peerAuthentications", len(u.GetPeerAuthentications()), "authorizationPolicies", len(u.GetAuthorizationPolicies()))
 			}
 			if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Ack{Ack: ack}}); err != nil {
 				return streamError(recvErr, err)

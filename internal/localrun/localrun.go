@@ -47,7 +47,9 @@ const RunFile = "up.json"
 // loopback.
 const (
 	controlPlanePort = 15012
-	adminAddr        = "127.0.0.1:15014"
+	// adminAddr: any free loopback port; the CLI finds it in the state
+	// directory, and several meshes can run at once.
+	adminAddr = "127.0.0.1:0"
 	stopWait         = 5 * time.Second
 	proxyDrainWait   = 15 * time.Second
 )
@@ -71,7 +73,6 @@ type State struct {
 	PID      int       `json:"pid"`
 	Prefix   string    `json:"prefix"`
 	MeshFile string    `json:"meshDir"`
-	Admin    string    `json:"admin"`
 	Replicas []Replica `json:"replicas"`
 }
 
@@ -127,6 +128,7 @@ type runner struct {
 	apps     []*process
 	proxies  []*process
 	exited   <-chan *process
+	ports    map[string][]uint32 // workload → its declared ports
 	mu       sync.Mutex
 	replicas []Replica
 }
@@ -141,7 +143,12 @@ func Run(ctx context.Context, opts Options) (err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	r := &runner{opts: opts, log: log}
+	r := &runner{opts: opts, log: log, ports: map[string][]uint32{}}
+	for _, w := range m.Workloads {
+		for _, p := range w.Ports {
+			r.ports[w.Ref()] = append(r.ports[w.Ref()], p.Port)
+		}
+	}
 	prefix := Prefix(m.Dir)
 	if err := os.MkdirAll(filepath.Join(opts.StateDir, "logs"), 0o700); err != nil {
 		return err
@@ -156,7 +163,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	if err := localnet.Cleanup(prefix, log); err != nil {
 		return fmt.Errorf("removing leftovers of a previous run: %w", err)
 	}
-	r.net, err = localnet.Create(localnet.Config{Prefix: prefix, ServiceRange: meshfile.ServiceRange, Log: log})
+	r.net, err = createNetwork(prefix, log)
 	if err != nil {
 		return err
 	}
@@ -212,6 +219,30 @@ func Run(ctx context.Context, opts Options) (err error) {
 	}
 }
 
+// createNetwork makes the mesh's bridge on a /24 of 198.18.0.0/16 of its
+// own — the one its prefix hashes to, or the next free one — so that
+// several meshes can run side by side. (198.19.0.0/16, the other half of
+// the benchmark range, holds the services' virtual IPs.)
+func createNetwork(prefix string, log *slog.Logger) (*localnet.Network, error) {
+	h := fnv.New32a()
+	h.Write([]byte(prefix))
+	start := int(h.Sum32() % 256)
+	var lastErr error
+	for i := range 256 {
+		n := (start + i) % 256
+		subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(n), 0}), 24)
+		nw, err := localnet.Create(localnet.Config{Prefix: prefix, Subnet: subnet, ServiceRange: meshfile.ServiceRange, Log: log})
+		if err == nil {
+			return nw, nil
+		}
+		if !errors.Is(err, localnet.ErrSubnetInUse) {
+			return nil, err
+		}
+		lastErr = err
+	}
+	return nil, lastErr
+}
+
 // startAll creates every replica's namespace and starts its sidecar and
 // program.
 func (r *runner) startAll(prefix string) error {
@@ -224,6 +255,8 @@ func (r *runner) startAll(prefix string) error {
 		}
 	}
 	tokens := jointoken.NewStore(r.opts.StateDir, nil)
+	var plain []*localnet.Host         // replicas without sidecar
+	addrs := map[string][]netip.Addr{} // workload → its replicas' addresses
 	bundle := filepath.Join(r.opts.StateDir, "bundle.pem")
 	for _, w := range m.Workloads {
 		for i := range w.ReplicaCount() {
@@ -235,6 +268,10 @@ func (r *runner) startAll(prefix string) error {
 			host, err := r.net.AddHost(spec)
 			if err != nil {
 				return fmt.Errorf("workload %s replica %d: %w", w.Ref(), i, err)
+			}
+			addrs[w.Ref()] = append(addrs[w.Ref()], host.Addr)
+			if !w.Injected() {
+				plain = append(plain, host)
 			}
 			rep := Replica{Workload: w.Ref(), Index: i, Netns: host.Netns, Address: host.Addr.String(), Injected: w.Injected(),
 				AppLog: filepath.Join(r.opts.StateDir, "logs", name+".log")}
@@ -288,7 +325,45 @@ func (r *runner) startAll(prefix string) error {
 			}
 		}
 	}
+	// Without a sidecar nothing resolves a service's virtual IP; do what
+	// kube-proxy does for such pods, so a plaintext client reaches the
+	// service (and the PeerAuthentication mode decides whether it may).
+	rules := serviceRules(m, addrs)
+	for _, h := range plain {
+		for _, rule := range rules {
+			if out, err := h.Command(context.Background(), "iptables", rule...).CombinedOutput(); err != nil {
+				return fmt.Errorf("service rules in %s: iptables %s: %v: %s", h.Netns, strings.Join(rule, " "), err, out)
+			}
+		}
+	}
 	return nil
+}
+
+// serviceRules returns the iptables rules that send connections to a
+// service's virtual IP and port to one of its replicas' target port,
+// spread at random as kube-proxy does.
+func serviceRules(m *meshfile.Mesh, addrs map[string][]netip.Addr) [][]string {
+	vips := m.ServiceAddresses()
+	var rules [][]string
+	for _, s := range m.Services {
+		var backends []netip.Addr
+		for _, w := range m.Workloads {
+			if s.Selects(w) {
+				backends = append(backends, addrs[w.Ref()]...)
+			}
+		}
+		vip := vips[s.Namespace+"/"+s.Name].String()
+		for _, p := range s.Ports {
+			for i, b := range backends {
+				rule := []string{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", vip, "--dport", strconv.Itoa(int(p.Port))}
+				if left := len(backends) - i; left > 1 {
+					rule = append(rule, "-m", "statistic", "--mode", "random", "--probability", strconv.FormatFloat(1/float64(left), 'f', 5, 64))
+				}
+				rules = append(rules, append(rule, "-j", "DNAT", "--to-destination", net.JoinHostPort(b.String(), strconv.Itoa(int(p.TargetPort)))))
+			}
+		}
+	}
+	return rules
 }
 
 // commandPath keeps a bare program name (found on PATH) as it is and makes
@@ -378,7 +453,7 @@ func (r *runner) stopAll() {
 
 func (r *runner) writeState(prefix string) error {
 	r.mu.Lock()
-	st := State{PID: os.Getpid(), Prefix: prefix, MeshFile: r.opts.Mesh.Dir, Admin: adminAddr, Replicas: slices.Clone(r.replicas)}
+	st := State{PID: os.Getpid(), Prefix: prefix, MeshFile: r.opts.Mesh.Dir, Replicas: slices.Clone(r.replicas)}
 	r.mu.Unlock()
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
@@ -399,11 +474,11 @@ func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlan
 				connected++
 			}
 		}
-		if connected == len(r.proxies) && st.Converged {
+		if connected == len(r.proxies) && st.Converged && r.listening() {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("only %d of %d sidecars registered and converged within 60s; see the logs under %s", connected, len(r.proxies), filepath.Join(r.opts.StateDir, "logs"))
+			return fmt.Errorf("within 60s, %d of %d sidecars registered and converged, and not every program listens on its ports; see the logs under %s", connected, len(r.proxies), filepath.Join(r.opts.StateDir, "logs"))
 		}
 		select {
 		case <-ctx.Done():
@@ -413,6 +488,24 @@ func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlan
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// listening reports whether every replica's program listens on each of
+// its declared ports (seen from inside its namespace: from outside, the
+// sidecar's interception answers for it).
+func (r *runner) listening() bool {
+	r.mu.Lock()
+	reps := slices.Clone(r.replicas)
+	r.mu.Unlock()
+	for _, rep := range reps {
+		for _, p := range r.ports[rep.Workload] {
+			out, err := exec.Command("ip", "netns", "exec", rep.Netns, "ss", "-Hltn", "sport", "=", ":"+strconv.Itoa(int(p))).Output()
+			if err != nil || len(strings.TrimSpace(string(out))) == 0 {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func (r *runner) printSummary(cp *controlplane.ControlPlane) {

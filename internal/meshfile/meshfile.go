@@ -241,7 +241,7 @@ func (m *Mesh) Validate() error {
 		}
 		matched := false
 		for _, w := range m.Workloads {
-			if w.Namespace == s.Namespace && selects(s.Selector, w.Labels) {
+			if s.Selects(w) {
 				matched = true
 			}
 		}
@@ -277,9 +277,14 @@ const (
 	AdminPort    = 15000
 )
 
-func selects(selector, labels map[string]string) bool {
-	for k, v := range selector {
-		if got, ok := labels[k]; !ok || got != v {
+// Selects reports whether the service's selector matches the workload:
+// same namespace, every selector label on the workload.
+func (s Service) Selects(w Workload) bool {
+	if w.Namespace != s.Namespace || len(s.Selector) == 0 {
+		return false
+	}
+	for k, v := range s.Selector {
+		if got, ok := w.Labels[k]; !ok || got != v {
 			return false
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -116,10 +117,13 @@ func TestUpZeroTrustExample(t *testing.T) {
 	m := startUp(t, dir)
 
 	// Orders from checkout succeed, spread over both replicas.
+	if st, err := localrun.ReadState(filepath.Join(dir, ".trellis")); err != nil || st.Replicas[0].Workload != "shipping/orders-api" {
+		t.Fatalf("state: %+v %v", st, err)
+	}
 	served := map[string]bool{}
 	for i := 0; i < 20 && len(served) < 2; i++ {
 		r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "-X", "POST", "http://orders-api.shipping/v1/orders")
-		if r.err != nil || !strings.HasPrefix(r.stdout, "order accepted by orders-api at 198.18.") {
+		if r.err != nil || !strings.HasPrefix(r.stdout, "order accepted by orders-api at 198.1") {
 			t.Fatalf("POST from checkout: %v %q %s", r.err, r.stdout, r.stderr)
 		}
 		served[r.stdout] = true
@@ -146,7 +150,11 @@ func TestUpZeroTrustExample(t *testing.T) {
 	if r.err == nil {
 		t.Fatalf("legacy reached orders-api through the service: %q", r.stdout)
 	}
-	r = m.exec("default/legacy", "curl", "-sS", "--connect-timeout", "2", "-m", "5", "-X", "POST", "http://198.18.0.2:8080/v1/orders")
+	st, err := localrun.ReadState(filepath.Join(dir, ".trellis"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r = m.exec("default/legacy", "curl", "-sS", "--connect-timeout", "2", "-m", "5", "-X", "POST", "http://"+st.Replicas[0].Address+":8080/v1/orders")
 	if r.err == nil {
 		t.Fatalf("legacy reached an orders-api replica directly: %q", r.stdout)
 	}
@@ -207,4 +215,118 @@ func TestUpZeroTrustExample(t *testing.T) {
 		t.Fatal("the CA changed across runs")
 	}
 	m.stop()
+}
+
+// TestUpPermissiveToStrict walks examples/permissive-to-strict: under
+// PERMISSIVE a meshed client and a legacy one without sidecar both reach
+// a stock Redis and HTTP server; the sidecars' metrics show the plaintext
+// caller; after the switch to STRICT and `trellis status --wait`, the
+// meshed client still works and the legacy one is refused, its open
+// connection included.
+func TestUpPermissiveToStrict(t *testing.T) {
+	requireRoot(t)
+	for _, tool := range []string{"ip", "iptables", "curl", "python3", "redis-server", "redis-cli", "ss"} {
+		requireTool(t, tool)
+	}
+	dir := copyDir(t, "../../examples/permissive-to-strict")
+	prefix := localrun.Prefix(dir)
+	t.Cleanup(func() {
+		if l := leftovers(t, prefix); len(l) > 0 {
+			t.Errorf("left on the machine after the test: %v", l)
+		}
+	})
+	m := startUp(t, dir)
+	t.Cleanup(m.stop)
+	redis := func(workload string, args ...string) result {
+		return m.exec(workload, append([]string{"redis-cli", "-h", "ledger.payments"}, args...)...)
+	}
+	if r := redis("default/api", "SET", "balance", "100"); strings.TrimSpace(r.stdout) != "OK" {
+		t.Fatalf("meshed SET: %q %v %s", r.stdout, r.err, r.stderr)
+	}
+	if r := redis("default/batch-job", "GET", "balance"); strings.TrimSpace(r.stdout) != "100" {
+		t.Fatalf("plaintext GET under PERMISSIVE: %q %v %s", r.stdout, r.err, r.stderr)
+	}
+	if r := m.exec("default/batch-job", "curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "http://web.payments/"); r.stdout != "200" {
+		t.Fatalf("plaintext HTTP under PERMISSIVE = %q %s", r.stdout, r.stderr)
+	}
+	metrics := m.exec("payments/ledger", "curl", "-sS", "127.0.0.1:15000/metrics").stdout
+	if !strings.Contains(metrics, `trellis_tcp_connections_total{decision="allow",destination="spiffe://cluster.local/ns/payments/sa/ledger",direction="inbound",policy="",source="unknown",tls="false"} 1`) ||
+		!strings.Contains(metrics, `source="spiffe://cluster.local/ns/default/sa/api",tls="true"`) {
+		t.Fatalf("the ledger's sidecar does not show one plaintext and one mTLS caller:\n%s", metrics)
+	}
+
+	// A plaintext connection open across the switch is closed by it.
+	held := exec.Command("ip", "netns", "exec", netnsOf(t, dir, "default/batch-job"), "redis-cli", "-h", "ledger.payments")
+	stdin, err := held.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	heldOut := &lockedBuffer{}
+	held.Stdout, held.Stderr = heldOut, heldOut
+	if err := held.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = held.Process.Kill(); _ = held.Wait() })
+	if _, err := stdin.Write([]byte("PING\n")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the held connection to answer", func() bool { return strings.Contains(heldOut.String(), "PONG") })
+
+	policy := filepath.Join(dir, "policies", "payments.yaml")
+	data, err := os.ReadFile(policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(policy, bytes.Replace(data, []byte("mode: PERMISSIVE"), []byte("mode: STRICT"), 1), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	trellis(t, dir, "status", "-f", m.file, "--wait", "--timeout", "20s")
+	if r := redis("default/api", "GET", "balance"); strings.TrimSpace(r.stdout) != "100" {
+		t.Fatalf("meshed GET under STRICT: %q %v %s", r.stdout, r.err, r.stderr)
+	}
+	if r := redis("default/batch-job", "GET", "balance"); strings.TrimSpace(r.stdout) == "100" {
+		t.Fatal("plaintext GET succeeded under STRICT")
+	}
+	if r := m.exec("default/batch-job", "curl", "-sS", "-m", "5", "http://web.payments/"); r.err == nil {
+		t.Fatalf("plaintext HTTP succeeded under STRICT: %q", r.stdout)
+	}
+	if _, err := stdin.Write([]byte("PING\n")); err == nil {
+		waitFor(t, 10*time.Second, "the held plaintext connection to be closed", func() bool {
+			out := heldOut.String()
+			return strings.Count(out, "PONG") == 1 && strings.Contains(out, "Server closed the connection")
+		})
+	}
+}
+
+func netnsOf(t *testing.T, dir, workload string) string {
+	t.Helper()
+	st, err := localrun.ReadState(filepath.Join(dir, ".trellis"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range st.Replicas {
+		if r.Workload == workload {
+			return r.Netns
+		}
+	}
+	t.Fatalf("no replica of %s", workload)
+	return ""
+}
+
+// lockedBuffer collects a process's output while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
