@@ -49,9 +49,9 @@ const (
 	controlPlanePort = 15012
 	// adminAddr: any free loopback port; the CLI finds it in the state
 	// directory, and several meshes can run at once.
-	adminAddr = "127.0.0.1:0"
-	stopWait         = 5 * time.Second
-	proxyDrainWait   = 15 * time.Second
+	adminAddr      = "127.0.0.1:0"
+	stopWait       = 5 * time.Second
+	proxyDrainWait = 15 * time.Second
 )
 
 // Options configure Run.
