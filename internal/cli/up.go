@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -64,8 +65,13 @@ and root (network namespaces, iptables).`,
 					return err
 				}
 			}
-			return localrun.Run(cmd.Context(), localrun.Options{
-				Mesh: m, StateDir: stateDir, ProxyBinary: proxyBin, Log: logger(cmd), Out: cmd.OutOrStdout(),
+			// A closed terminal (SIGHUP) stops the mesh in order, like
+			// Ctrl-C; a closed output pipe must not kill up mid-stop.
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGHUP)
+			defer stop()
+			signal.Ignore(syscall.SIGPIPE)
+			return localrun.Run(ctx, localrun.Options{
+				Mesh: m, MeshFile: file, StateDir: stateDir, ProxyBinary: proxyBin, Log: logger(cmd), Out: cmd.OutOrStdout(),
 			})
 		},
 	}
@@ -102,6 +108,15 @@ func newDownCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if !localrun.Running(f.dir(cmd)) {
+				// up died without stopping what it started.
+				if err := localrun.CleanupStopped(f.dir(cmd), logger(cmd)); err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), "The mesh was not running; removed what it had left behind.")
+				return nil
+			}
+			// The record is up's own while it holds the lock.
 			if err := syscall.Kill(st.PID, syscall.SIGINT); err != nil {
 				return fmt.Errorf("signal trellis up (pid %d): %w", st.PID, err)
 			}

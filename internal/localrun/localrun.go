@@ -24,6 +24,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -56,7 +57,9 @@ const (
 
 // Options configure Run.
 type Options struct {
-	Mesh     *meshfile.Mesh
+	Mesh *meshfile.Mesh
+	// MeshFile is the path the user gave, for the commands printed.
+	MeshFile string
 	StateDir string
 	// ProxyBinary is the trellis-proxy executable.
 	ProxyBinary string
@@ -90,9 +93,12 @@ type Replica struct {
 // Prefix names what a mesh creates on the machine: stable for a mesh
 // directory, so leftovers of a crashed run are found by the next.
 func Prefix(meshDir string) string {
+	if real, err := filepath.EvalSymlinks(meshDir); err == nil {
+		meshDir = real
+	}
 	h := fnv.New32a()
 	h.Write([]byte(meshDir))
-	return fmt.Sprintf("trl%04x", h.Sum32()&0xffff)
+	return fmt.Sprintf("trl%05x", h.Sum32()&0xfffff)
 }
 
 // ReadState returns the record of the mesh running with stateDir.
@@ -128,6 +134,7 @@ type runner struct {
 	apps     []*process
 	proxies  []*process
 	exited   <-chan *process
+	appUser  *credential         // who the programs run as
 	ports    map[string][]uint32 // workload → its declared ports
 	mu       sync.Mutex
 	replicas []Replica
@@ -149,18 +156,25 @@ func Run(ctx context.Context, opts Options) (err error) {
 			r.ports[w.Ref()] = append(r.ports[w.Ref()], p.Port)
 		}
 	}
+	if r.appUser, err = appCredential(); err != nil {
+		return err
+	}
 	prefix := Prefix(m.Dir)
 	if err := os.MkdirAll(filepath.Join(opts.StateDir, "logs"), 0o700); err != nil {
 		return err
 	}
-	if prev, err := ReadState(opts.StateDir); err == nil {
-		if alive(prev.PID) {
-			return fmt.Errorf("a mesh is already running from %s (pid %d): stop it with 'trellis down' first", opts.StateDir, prev.PID)
-		}
-		log.Info("removing the leftovers of a mesh that did not stop cleanly", "pid", prev.PID)
+	// One up per mesh and per state directory, for as long as it runs:
+	// a second one would take the first's network for leftovers.
+	unlock, err := lockRun(prefix, opts.StateDir)
+	if err != nil {
+		return err
 	}
-	killLeftovers(prefix, log)
-	if err := localnet.Cleanup(prefix, log); err != nil {
+	defer unlock()
+	// Holding the locks, whatever is left of an earlier run is a leftover.
+	if prev, err := ReadState(opts.StateDir); err == nil && prev.Prefix != prefix {
+		cleanupLeftovers(prev.Prefix, log)
+	}
+	if err := cleanupLeftovers(prefix, log); err != nil {
 		return fmt.Errorf("removing leftovers of a previous run: %w", err)
 	}
 	r.net, err = createNetwork(prefix, log)
@@ -168,6 +182,10 @@ func Run(ctx context.Context, opts Options) (err error) {
 		return err
 	}
 	defer func() {
+		// A program that escaped its process group (setsid) still holds
+		// its namespace: nothing of the mesh may outlive it.
+		killLeftovers(prefix, log)
+		_ = os.RemoveAll(filepath.Join(runRoot, prefix))
 		if cerr := r.net.Close(); cerr != nil {
 			log.Error("removing the mesh's network", "err", cerr)
 			err = errors.Join(err, cerr)
@@ -185,12 +203,14 @@ func Run(ctx context.Context, opts Options) (err error) {
 		return err
 	}
 	cpCtx, stopCP := context.WithCancel(context.Background())
-	cpDone := make(chan error, 1)
-	go func() { cpDone <- cp.Run(cpCtx) }()
+	cpDone := make(chan struct{})
+	var cpErr error
+	go func() { cpErr = cp.Run(cpCtx); close(cpDone) }()
 	defer func() {
 		stopCP()
-		if cerr := <-cpDone; cerr != nil {
-			err = errors.Join(err, cerr)
+		<-cpDone
+		if cpErr != nil {
+			err = errors.Join(err, cpErr)
 		}
 	}()
 	defer r.stopAll()
@@ -201,8 +221,14 @@ func Run(ctx context.Context, opts Options) (err error) {
 		return err
 	}
 	r.printSummary(cp)
-	if err := r.waitConverged(ctx, cp); err != nil {
+	if err := r.waitConverged(ctx, cp, cpDone); err != nil {
+		if ctx.Err() != nil {
+			return nil // interrupted while starting: stop, no error
+		}
 		return err
+	}
+	if st := cp.Status(); len(st.Resources.Error) > 0 {
+		fmt.Fprintf(opts.Out, "\nWARNING: the policies in %s are rejected (run 'trellis status'); the mesh runs the last valid ones.\n", st.Resources.Directory)
 	}
 	fmt.Fprintf(opts.Out, "\nThe mesh is up. Ctrl-C (or 'trellis down') stops it.\n")
 	if opts.Ready != nil {
@@ -213,10 +239,88 @@ func Run(ctx context.Context, opts Options) (err error) {
 		fmt.Fprintf(opts.Out, "\nStopping: programs, then sidecars (draining), then the control plane and the network.\n")
 		return nil
 	case <-cpDone:
-		return errors.New("the control plane stopped")
+		return fmt.Errorf("the control plane stopped: %v", cpErr)
 	case p := <-r.exited:
-		return fmt.Errorf("%s exited (%v); see its log %s", p.what, p.err, p.log.Name())
+		return p.exitError()
 	}
+}
+
+// exitError describes a program or sidecar that exited on its own.
+func (p *process) exitError() error {
+	how := "with status 0"
+	if p.err != nil {
+		how = "(" + p.err.Error() + ")"
+	}
+	return fmt.Errorf("%s exited %s; see its log %s", p.what, how, p.log.Name())
+}
+
+// cleanupLeftovers kills the processes left in a previous run's namespaces
+// and removes its network.
+func cleanupLeftovers(prefix string, log *slog.Logger) error {
+	killLeftovers(prefix, log)
+	return localnet.Cleanup(prefix, log)
+}
+
+// lockRun takes two locks for the run: one per mesh on the machine (its
+// prefix), one per state directory. Each is a flock on a file, released by
+// the kernel if up dies, so its state tells a running mesh from leftovers.
+func lockRun(prefix, stateDir string) (unlock func(), err error) {
+	if err := os.MkdirAll(lockDir, 0o700); err != nil {
+		return nil, err
+	}
+	var held []*os.File
+	unlock = func() {
+		for _, f := range held {
+			f.Close()
+		}
+	}
+	for _, path := range []string{filepath.Join(lockDir, prefix+".lock"), filepath.Join(stateDir, "up.lock")} {
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			unlock()
+			return nil, err
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			unlock()
+			return nil, fmt.Errorf("this mesh is already running (%s is locked): stop it with 'trellis down' first", path)
+		}
+		held = append(held, f)
+	}
+	return unlock, nil
+}
+
+// lockDir holds the per-mesh locks.
+const lockDir = "/run/trellis"
+
+// Running reports whether the mesh recorded in stateDir is running: its
+// up holds the state directory's lock.
+func Running(stateDir string) bool {
+	f, err := os.OpenFile(filepath.Join(stateDir, "up.lock"), os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		return true
+	}
+	_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return false
+}
+
+// CleanupStopped removes what a mesh that is not running left behind.
+func CleanupStopped(stateDir string, log *slog.Logger) error {
+	st, err := ReadState(stateDir)
+	if err != nil {
+		return err
+	}
+	if Running(stateDir) {
+		return errors.New("the mesh is running")
+	}
+	if err := cleanupLeftovers(st.Prefix, log); err != nil {
+		return err
+	}
+	return os.Remove(filepath.Join(stateDir, RunFile))
 }
 
 // createNetwork makes the mesh's bridge on a /24 of 198.18.0.0/16 of its
@@ -300,19 +404,32 @@ func (r *runner) startAll(prefix string) error {
 					"--namespace", w.Namespace, "--service-account", w.ServiceAccount, "--join-token-file", tokenFile,
 					"--config", cfgFile, "--control-plane", "--instance", fmt.Sprintf("%s-%d", w.Name, i),
 					"--advertise-ip", host.Addr.String(), "--admin-addr", fmt.Sprintf("127.0.0.1:%d", meshfile.AdminPort))
-				p, err := r.start("sidecar of "+name, cmd, rep.ProxyLog)
+				p, err := r.start("sidecar of "+name, cmd, rep.ProxyLog, nil)
 				if err != nil {
 					return err
 				}
 				r.proxies = append(r.proxies, p)
 			}
-			cmd := host.Command(context.Background(), commandPath(m, w.Command[0]), w.Command[1:]...)
+			runDir, err := r.runDir(prefix, name)
+			if err != nil {
+				return err
+			}
+			// The program runs unprivileged: as root it could read the
+			// CA's keys, undo its namespace's interception rules or forge
+			// the sidecar's bypass mark.
+			u := r.appUser
+			args := append([]string{fmt.Sprintf("--reuid=%d", u.uid), fmt.Sprintf("--regid=%d", u.gid), "--clear-groups",
+				"--inh-caps=-all", "--bounding-set=-all", "--", commandPath(m, w.Command[0])}, w.Command[1:]...)
+			cmd := host.Command(context.Background(), "setpriv", args...)
 			cmd.Dir = m.Dir
-			cmd.Env = append(os.Environ(), "TRELLIS_WORKLOAD="+w.Ref(), "TRELLIS_REPLICA="+strconv.Itoa(i))
+			// Only what a program needs from the environment: root's may
+			// hold secrets.
+			cmd.Env = []string{"PATH=" + systemPath, "HOME=" + runDir, "LANG=C.UTF-8",
+				"TRELLIS_WORKLOAD=" + w.Ref(), "TRELLIS_REPLICA=" + strconv.Itoa(i), "TRELLIS_RUN_DIR=" + runDir}
 			for k, v := range w.Env {
 				cmd.Env = append(cmd.Env, k+"="+v)
 			}
-			p, err := r.start(name, cmd, rep.AppLog)
+			p, err := r.start(name, cmd, rep.AppLog, r.appUser)
 			if err != nil {
 				return err
 			}
@@ -366,6 +483,61 @@ func serviceRules(m *meshfile.Mesh, addrs map[string][]netip.Addr) [][]string {
 	return rules
 }
 
+// credential is a user programs run as.
+type credential struct {
+	uid, gid uint32
+	name     string
+}
+
+func (c *credential) describe() string {
+	if c.name != "" {
+		return c.name
+	}
+	return fmt.Sprintf("uid %d", c.uid)
+}
+
+// appCredential picks who runs the workloads' programs: the user who ran
+// sudo, else nobody.
+func appCredential() (*credential, error) {
+	if uid, err := strconv.ParseUint(os.Getenv("SUDO_UID"), 10, 32); err == nil && uid != 0 {
+		if gid, err := strconv.ParseUint(os.Getenv("SUDO_GID"), 10, 32); err == nil {
+			return &credential{uid: uint32(uid), gid: uint32(gid), name: os.Getenv("SUDO_USER")}, nil
+		}
+	}
+	u, err := user.Lookup("nobody")
+	if err != nil {
+		return nil, fmt.Errorf("no unprivileged user to run the programs as (SUDO_UID is unset and there is no user nobody): %w", err)
+	}
+	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+	return &credential{uid: uint32(uid), gid: uint32(gid), name: u.Username}, nil
+}
+
+// systemPath is the programs' PATH: the system's directories, not root's
+// own (which may point into /root, where the programs' user cannot go).
+const systemPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// runRoot holds each replica's scratch directory (TRELLIS_RUN_DIR: pid
+// files, temporary files), outside the state directory, which programs
+// must not read.
+const runRoot = "/run/trellis-run"
+
+// runDir makes a replica's scratch directory, owned by the program's user.
+func (r *runner) runDir(prefix, name string) (string, error) {
+	base := filepath.Join(runRoot, prefix)
+	if err := os.MkdirAll(base, 0o755); err != nil {
+		return "", err
+	}
+	dir := filepath.Join(base, name)
+	if err := os.RemoveAll(dir); err != nil {
+		return "", err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return "", err
+	}
+	return dir, os.Chown(dir, int(r.appUser.uid), int(r.appUser.gid))
+}
+
 // commandPath keeps a bare program name (found on PATH) as it is and makes
 // a path relative to the mesh file.
 func commandPath(m *meshfile.Mesh, prog string) string {
@@ -392,10 +564,18 @@ func proxyConfig(w meshfile.Workload) string {
 }
 
 // start runs cmd in its own process group with its output in logPath.
-func (r *runner) start(what string, cmd *exec.Cmd, logPath string) (*process, error) {
+// A program's log belongs to the program's user (owner), so that it can
+// reopen its own output (nginx's /dev/stdout); the directory stays root's.
+func (r *runner) start(what string, cmd *exec.Cmd, logPath string, owner *credential) (*process, error) {
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return nil, err
+	}
+	if owner != nil {
+		if err := f.Chown(int(owner.uid), int(owner.gid)); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -464,7 +644,7 @@ func (r *runner) writeState(prefix string) error {
 
 // waitConverged waits until every sidecar has registered and runs its
 // current configuration.
-func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlane) error {
+func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlane, cpDone <-chan struct{}) error {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		st := cp.Status()
@@ -477,6 +657,11 @@ func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlan
 		if connected == len(r.proxies) && st.Converged && r.listening() {
 			return nil
 		}
+		for _, p := range st.Proxies {
+			if p.Connected && p.Rejected != "" && p.RejectedVersion == p.CurrentVersion {
+				return fmt.Errorf("the sidecar of %s rejected its configuration: %s", p.Instance, p.Rejected)
+			}
+		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("within 60s, %d of %d sidecars registered and converged, and not every program listens on its ports; see the logs under %s", connected, len(r.proxies), filepath.Join(r.opts.StateDir, "logs"))
 		}
@@ -484,7 +669,9 @@ func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlan
 		case <-ctx.Done():
 			return ctx.Err()
 		case p := <-r.exited:
-			return fmt.Errorf("%s exited (%v); see its log %s", p.what, p.err, p.log.Name())
+			return p.exitError()
+		case <-cpDone:
+			return errors.New("the control plane stopped while the mesh was starting")
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -512,14 +699,14 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 	m := r.opts.Mesh
 	out := r.opts.Out
 	fmt.Fprintf(out, "Control plane: proxies at %s, admin API at https://%s (trellis status --state-dir %s)\n", cp.Addr(), cp.AdminAddr(), r.opts.StateDir)
-	fmt.Fprintf(out, "\nWorkloads (each replica in its own network namespace):\n")
+	fmt.Fprintf(out, "\nWorkloads (each replica in its own network namespace; programs run as %s, logs: trellis logs -f %s NAMESPACE/NAME):\n", r.appUser.describe(), r.opts.MeshFile)
 	r.mu.Lock()
 	for _, rep := range r.replicas {
 		mode := "with sidecar"
 		if !rep.Injected {
 			mode = "no sidecar"
 		}
-		fmt.Fprintf(out, "  %-30s replica %d  %-15s  %s  (logs: trellis logs %s)\n", rep.Workload, rep.Index, rep.Address, mode, rep.Workload)
+		fmt.Fprintf(out, "  %-30s replica %d  %-15s  %s\n", rep.Workload, rep.Index, rep.Address, mode)
 	}
 	r.mu.Unlock()
 	if len(m.Services) > 0 {
@@ -533,7 +720,9 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 			fmt.Fprintf(out, "  %-40s %s  ports %s\n", s.Name+"."+s.Namespace, vips[s.Namespace+"/"+s.Name], strings.Join(ports, ","))
 		}
 		s := m.Services[0]
-		fmt.Fprintf(out, "\nTry: trellis exec %s -- curl -sS http://%s.%s:%d/\n", m.Workloads[0].Ref(), s.Name, s.Namespace, s.Ports[0].Port)
+		f := r.opts.MeshFile
+		fmt.Fprintf(out, "\nTry (as root): trellis exec -f %s %s -- curl -sS http://%s.%s:%d/\n", f, m.Workloads[len(m.Workloads)-1].Ref(), s.Name, s.Namespace, s.Ports[0].Port)
+		fmt.Fprintf(out, "               trellis status -f %s\n", f)
 	}
 }
 
@@ -562,12 +751,4 @@ func killLeftovers(prefix string, log *slog.Logger) {
 			}
 		}
 	}
-}
-
-// alive reports whether a process with pid exists.
-func alive(pid int) bool {
-	if pid <= 0 {
-		return false
-	}
-	return syscall.Kill(pid, 0) == nil
 }

@@ -186,6 +186,7 @@ func (m *Mesh) Validate() error {
 		if err := meshid.ValidateName("namespace", w.Namespace); err != nil {
 			bad(f+".namespace", "%v", err)
 		}
+		checkLabel(bad, f+".namespace", w.Namespace)
 		if err := meshid.ValidateName("service account", w.ServiceAccount); err != nil {
 			bad(f+".serviceAccount", "%v", err)
 		}
@@ -231,6 +232,10 @@ func (m *Mesh) Validate() error {
 		if err := meshid.ValidateName("namespace", s.Namespace); err != nil {
 			bad(f+".namespace", "%v", err)
 		}
+		// A service is reached as NAME.NAMESPACE: dots in either would
+		// make two services one host name.
+		checkLabel(bad, f+".name", s.Name)
+		checkLabel(bad, f+".namespace", s.Namespace)
 		key := s.Namespace + "/" + s.Name
 		if services[key] {
 			bad(f+".name", "service %s is listed twice", key)
@@ -261,7 +266,20 @@ func (m *Mesh) Validate() error {
 			}
 		}
 	}
+	if len(errs) == 0 {
+		// What the control plane checks (service ports, protocols) is
+		// reported now, against the mesh file, not after start.
+		if err := m.ControlPlane(m.Dir, "127.0.0.1:1", "127.0.0.1:2").Validate(); err != nil {
+			bad("services", "%v", err)
+		}
+	}
 	return errors.Join(errs...)
+}
+
+func checkLabel(bad func(string, string, ...any), field, name string) {
+	if strings.Contains(name, ".") {
+		bad(field, "%q must not contain '.': services are reached as NAME.NAMESPACE", name)
+	}
 }
 
 // reservedPort reports the ports the sidecar takes in every replica's

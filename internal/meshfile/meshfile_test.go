@@ -83,3 +83,20 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestParseErrorsControlPlaneChecks(t *testing.T) {
+	head := "apiVersion: trellis.dev/v1\nkind: Mesh\nworkloads: [{name: a, namespace: n, command: [x], labels: {app: a}, ports: [{port: 8080}]}]\n"
+	for name, tc := range map[string]struct{ yaml, want string }{
+		"dotted namespace": {"apiVersion: trellis.dev/v1\nkind: Mesh\nworkloads: [{name: a, namespace: b.c, command: [x]}]\n", "workloads[0].namespace"},
+		"dotted service":   {head + "services: [{name: s.t, namespace: n, selector: {app: a}, ports: [{port: 80}]}]\n", "services[0].name"},
+		"duplicate port":   {head + "services: [{name: s, namespace: n, selector: {app: a}, ports: [{port: 80}, {port: 80}]}]\n", "listed twice"},
+		"unknown protocol": {head + "services: [{name: s, namespace: n, selector: {app: a}, ports: [{port: 80, appProtocol: htp}]}]\n", "appProtocol"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml), t.TempDir())
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v does not mention %q", err, tc.want)
+			}
+		})
+	}
+}

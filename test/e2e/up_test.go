@@ -40,6 +40,13 @@ func copyDir(t *testing.T, src string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The programs run unprivileged (nobody) in the mesh directory, which
+	// they must be able to reach (t.TempDir's parent is 0700).
+	for _, d := range []string{filepath.Dir(dst), dst} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return dst
 }
 
@@ -157,6 +164,24 @@ func TestUpZeroTrustExample(t *testing.T) {
 	r = m.exec("default/legacy", "curl", "-sS", "--connect-timeout", "2", "-m", "5", "-X", "POST", "http://"+st.Replicas[0].Address+":8080/v1/orders")
 	if r.err == nil {
 		t.Fatalf("legacy reached an orders-api replica directly: %q", r.stdout)
+	}
+
+	// Programs run unprivileged: as root they could read the CA's keys or
+	// undo their interception rules. (Sidecars run as root.)
+	pids := strings.Fields(run(t, "", "", "ip", "netns", "pids", netnsOf(t, dir, "default/legacy")).stdout)
+	if len(pids) == 0 {
+		t.Fatal("no process in the legacy workload's namespace")
+	}
+	for _, pid := range pids {
+		status, err := os.ReadFile("/proc/" + pid + "/status")
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(status), "\n") {
+			if f := strings.Fields(line); len(f) > 1 && f[0] == "Uid:" && f[1] == "0" {
+				t.Errorf("process %s of the legacy workload runs as root", pid)
+			}
+		}
 	}
 
 	// A policy edit while the mesh runs: badge-reader may now place orders.
