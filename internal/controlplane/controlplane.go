@@ -163,6 +163,7 @@ func New(opts Options) (*ControlPlane, error) {
 		Registry: cp.registry,
 		Verify:   cp.verifyPeer,
 		Coalesce: opts.Coalesce,
+		Encoded:  true,
 		Log:      log.With("component", "push"),
 	})
 	cp.push = pushServer
@@ -244,8 +245,14 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 		grpc.Creds(cp.identity.ServerCredentials()),
 		// Small buffers: one control plane holds a stream per proxy, and
 		// updates are small.
+		// Updates are encoded once per view, not once per proxy.
+		grpc.ForceServerCodecV2(push.Codec{}),
+		// Writes go out in 64 KB, through buffers that idle connections
+		// give back, so a large push costs few system calls and an idle
+		// proxy little memory.
+		grpc.WriteBufferSize(64<<10),
+		grpc.SharedWriteBuffer(true),
 		grpc.ReadBufferSize(8<<10),
-		grpc.WriteBufferSize(8<<10),
 		// Proxies send small messages; a CSR or a Hello is a few KB.
 		grpc.MaxRecvMsgSize(256<<10),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),

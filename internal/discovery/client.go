@@ -143,6 +143,9 @@ func (c *Client) waitForCertificate(ctx context.Context) bool {
 	return true
 }
 
+// maxUpdateSize bounds an update the proxy accepts.
+const maxUpdateSize = 64 << 20
+
 // errRenewed ends a session whose connection was authenticated with a
 // certificate that has since been renewed.
 var errRenewed = errors.New("certificate renewed")
@@ -166,6 +169,9 @@ func (c *Client) session(ctx context.Context) error {
 		// Notice a control plane that vanished without closing the
 		// connection within a minute, not after TCP gives up.
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 15 * time.Second}),
+		// An update lists every endpoint of every destination: about 60
+		// bytes each, past gRPC's default 4 MB from some 70,000.
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxUpdateSize)),
 	}, c.cfg.DialOptions...)
 	conn, err := grpc.NewClient(c.cfg.Addr, opts...)
 	if err != nil {

@@ -51,6 +51,9 @@ type Config struct {
 	Now      func() time.Time
 	// Pushes, when set, counts the updates sent.
 	Pushes func()
+	// Encoded says the gRPC server runs with Codec, so updates are
+	// encoded once per view rather than once per stream.
+	Encoded bool
 }
 
 // Server implements discoveryv1.DiscoveryServer.
@@ -84,6 +87,7 @@ type Server struct {
 type view struct {
 	update  *discoveryv1.Update
 	version string
+	wire    *encoded // update, encoded once for every stream
 }
 
 // New returns a Server; Run must be running for it to send anything.
@@ -208,14 +212,22 @@ func (s *Server) recompute() {
 	}
 
 	s.mu.Lock()
+	prev := s.views
+	s.mu.Unlock()
 	changed := false
 	for k, v := range views {
-		if old, ok := s.views[k]; ok && old.version == v.version {
+		if old, ok := prev[k]; ok && old.version == v.version {
 			views[k] = old
 			continue
 		}
 		changed = true
+		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(v.update)
+		if err != nil {
+			panic(err) // generated messages always marshal
+		}
+		v.wire = &encoded{b: b}
 	}
+	s.mu.Lock()
 	if changed || len(views) != len(s.views) {
 		s.generation++
 	}

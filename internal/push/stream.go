@@ -210,7 +210,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			if v == nil || v.version == st.sentVersion() {
 				continue
 			}
-			if err := ss.Send(v.update); err != nil {
+			if err := s.send(ss, v); err != nil {
 				return err
 			}
 			s.cfg.Pushes()
@@ -246,6 +246,15 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			}
 		}
 	}
+}
+
+// send writes a view's update to the stream: its bytes encoded once when
+// the server runs with Codec, the message otherwise.
+func (s *Server) send(ss discoveryv1.Discovery_StreamServer, v *view) error {
+	if s.cfg.Encoded && v.wire != nil {
+		return ss.SendMsg(v.wire)
+	}
+	return ss.Send(v.update)
 }
 
 // claim checks the Hello against the proxy's identity and the declared

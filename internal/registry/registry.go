@@ -338,7 +338,9 @@ func (r *Registry) instancesLocked() []Instance {
 	for _, e := range r.instances {
 		list = append(list, e.Instance)
 	}
-	slices.SortFunc(list, func(a, b Instance) int { return cmp.Compare(a.Key(), b.Key()) })
+	slices.SortFunc(list, func(a, b Instance) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Workload, b.Workload), cmp.Compare(a.Instance, b.Instance))
+	})
 	return list
 }
 
