@@ -6,9 +6,12 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
+	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +21,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
 	"github.com/trellis-mesh/trellis/internal/discovery"
@@ -140,7 +144,8 @@ func (m *testMesh) svidTTL(ns, sa string, ttl time.Duration) *identity.Holder {
 type fakeProxy struct {
 	t       *testing.T
 	stream  discoveryv1.Discovery_StreamClient
-	updates chan *discoveryv1.Update
+	updates chan *discoveryv1.Update // merged: whole configurations
+	raw     chan *discoveryv1.Update // as received
 	errs    chan error
 }
 
@@ -173,15 +178,33 @@ func (m *testMesh) dial(ns, sa string, hello *discoveryv1.Hello) (*fakeProxy, er
 	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
 		return nil, err
 	}
-	fp := &fakeProxy{t: m.t, stream: stream, updates: make(chan *discoveryv1.Update, 100), errs: make(chan error, 1)}
+	fp := &fakeProxy{t: m.t, stream: stream, updates: make(chan *discoveryv1.Update, 100), raw: make(chan *discoveryv1.Update, 100), errs: make(chan error, 1)}
 	go func() {
+		// Like a proxy, keep the destinations and merge incremental
+		// updates into them; tests see whole updates (and raw ones).
+		have := map[string]*discoveryv1.Destination{}
 		for {
 			u, err := stream.Recv()
 			if err != nil {
 				fp.errs <- err
 				return
 			}
-			fp.updates <- u
+			fp.raw <- u
+			if !u.GetIncremental() {
+				have = map[string]*discoveryv1.Destination{}
+			}
+			for _, k := range u.GetRemovedDestinations() {
+				delete(have, fmt.Sprintf("%s:%d", k.GetService(), k.GetPort()))
+			}
+			for _, d := range u.GetDestinations() {
+				have[fmt.Sprintf("%s:%d", d.GetService(), d.GetPort())] = d
+			}
+			whole := proto.Clone(u).(*discoveryv1.Update)
+			whole.Incremental, whole.RemovedDestinations, whole.Destinations = false, nil, nil
+			for _, k := range slices.Sorted(maps.Keys(have)) {
+				whole.Destinations = append(whole.Destinations, have[k])
+			}
+			fp.updates <- whole
 		}
 	}()
 	return fp, nil
@@ -655,6 +678,60 @@ func TestClientReconnectsWithRenewedCertificate(t *testing.T) {
 		if v != client.Version() {
 			t.Fatalf("a new version %s was applied after the reconnect", v)
 		}
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// After the first, updates carry only the destinations that changed; a
+// refused incremental update is followed by the whole configuration.
+func TestUpdatesAreIncrementalAfterTheFirst(t *testing.T) {
+	m := startMesh(t, "")
+	front, err := m.connect("web", "frontend", "frontend", "f1", map[uint32]string{8080: "127.0.0.1:28080"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := <-front.raw
+	front.next()
+	if first.GetIncremental() || len(first.GetDestinations()) != 2 {
+		t.Fatalf("first update: incremental=%v, %d destinations; want whole, 2", first.GetIncremental(), len(first.GetDestinations()))
+	}
+	wholeSize := proto.Size(first)
+	// Wait for the update the frontend's own registration caused.
+	for len(endpoints(first, "frontend.web")) == 0 {
+		first = <-front.raw
+		front.next()
+	}
+	orders, err := m.connect("shipping", "orders", "orders", "o1", map[uint32]string{8080: "127.0.0.1:18080"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	orders.next()
+	var u *discoveryv1.Update
+	for {
+		u = <-front.raw
+		whole := front.next()
+		if len(endpoints(whole, "orders.shipping")) == 1 {
+			break
+		}
+	}
+	if !u.GetIncremental() || len(u.GetDestinations()) != 1 || u.GetDestinations()[0].GetService() != "orders.shipping" {
+		t.Fatalf("update after an orders endpoint appeared: incremental=%v destinations=%v; want only orders.shipping", u.GetIncremental(), u.GetDestinations())
+	}
+	t.Logf("incremental update %d bytes, the first (whole) %d", proto.Size(u), wholeSize)
+
+	// The frontend refuses it: the control plane sends everything again.
+	front.ack(u, "test refusal")
+	again := <-front.raw
+	front.next()
+	if again.GetIncremental() || again.GetVersion() != u.GetVersion() || len(again.GetDestinations()) != 2 {
+		t.Fatalf("after a refused incremental update: incremental=%v version=%s (refused %s) destinations=%d; want the whole same version",
+			again.GetIncremental(), again.GetVersion(), u.GetVersion(), len(again.GetDestinations()))
+	}
+	// A whole update refused is not resent until something changes.
+	front.ack(again, "test refusal")
+	select {
+	case x := <-front.raw:
+		t.Fatalf("a refused whole update was resent: %s", x.GetVersion())
 	case <-time.After(300 * time.Millisecond):
 	}
 }

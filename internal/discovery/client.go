@@ -6,13 +6,16 @@
 package discovery
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -64,8 +67,12 @@ type Client struct {
 	cfg     Config
 	mu      sync.Mutex
 	version string // last applied
-	synced  chan struct{}
-	once    sync.Once
+	// dests are the destinations last applied, which incremental updates
+	// change; needWhole is set after a refusal.
+	dests     map[destinationKey]*discoveryv1.Destination
+	needWhole bool
+	synced    chan struct{}
+	once      sync.Once
 }
 
 // New returns a Client; Run connects.
@@ -88,6 +95,50 @@ func (c *Client) Version() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.version
+}
+
+// apply merges an update into the destinations the proxy has (an
+// incremental update lists only changes) and hands the whole result to
+// Config.Apply. After a refusal only a whole update is accepted: the
+// control plane built the updates after the refused one on it.
+func (c *Client) apply(u *discoveryv1.Update) error {
+	c.mu.Lock()
+	have, needWhole := c.dests, c.needWhole
+	c.mu.Unlock()
+	if u.GetIncremental() && (needWhole || have == nil) {
+		return errors.New("an incremental update on a base this proxy does not have; send the whole configuration")
+	}
+	next := map[destinationKey]*discoveryv1.Destination{}
+	if u.GetIncremental() {
+		maps.Copy(next, have)
+		for _, k := range u.GetRemovedDestinations() {
+			delete(next, destinationKey{k.GetService(), k.GetPort()})
+		}
+	}
+	for _, d := range u.GetDestinations() {
+		next[destinationKey{d.GetService(), d.GetPort()}] = d
+	}
+	whole := &discoveryv1.Update{
+		Version: u.GetVersion(), Workload: u.GetWorkload(),
+		PeerAuthentications: u.GetPeerAuthentications(), AuthorizationPolicies: u.GetAuthorizationPolicies(),
+		Destinations: slices.SortedFunc(maps.Values(next), func(a, b *discoveryv1.Destination) int {
+			return cmp.Or(cmp.Compare(a.GetService(), b.GetService()), cmp.Compare(a.GetPort(), b.GetPort()))
+		}),
+	}
+	err := c.cfg.Apply(whole)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err != nil {
+		c.needWhole = true
+		return err
+	}
+	c.dests, c.needWhole, c.version = next, false, u.GetVersion()
+	return nil
+}
+
+type destinationKey struct {
+	service string
+	port    uint32
 }
 
 // Synced is closed once the first update has been applied.
@@ -232,13 +283,10 @@ func (c *Client) session(ctx context.Context) error {
 			return err
 		case u := <-updates:
 			ack := &discoveryv1.Ack{Version: u.GetVersion()}
-			if err := c.cfg.Apply(u); err != nil {
+			if err := c.apply(u); err != nil {
 				ack.Error = err.Error()
 				c.cfg.Log.Error("configuration rejected; keeping the previous one", "version", u.GetVersion(), "err", err)
 			} else {
-				c.mu.Lock()
-				c.version = u.GetVersion()
-				c.mu.Unlock()
 				c.once.Do(func() { close(c.synced) })
 			}
 			if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Ack{Ack: ack}}); err != nil {

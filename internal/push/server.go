@@ -12,10 +12,12 @@
 package push
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -87,7 +89,84 @@ type Server struct {
 type view struct {
 	update  *discoveryv1.Update
 	version string
-	wire    *encoded // update, encoded once for every stream
+	wire    *encoded   // update, encoded once for every stream
+	dests   *destTable // the destinations in update
+
+	// deltas caches the incremental updates from the destinations a
+	// stream has to these: during a push, every stream of the view
+	// usually has the same ones, and each delta is built once.
+	deltasMu sync.Mutex
+	deltas   map[*destTable]*delta
+}
+
+// destTable is one recomputation's destinations with a digest of each,
+// immutable once built, so streams can say which one they were sent.
+type destTable struct {
+	byKey map[destKey]*discoveryv1.Destination
+	hash  map[destKey]string
+}
+
+type destKey struct {
+	service string
+	port    uint32
+}
+
+func newDestTable(ds []*discoveryv1.Destination) *destTable {
+	t := &destTable{byKey: make(map[destKey]*discoveryv1.Destination, len(ds)), hash: make(map[destKey]string, len(ds))}
+	for _, d := range ds {
+		k := destKey{d.GetService(), d.GetPort()}
+		t.byKey[k] = d
+		t.hash[k] = hashMessage(d)
+	}
+	return t
+}
+
+// delta is an incremental update, as a message and encoded.
+type delta struct {
+	update *discoveryv1.Update
+	wire   *encoded
+}
+
+// maxDeltas bounds a view's cache of deltas.
+const maxDeltas = 8
+
+// deltaFrom returns the incremental update that brings a proxy holding the
+// destinations from to this view.
+func (v *view) deltaFrom(from *destTable) *delta {
+	v.deltasMu.Lock()
+	defer v.deltasMu.Unlock()
+	if d, ok := v.deltas[from]; ok {
+		return d
+	}
+	u := &discoveryv1.Update{
+		Version: v.update.GetVersion(), Workload: v.update.GetWorkload(),
+		PeerAuthentications: v.update.GetPeerAuthentications(), AuthorizationPolicies: v.update.GetAuthorizationPolicies(),
+		Incremental: true,
+	}
+	for _, d := range v.update.GetDestinations() {
+		k := destKey{d.GetService(), d.GetPort()}
+		if from.hash[k] != v.dests.hash[k] {
+			u.Destinations = append(u.Destinations, d)
+		}
+	}
+	for k := range from.byKey {
+		if _, ok := v.dests.byKey[k]; !ok {
+			u.RemovedDestinations = append(u.RemovedDestinations, &discoveryv1.DestinationKey{Service: k.service, Port: k.port})
+		}
+	}
+	slices.SortFunc(u.RemovedDestinations, func(a, b *discoveryv1.DestinationKey) int {
+		return cmp.Or(cmp.Compare(a.GetService(), b.GetService()), cmp.Compare(a.GetPort(), b.GetPort()))
+	})
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(u)
+	if err != nil {
+		panic(err) // generated messages always marshal
+	}
+	d := &delta{update: u, wire: &encoded{b: b}}
+	if v.deltas == nil || len(v.deltas) >= maxDeltas {
+		v.deltas = map[*destTable]*delta{}
+	}
+	v.deltas[from] = d
+	return d
 }
 
 // New returns a Server; Run must be running for it to send anything.
@@ -184,6 +263,7 @@ func (s *Server) recompute() {
 	snap := s.cfg.Registry.Snapshot()
 	set := s.policies.Load()
 	dests := destinations(snap.Destinations())
+	table := newDestTable(dests)
 	pas, aps := policypb.FromSet(set)
 	// The destinations are the same for every workload: hash them once
 	// and combine with each workload's own part.
@@ -208,7 +288,7 @@ func (s *Server) recompute() {
 		sum := sha256.Sum256([]byte(own + destHash))
 		u.Version = hex.EncodeToString(sum[:8])
 		u.Destinations = dests
-		views[w.Ref()] = &view{update: u, version: u.Version}
+		views[w.Ref()] = &view{update: u, version: u.Version, dests: table}
 	}
 
 	s.mu.Lock()

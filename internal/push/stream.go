@@ -45,14 +45,19 @@ func truncate(s string, n int) string {
 
 // stream is one connected proxy.
 type stream struct {
-	key         string // namespace/workload/instance
-	replaced    chan struct{}
-	workload    registry.Workload
-	instance    string
-	identity    spiffeid.ID
-	peer        string
-	connectedAt time.Time
-	notify      chan struct{}
+	key      string // namespace/workload/instance
+	replaced chan struct{}
+	// sentDests are the destinations the proxy was last sent; nil until
+	// the first update, and after a NACK. Only the stream's own goroutine
+	// uses it.
+	sentDests       *destTable
+	sentIncremental bool // the last update sent was incremental
+	workload        registry.Workload
+	instance        string
+	identity        spiffeid.ID
+	peer            string
+	connectedAt     time.Time
+	notify          chan struct{}
 
 	mu         sync.Mutex
 	sent       string // version last sent (or announced by the proxy)
@@ -148,7 +153,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	// A proxy that already runs the current version (a reconnect after a
 	// control plane restart) is not sent it again.
 	if v := s.viewOf(w.Ref()); v != nil && hello.GetVersion() == v.version {
-		st.sent, st.acked = v.version, v.version
+		st.sent, st.acked, st.sentDests = v.version, v.version, v.dests
 	}
 	in := registry.Instance{Namespace: w.Namespace, Workload: w.Name, Instance: st.instance, Identity: id.String(), Ports: ports}
 	session, err := s.cfg.Registry.Register(in)
@@ -210,7 +215,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			if v == nil || v.version == st.sentVersion() {
 				continue
 			}
-			if err := s.send(ss, v); err != nil {
+			if err := s.send(ss, st, v); err != nil {
 				return err
 			}
 			s.cfg.Pushes()
@@ -225,6 +230,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			}
 		case m := <-msgs:
 			now := s.cfg.Now()
+			resync := false
 			st.mu.Lock()
 			st.lastSeen = now
 			switch {
@@ -234,9 +240,22 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 					st.acked, st.nack, st.nackFor = a.GetVersion(), "", ""
 				} else {
 					st.nack, st.nackFor = truncate(a.GetError(), maxReason), truncate(a.GetVersion(), 64)
+					// It kept what it had before, which incremental
+					// updates can no longer be built on: the next is whole,
+					// and if an incremental one was refused, it comes now
+					// (a whole one refused is not retried until the view
+					// changes).
+					st.sentDests = nil
+					if st.sentIncremental {
+						st.sent = ""
+						resync = true
+					}
 				}
 			}
 			st.mu.Unlock()
+			if resync {
+				st.wake()
+			}
 			if a := m.GetAck(); a != nil && a.GetError() != "" {
 				s.cfg.Log.Warn("proxy rejected a configuration", "instance", in.Key(), "version", truncate(a.GetVersion(), 64), "reason", truncate(a.GetError(), maxReason))
 			}
@@ -248,13 +267,27 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	}
 }
 
-// send writes a view's update to the stream: its bytes encoded once when
-// the server runs with Codec, the message otherwise.
-func (s *Server) send(ss discoveryv1.Discovery_StreamServer, v *view) error {
-	if s.cfg.Encoded && v.wire != nil {
-		return ss.SendMsg(v.wire)
+// send writes a view's update to the stream: whole the first time (or
+// after a NACK), afterwards only the destinations that changed since the
+// ones the stream was last sent. Bytes encoded once are sent when the
+// server runs with Codec, messages otherwise.
+func (s *Server) send(ss discoveryv1.Discovery_StreamServer, st *stream, v *view) error {
+	var err error
+	st.sentIncremental = st.sentDests != nil
+	switch {
+	case st.sentDests == nil && s.cfg.Encoded:
+		err = ss.SendMsg(v.wire)
+	case st.sentDests == nil:
+		err = ss.Send(v.update)
+	case s.cfg.Encoded:
+		err = ss.SendMsg(v.deltaFrom(st.sentDests).wire)
+	default:
+		err = ss.Send(v.deltaFrom(st.sentDests).update)
 	}
-	return ss.Send(v.update)
+	if err == nil {
+		st.sentDests = v.dests
+	}
+	return err
 }
 
 // claim checks the Hello against the proxy's identity and the declared

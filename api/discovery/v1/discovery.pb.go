@@ -414,10 +414,20 @@ type Update struct {
 	// namespace.
 	PeerAuthentications   []*PeerAuthentication  `protobuf:"bytes,3,rep,name=peer_authentications,json=peerAuthentications,proto3" json:"peer_authentications,omitempty"`
 	AuthorizationPolicies []*AuthorizationPolicy `protobuf:"bytes,4,rep,name=authorization_policies,json=authorizationPolicies,proto3" json:"authorization_policies,omitempty"`
-	// destinations are the service ports the workload may call.
-	Destinations  []*Destination `protobuf:"bytes,5,rep,name=destinations,proto3" json:"destinations,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// destinations are the service ports the workload may call: all of them,
+	// or with incremental set, only those added or changed since the
+	// previous update this stream carried.
+	Destinations []*Destination `protobuf:"bytes,5,rep,name=destinations,proto3" json:"destinations,omitempty"`
+	// incremental says destinations holds changes only: the proxy keeps the
+	// destinations it has, replaces those listed (by service and port), and
+	// drops those in removed_destinations. An endpoint change then costs a
+	// few hundred bytes per proxy, not the whole mesh's endpoints. The first
+	// update of a stream is never incremental. Policies and workload are
+	// always whole.
+	Incremental         bool              `protobuf:"varint,6,opt,name=incremental,proto3" json:"incremental,omitempty"`
+	RemovedDestinations []*DestinationKey `protobuf:"bytes,7,rep,name=removed_destinations,json=removedDestinations,proto3" json:"removed_destinations,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Update) Reset() {
@@ -485,6 +495,72 @@ func (x *Update) GetDestinations() []*Destination {
 	return nil
 }
 
+func (x *Update) GetIncremental() bool {
+	if x != nil {
+		return x.Incremental
+	}
+	return false
+}
+
+func (x *Update) GetRemovedDestinations() []*DestinationKey {
+	if x != nil {
+		return x.RemovedDestinations
+	}
+	return nil
+}
+
+type DestinationKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Service       string                 `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
+	Port          uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DestinationKey) Reset() {
+	*x = DestinationKey{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DestinationKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DestinationKey) ProtoMessage() {}
+
+func (x *DestinationKey) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DestinationKey.ProtoReflect.Descriptor instead.
+func (*DestinationKey) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *DestinationKey) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *DestinationKey) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
 type Workload struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Namespace      string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
@@ -497,7 +573,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -509,7 +585,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -522,7 +598,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{7}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Workload) GetNamespace() string {
@@ -573,7 +649,7 @@ type Destination struct {
 
 func (x *Destination) Reset() {
 	*x = Destination{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -585,7 +661,7 @@ func (x *Destination) String() string {
 func (*Destination) ProtoMessage() {}
 
 func (x *Destination) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -598,7 +674,7 @@ func (x *Destination) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Destination.ProtoReflect.Descriptor instead.
 func (*Destination) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{8}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Destination) GetService() string {
@@ -646,7 +722,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -658,7 +734,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -671,7 +747,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{9}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Endpoint) GetAddress() string {
@@ -706,7 +782,7 @@ type Metadata struct {
 
 func (x *Metadata) Reset() {
 	*x = Metadata{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +794,7 @@ func (x *Metadata) String() string {
 func (*Metadata) ProtoMessage() {}
 
 func (x *Metadata) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +807,7 @@ func (x *Metadata) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metadata.ProtoReflect.Descriptor instead.
 func (*Metadata) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{10}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Metadata) GetName() string {
@@ -792,7 +868,7 @@ type PeerAuthentication struct {
 
 func (x *PeerAuthentication) Reset() {
 	*x = PeerAuthentication{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -804,7 +880,7 @@ func (x *PeerAuthentication) String() string {
 func (*PeerAuthentication) ProtoMessage() {}
 
 func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -817,7 +893,7 @@ func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerAuthentication.ProtoReflect.Descriptor instead.
 func (*PeerAuthentication) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{11}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PeerAuthentication) GetMetadata() *Metadata {
@@ -857,7 +933,7 @@ type Selector struct {
 
 func (x *Selector) Reset() {
 	*x = Selector{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -869,7 +945,7 @@ func (x *Selector) String() string {
 func (*Selector) ProtoMessage() {}
 
 func (x *Selector) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -882,7 +958,7 @@ func (x *Selector) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Selector.ProtoReflect.Descriptor instead.
 func (*Selector) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{12}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Selector) GetMatchLabels() map[string]string {
@@ -905,7 +981,7 @@ type AuthorizationPolicy struct {
 
 func (x *AuthorizationPolicy) Reset() {
 	*x = AuthorizationPolicy{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -917,7 +993,7 @@ func (x *AuthorizationPolicy) String() string {
 func (*AuthorizationPolicy) ProtoMessage() {}
 
 func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -930,7 +1006,7 @@ func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationPolicy.ProtoReflect.Descriptor instead.
 func (*AuthorizationPolicy) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AuthorizationPolicy) GetMetadata() *Metadata {
@@ -972,7 +1048,7 @@ type Rule struct {
 
 func (x *Rule) Reset() {
 	*x = Rule{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -984,7 +1060,7 @@ func (x *Rule) String() string {
 func (*Rule) ProtoMessage() {}
 
 func (x *Rule) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -997,7 +1073,7 @@ func (x *Rule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rule.ProtoReflect.Descriptor instead.
 func (*Rule) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Rule) GetFrom() []*Source {
@@ -1035,7 +1111,7 @@ type Source struct {
 
 func (x *Source) Reset() {
 	*x = Source{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1047,7 +1123,7 @@ func (x *Source) String() string {
 func (*Source) ProtoMessage() {}
 
 func (x *Source) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1060,7 +1136,7 @@ func (x *Source) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Source.ProtoReflect.Descriptor instead.
 func (*Source) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Source) GetPrincipals() []string {
@@ -1121,7 +1197,7 @@ type Operation struct {
 
 func (x *Operation) Reset() {
 	*x = Operation{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1209,7 @@ func (x *Operation) String() string {
 func (*Operation) ProtoMessage() {}
 
 func (x *Operation) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1222,7 @@ func (x *Operation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Operation.ProtoReflect.Descriptor instead.
 func (*Operation) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Operation) GetHosts() []string {
@@ -1216,7 +1292,7 @@ type Condition struct {
 
 func (x *Condition) Reset() {
 	*x = Condition{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1228,7 +1304,7 @@ func (x *Condition) String() string {
 func (*Condition) ProtoMessage() {}
 
 func (x *Condition) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1241,7 +1317,7 @@ func (x *Condition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Condition.ProtoReflect.Descriptor instead.
 func (*Condition) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Condition) GetKey() string {
@@ -1288,13 +1364,18 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\"\t\n" +
 	"\aGoodbye\"\v\n" +
-	"\tHeartbeat\"\xe4\x02\n" +
+	"\tHeartbeat\"\xdf\x03\n" +
 	"\x06Update\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12:\n" +
 	"\bworkload\x18\x02 \x01(\v2\x1e.trellis.discovery.v1.WorkloadR\bworkload\x12[\n" +
 	"\x14peer_authentications\x18\x03 \x03(\v2(.trellis.discovery.v1.PeerAuthenticationR\x13peerAuthentications\x12`\n" +
 	"\x16authorization_policies\x18\x04 \x03(\v2).trellis.discovery.v1.AuthorizationPolicyR\x15authorizationPolicies\x12E\n" +
-	"\fdestinations\x18\x05 \x03(\v2!.trellis.discovery.v1.DestinationR\fdestinations\"\xe4\x01\n" +
+	"\fdestinations\x18\x05 \x03(\v2!.trellis.discovery.v1.DestinationR\fdestinations\x12 \n" +
+	"\vincremental\x18\x06 \x01(\bR\vincremental\x12W\n" +
+	"\x14removed_destinations\x18\a \x03(\v2$.trellis.discovery.v1.DestinationKeyR\x13removedDestinations\">\n" +
+	"\x0eDestinationKey\x12\x18\n" +
+	"\aservice\x18\x01 \x01(\tR\aservice\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"\xe4\x01\n" +
 	"\bWorkload\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12'\n" +
@@ -1388,7 +1469,7 @@ func file_discovery_v1_discovery_proto_rawDescGZIP() []byte {
 	return file_discovery_v1_discovery_proto_rawDescData
 }
 
-var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_discovery_v1_discovery_proto_goTypes = []any{
 	(*ProxyMessage)(nil),        // 0: trellis.discovery.v1.ProxyMessage
 	(*Hello)(nil),               // 1: trellis.discovery.v1.Hello
@@ -1397,22 +1478,23 @@ var file_discovery_v1_discovery_proto_goTypes = []any{
 	(*Goodbye)(nil),             // 4: trellis.discovery.v1.Goodbye
 	(*Heartbeat)(nil),           // 5: trellis.discovery.v1.Heartbeat
 	(*Update)(nil),              // 6: trellis.discovery.v1.Update
-	(*Workload)(nil),            // 7: trellis.discovery.v1.Workload
-	(*Destination)(nil),         // 8: trellis.discovery.v1.Destination
-	(*Endpoint)(nil),            // 9: trellis.discovery.v1.Endpoint
-	(*Metadata)(nil),            // 10: trellis.discovery.v1.Metadata
-	(*PeerAuthentication)(nil),  // 11: trellis.discovery.v1.PeerAuthentication
-	(*Selector)(nil),            // 12: trellis.discovery.v1.Selector
-	(*AuthorizationPolicy)(nil), // 13: trellis.discovery.v1.AuthorizationPolicy
-	(*Rule)(nil),                // 14: trellis.discovery.v1.Rule
-	(*Source)(nil),              // 15: trellis.discovery.v1.Source
-	(*Operation)(nil),           // 16: trellis.discovery.v1.Operation
-	(*Condition)(nil),           // 17: trellis.discovery.v1.Condition
-	nil,                         // 18: trellis.discovery.v1.Workload.LabelsEntry
-	nil,                         // 19: trellis.discovery.v1.Metadata.LabelsEntry
-	nil,                         // 20: trellis.discovery.v1.Metadata.AnnotationsEntry
-	nil,                         // 21: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	nil,                         // 22: trellis.discovery.v1.Selector.MatchLabelsEntry
+	(*DestinationKey)(nil),      // 7: trellis.discovery.v1.DestinationKey
+	(*Workload)(nil),            // 8: trellis.discovery.v1.Workload
+	(*Destination)(nil),         // 9: trellis.discovery.v1.Destination
+	(*Endpoint)(nil),            // 10: trellis.discovery.v1.Endpoint
+	(*Metadata)(nil),            // 11: trellis.discovery.v1.Metadata
+	(*PeerAuthentication)(nil),  // 12: trellis.discovery.v1.PeerAuthentication
+	(*Selector)(nil),            // 13: trellis.discovery.v1.Selector
+	(*AuthorizationPolicy)(nil), // 14: trellis.discovery.v1.AuthorizationPolicy
+	(*Rule)(nil),                // 15: trellis.discovery.v1.Rule
+	(*Source)(nil),              // 16: trellis.discovery.v1.Source
+	(*Operation)(nil),           // 17: trellis.discovery.v1.Operation
+	(*Condition)(nil),           // 18: trellis.discovery.v1.Condition
+	nil,                         // 19: trellis.discovery.v1.Workload.LabelsEntry
+	nil,                         // 20: trellis.discovery.v1.Metadata.LabelsEntry
+	nil,                         // 21: trellis.discovery.v1.Metadata.AnnotationsEntry
+	nil,                         // 22: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	nil,                         // 23: trellis.discovery.v1.Selector.MatchLabelsEntry
 }
 var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	1,  // 0: trellis.discovery.v1.ProxyMessage.hello:type_name -> trellis.discovery.v1.Hello
@@ -1420,31 +1502,32 @@ var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	4,  // 2: trellis.discovery.v1.ProxyMessage.goodbye:type_name -> trellis.discovery.v1.Goodbye
 	5,  // 3: trellis.discovery.v1.ProxyMessage.heartbeat:type_name -> trellis.discovery.v1.Heartbeat
 	2,  // 4: trellis.discovery.v1.Hello.ports:type_name -> trellis.discovery.v1.PortAddress
-	7,  // 5: trellis.discovery.v1.Update.workload:type_name -> trellis.discovery.v1.Workload
-	11, // 6: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
-	13, // 7: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
-	8,  // 8: trellis.discovery.v1.Update.destinations:type_name -> trellis.discovery.v1.Destination
-	18, // 9: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
-	9,  // 10: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
-	19, // 11: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
-	20, // 12: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
-	10, // 13: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
-	12, // 14: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
-	21, // 15: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	22, // 16: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
-	10, // 17: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
-	12, // 18: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
-	14, // 19: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
-	15, // 20: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
-	16, // 21: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
-	17, // 22: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
-	0,  // 23: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
-	6,  // 24: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
-	24, // [24:25] is the sub-list for method output_type
-	23, // [23:24] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	8,  // 5: trellis.discovery.v1.Update.workload:type_name -> trellis.discovery.v1.Workload
+	12, // 6: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
+	14, // 7: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
+	9,  // 8: trellis.discovery.v1.Update.destinations:type_name -> trellis.discovery.v1.Destination
+	7,  // 9: trellis.discovery.v1.Update.removed_destinations:type_name -> trellis.discovery.v1.DestinationKey
+	19, // 10: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
+	10, // 11: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
+	20, // 12: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
+	21, // 13: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
+	11, // 14: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
+	13, // 15: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
+	22, // 16: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	23, // 17: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
+	11, // 18: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
+	13, // 19: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
+	15, // 20: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
+	16, // 21: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
+	17, // 22: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
+	18, // 23: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
+	0,  // 24: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
+	6,  // 25: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
+	25, // [25:26] is the sub-list for method output_type
+	24, // [24:25] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_discovery_v1_discovery_proto_init() }
@@ -1464,7 +1547,7 @@ func file_discovery_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_discovery_v1_discovery_proto_rawDesc), len(file_discovery_v1_discovery_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   23,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
