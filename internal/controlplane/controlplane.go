@@ -247,11 +247,10 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 		// updates are small.
 		// Updates are encoded once per view, not once per proxy.
 		grpc.ForceServerCodecV2(push.Codec{}),
-		// Writes go out in 64 KB, through buffers that idle connections
-		// give back, so a large push costs few system calls and an idle
-		// proxy little memory.
+		// Writes go out in 64 KB (through buffers that idle connections
+		// give back, gRPC's default), so a large update costs few system
+		// calls and an idle proxy little memory.
 		grpc.WriteBufferSize(64<<10),
-		grpc.SharedWriteBuffer(true),
 		grpc.ReadBufferSize(8<<10),
 		// Proxies send small messages; a CSR or a Hello is a few KB.
 		grpc.MaxRecvMsgSize(256<<10),
