@@ -250,7 +250,7 @@ func TestUpZeroTrustExample(t *testing.T) {
 // connection included.
 func TestUpPermissiveToStrict(t *testing.T) {
 	requireRoot(t)
-	for _, tool := range []string{"ip", "iptables", "curl", "python3", "redis-server", "redis-cli", "ss"} {
+	for _, tool := range []string{"ip", "iptables", "curl", "python3", "redis-server", "redis-cli", "ss", "mariadb", "mariadb-install-db"} {
 		requireTool(t, tool)
 	}
 	dir := copyDir(t, "../../examples/permissive-to-strict")
@@ -273,6 +273,13 @@ func TestUpPermissiveToStrict(t *testing.T) {
 	}
 	if r := m.exec("default/batch-job", "curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "http://web.payments/"); r.stdout != "200" {
 		t.Fatalf("plaintext HTTP under PERMISSIVE = %q %s", r.stdout, r.stderr)
+	}
+	// MariaDB greets first: through both sidecars, without a stall.
+	start := time.Now()
+	if r := m.exec("default/api", "mariadb", "--no-defaults", "-h", "db.payments", "-u", "root", "-N", "-e", "select 6*7"); strings.TrimSpace(r.stdout) != "42" {
+		t.Fatalf("MariaDB query through the mesh: %q %v %s", r.stdout, r.err, r.stderr)
+	} else if took := time.Since(start); took > 3*time.Second {
+		t.Fatalf("the MariaDB query took %v: a server-first protocol stalled", took)
 	}
 	metrics := m.exec("payments/ledger", "curl", "-sS", "127.0.0.1:15000/metrics").stdout
 	if !strings.Contains(metrics, `trellis_tcp_connections_total{decision="allow",destination="spiffe://cluster.local/ns/payments/sa/ledger",direction="inbound",policy="",source="unknown",tls="false"} 1`) ||
