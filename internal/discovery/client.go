@@ -236,6 +236,11 @@ func (c *Client) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// A new stream starts from the version announced here, which is what
+	// dests hold: incremental updates may build on it again.
+	c.mu.Lock()
+	c.needWhole = false
+	c.mu.Unlock()
 	hello := &discoveryv1.Hello{Workload: c.cfg.Workload, Instance: c.cfg.Instance, Ports: c.cfg.Ports, Version: c.Version()}
 	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
 		return recvError(stream, err)

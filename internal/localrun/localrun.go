@@ -134,8 +134,8 @@ type runner struct {
 	apps     []*process
 	proxies  []*process
 	exited   <-chan *process
-	appUser  *credential         // who the programs run as
-	ports    map[string][]uint32 // workload → its declared ports
+	users    map[string]*credential // workload → who its program runs as
+	ports    map[string][]uint32    // workload → its declared ports
 	mu       sync.Mutex
 	replicas []Replica
 }
@@ -156,7 +156,13 @@ func Run(ctx context.Context, opts Options) (err error) {
 			r.ports[w.Ref()] = append(r.ports[w.Ref()], p.Port)
 		}
 	}
-	if r.appUser, err = appCredential(); err != nil {
+	r.users = map[string]*credential{}
+	for i, w := range m.Workloads {
+		if r.users[w.Ref()], err = appCredential(Prefix(m.Dir), i); err != nil {
+			return err
+		}
+	}
+	if err := checkMeshDir(m, r.users[m.Workloads[0].Ref()]); err != nil {
 		return err
 	}
 	prefix := Prefix(m.Dir)
@@ -176,6 +182,10 @@ func Run(ctx context.Context, opts Options) (err error) {
 	}
 	if err := cleanupLeftovers(prefix, log); err != nil {
 		return fmt.Errorf("removing leftovers of a previous run: %w", err)
+	}
+	// The record is this run's from now on: 'trellis down' signals its pid.
+	if err := r.writeState(prefix); err != nil {
+		return err
 	}
 	r.net, err = createNetwork(prefix, log)
 	if err != nil {
@@ -314,9 +324,13 @@ func CleanupStopped(stateDir string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if Running(stateDir) {
-		return errors.New("the mesh is running")
+	// Both locks, as up holds them: another up of the same mesh (another
+	// state directory) may be running on these names.
+	unlock, err := lockRun(st.Prefix, stateDir)
+	if err != nil {
+		return fmt.Errorf("the mesh is running: %w", err)
 	}
+	defer unlock()
 	if err := cleanupLeftovers(st.Prefix, log); err != nil {
 		return err
 	}
@@ -410,16 +424,18 @@ func (r *runner) startAll(prefix string) error {
 				}
 				r.proxies = append(r.proxies, p)
 			}
-			runDir, err := r.runDir(prefix, name)
+			u := r.users[w.Ref()]
+			runDir, err := r.runDir(prefix, name, u)
 			if err != nil {
 				return err
 			}
 			// The program runs unprivileged: as root it could read the
 			// CA's keys, undo its namespace's interception rules or forge
-			// the sidecar's bypass mark.
-			u := r.appUser
+			// the sidecar's bypass mark. Its user is its workload's alone,
+			// so at stop everything running as that user is ended, even
+			// what left the namespace.
 			args := append([]string{fmt.Sprintf("--reuid=%d", u.uid), fmt.Sprintf("--regid=%d", u.gid), "--clear-groups",
-				"--inh-caps=-all", "--bounding-set=-all", "--", commandPath(m, w.Command[0])}, w.Command[1:]...)
+				"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", commandPath(m, w.Command[0])}, w.Command[1:]...)
 			cmd := host.Command(context.Background(), "setpriv", args...)
 			cmd.Dir = m.Dir
 			// Only what a program needs from the environment: root's may
@@ -429,7 +445,7 @@ func (r *runner) startAll(prefix string) error {
 			for k, v := range w.Env {
 				cmd.Env = append(cmd.Env, k+"="+v)
 			}
-			p, err := r.start(name, cmd, rep.AppLog, r.appUser)
+			p, err := r.start(name, cmd, rep.AppLog, u)
 			if err != nil {
 				return err
 			}
@@ -448,7 +464,7 @@ func (r *runner) startAll(prefix string) error {
 	rules := serviceRules(m, addrs)
 	for _, h := range plain {
 		for _, rule := range rules {
-			if out, err := h.Command(context.Background(), "iptables", rule...).CombinedOutput(); err != nil {
+			if out, err := h.Command(context.Background(), "iptables", append([]string{"-w", "5"}, rule...)...).CombinedOutput(); err != nil {
 				return fmt.Errorf("service rules in %s: iptables %s: %v: %s", h.Netns, strings.Join(rule, " "), err, out)
 			}
 		}
@@ -486,31 +502,84 @@ func serviceRules(m *meshfile.Mesh, addrs map[string][]netip.Addr) [][]string {
 // credential is a user programs run as.
 type credential struct {
 	uid, gid uint32
-	name     string
 }
 
-func (c *credential) describe() string {
-	if c.name != "" {
-		return c.name
+// Programs run as a user of their own per workload, which owns nothing of
+// the mesh: not the mesh file, not the policies, not another workload's
+// processes or files. (The user who ran sudo would own the checkout and
+// could rewrite the policies; one shared user could ptrace its
+// neighbours.) Each mesh has a block of maxWorkloads uids above
+// firstAppUID, chosen by its prefix, so that ending a mesh's users ends no
+// other mesh's programs.
+const (
+	firstAppUID  = 200000
+	maxWorkloads = meshfile.MaxWorkloads
+	uidBlocks    = 16384
+)
+
+// uidBase returns the first uid of a mesh's block.
+func uidBase(prefix string) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(prefix))
+	return firstAppUID + (h.Sum32()%uidBlocks)*maxWorkloads
+}
+
+// appCredential returns the user of the workload with index i.
+func appCredential(prefix string, i int) (*credential, error) {
+	g, err := user.LookupGroup("nogroup")
+	if err != nil {
+		return nil, fmt.Errorf("no group nogroup to run the programs with: %w", err)
 	}
-	return fmt.Sprintf("uid %d", c.uid)
+	gid, _ := strconv.ParseUint(g.Gid, 10, 32)
+	return &credential{uid: uidBase(prefix) + uint32(i), gid: uint32(gid)}, nil
 }
 
-// appCredential picks who runs the workloads' programs: the user who ran
-// sudo, else nobody.
-func appCredential() (*credential, error) {
-	if uid, err := strconv.ParseUint(os.Getenv("SUDO_UID"), 10, 32); err == nil && uid != 0 {
-		if gid, err := strconv.ParseUint(os.Getenv("SUDO_GID"), 10, 32); err == nil {
-			return &credential{uid: uint32(uid), gid: uint32(gid), name: os.Getenv("SUDO_USER")}, nil
+// killUsers ends every process running as one of a mesh's users.
+func killUsers(prefix string, log *slog.Logger) {
+	base := uidBase(prefix)
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		status, err := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
+		if err != nil {
+			continue
+		}
+		for line := range strings.Lines(string(status)) {
+			f := strings.Fields(line)
+			if len(f) < 2 || f[0] != "Uid:" {
+				continue
+			}
+			if uid, err := strconv.ParseUint(f[1], 10, 32); err == nil && uint32(uid) >= base && uint32(uid) < base+maxWorkloads {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+				log.Info("killed a process of the mesh's programs that was still running", "pid", pid, "uid", uid)
+			}
+			break
 		}
 	}
-	u, err := user.Lookup("nobody")
-	if err != nil {
-		return nil, fmt.Errorf("no unprivileged user to run the programs as (SUDO_UID is unset and there is no user nobody): %w", err)
+}
+
+// checkMeshDir verifies that a workload's user can read the mesh
+// directory (its working directory) but not change the policies or the
+// mesh file.
+func checkMeshDir(m *meshfile.Mesh, u *credential) error {
+	probe := func(args ...string) bool {
+		return exec.Command("setpriv", append([]string{fmt.Sprintf("--reuid=%d", u.uid), fmt.Sprintf("--regid=%d", u.gid), "--clear-groups", "--"}, args...)...).Run() == nil
 	}
-	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
-	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
-	return &credential{uid: uint32(uid), gid: uint32(gid), name: u.Username}, nil
+	if !probe("test", "-x", m.Dir) {
+		return fmt.Errorf("the programs run as uid %d and cannot enter %s: make it and the directories above it readable by others (chmod o+rx)", u.uid, m.Dir)
+	}
+	for _, p := range []string{m.Path(m.Policies), m.Dir} {
+		if p != "" && probe("test", "-w", p) {
+			return fmt.Errorf("%s is writable by everyone, so a workload could change the mesh: chmod o-w %s", p, p)
+		}
+	}
+	return nil
 }
 
 // systemPath is the programs' PATH: the system's directories, not root's
@@ -523,7 +592,7 @@ const systemPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 const runRoot = "/run/trellis-run"
 
 // runDir makes a replica's scratch directory, owned by the program's user.
-func (r *runner) runDir(prefix, name string) (string, error) {
+func (r *runner) runDir(prefix, name string, u *credential) (string, error) {
 	base := filepath.Join(runRoot, prefix)
 	if err := os.MkdirAll(base, 0o755); err != nil {
 		return "", err
@@ -535,7 +604,7 @@ func (r *runner) runDir(prefix, name string) (string, error) {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return "", err
 	}
-	return dir, os.Chown(dir, int(r.appUser.uid), int(r.appUser.gid))
+	return dir, os.Chown(dir, int(u.uid), int(u.gid))
 }
 
 // commandPath keeps a bare program name (found on PATH) as it is and makes
@@ -578,7 +647,10 @@ func (r *runner) start(what string, cmd *exec.Cmd, logPath string, owner *creden
 		}
 	}
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// A session of its own: without a controlling terminal, a program
+	// cannot inject keystrokes into up's (TIOCSTI); the process group is
+	// the session's, for signals.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	// The context kills; stopAll sends SIGTERM first.
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	if err := cmd.Start(); err != nil {
@@ -699,7 +771,7 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 	m := r.opts.Mesh
 	out := r.opts.Out
 	fmt.Fprintf(out, "Control plane: proxies at %s, admin API at https://%s (trellis status --state-dir %s)\n", cp.Addr(), cp.AdminAddr(), r.opts.StateDir)
-	fmt.Fprintf(out, "\nWorkloads (each replica in its own network namespace; programs run as %s, logs: trellis logs -f %s NAMESPACE/NAME):\n", r.appUser.describe(), r.opts.MeshFile)
+	fmt.Fprintf(out, "\nWorkloads (each replica in its own network namespace, its program as a user of its workload's own; logs: trellis logs -f %s NAMESPACE/NAME):\n", r.opts.MeshFile)
 	r.mu.Lock()
 	for _, rep := range r.replicas {
 		mode := "with sidecar"
@@ -721,7 +793,15 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 		}
 		s := m.Services[0]
 		f := r.opts.MeshFile
-		fmt.Fprintf(out, "\nTry (as root): trellis exec -f %s %s -- curl -sS http://%s.%s:%d/\n", f, m.Workloads[len(m.Workloads)-1].Ref(), s.Name, s.Namespace, s.Ports[0].Port)
+		// A caller: a workload with a sidecar that is not behind the service.
+		caller := m.Workloads[0]
+		for _, w := range m.Workloads {
+			if w.Injected() && !s.Selects(w) {
+				caller = w
+				break
+			}
+		}
+		fmt.Fprintf(out, "\nTry (as root): trellis exec -f %s %s -- curl -sS http://%s.%s:%d/\n", f, caller.Ref(), s.Name, s.Namespace, s.Ports[0].Port)
 		fmt.Fprintf(out, "               trellis status -f %s\n", f)
 	}
 }
@@ -731,6 +811,7 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 // sidecars behind): sidecars of a dead mesh would otherwise register with
 // the new control plane, and programs hold their namespaces.
 func killLeftovers(prefix string, log *slog.Logger) {
+	killUsers(prefix, log)
 	out, err := exec.Command("ip", "netns", "list").Output()
 	if err != nil {
 		return

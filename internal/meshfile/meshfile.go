@@ -177,6 +177,9 @@ func (m *Mesh) Validate() error {
 	if len(m.Workloads) == 0 {
 		bad("workloads", "is empty: list the programs to run")
 	}
+	if len(m.Workloads) > MaxWorkloads {
+		bad("workloads", "has %d entries; a mesh on one machine runs at most %d", len(m.Workloads), MaxWorkloads)
+	}
 	seen := map[string]bool{}
 	for i, w := range m.Workloads {
 		f := fmt.Sprintf("workloads[%d]", i)
@@ -248,6 +251,9 @@ func (m *Mesh) Validate() error {
 		for _, w := range m.Workloads {
 			if s.Selects(w) {
 				matched = true
+				if !w.Injected() {
+					bad(f+".selector", "selects %s, which runs without a sidecar (inject: false): meshed callers could not reach it; a service's workloads need sidecars", w.Ref())
+				}
 			}
 		}
 		if !matched && len(s.Selector) > 0 {
@@ -287,6 +293,10 @@ func checkLabel(bad func(string, string, ...any), field, name string) {
 func reservedPort(p uint32) bool {
 	return p == InboundPort || p == OutboundPort || p == AdminPort
 }
+
+// MaxWorkloads bounds a mesh file's workloads (each gets a user of its
+// own from a per-mesh block).
+const MaxWorkloads = 256
 
 // The sidecar's ports inside each replica's network namespace.
 const (

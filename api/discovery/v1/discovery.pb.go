@@ -152,8 +152,8 @@ type Hello struct {
 	// itself, otherwise the proxy's inbound listener for that port.
 	Ports []*PortAddress `protobuf:"bytes,3,rep,name=ports,proto3" json:"ports,omitempty"`
 	// version is the configuration version the proxy runs (empty at first
-	// start), so that a reconnect after a control plane restart resends only
-	// what changed.
+	// start): a proxy that reconnects with the current version is sent
+	// nothing, and later updates may be incremental from it.
 	Version       string `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -422,7 +422,8 @@ type Update struct {
 	// destinations it has, replaces those listed (by service and port), and
 	// drops those in removed_destinations. An endpoint change then costs a
 	// few hundred bytes per proxy, not the whole mesh's endpoints. The first
-	// update of a stream is never incremental. Policies and workload are
+	// update of a stream is whole (unless the Hello announced the current
+	// version, which then serves as the base). Policies and workload are
 	// always whole.
 	Incremental         bool              `protobuf:"varint,6,opt,name=incremental,proto3" json:"incremental,omitempty"`
 	RemovedDestinations []*DestinationKey `protobuf:"bytes,7,rep,name=removed_destinations,json=removedDestinations,proto3" json:"removed_destinations,omitempty"`
