@@ -66,9 +66,6 @@ type Options struct {
 	Log         *slog.Logger
 	// Out receives the summary for the user.
 	Out io.Writer
-	// Ready, when set, is called once every replica is running and every
-	// sidecar has its configuration.
-	Ready func()
 }
 
 // State is the content of RunFile.
@@ -156,16 +153,16 @@ func Run(ctx context.Context, opts Options) (err error) {
 			r.ports[w.Ref()] = append(r.ports[w.Ref()], p.Port)
 		}
 	}
+	prefix := Prefix(m.Dir)
 	r.users = map[string]*credential{}
 	for i, w := range m.Workloads {
-		if r.users[w.Ref()], err = appCredential(Prefix(m.Dir), i); err != nil {
+		if r.users[w.Ref()], err = appCredential(prefix, i); err != nil {
 			return err
 		}
 	}
 	if err := checkMeshDir(m, r.users[m.Workloads[0].Ref()]); err != nil {
 		return err
 	}
-	prefix := Prefix(m.Dir)
 	if err := os.MkdirAll(filepath.Join(opts.StateDir, "logs"), 0o700); err != nil {
 		return err
 	}
@@ -241,9 +238,6 @@ func Run(ctx context.Context, opts Options) (err error) {
 		fmt.Fprintf(opts.Out, "\nWARNING: the policies in %s are rejected (run 'trellis status'); the mesh runs the last valid ones.\n", st.Resources.Directory)
 	}
 	fmt.Fprintf(opts.Out, "\nThe mesh is up. Ctrl-C (or 'trellis down') stops it.\n")
-	if opts.Ready != nil {
-		opts.Ready()
-	}
 	select {
 	case <-ctx.Done():
 		fmt.Fprintf(opts.Out, "\nStopping: programs, then sidecars (draining), then the control plane and the network.\n")
