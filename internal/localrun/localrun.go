@@ -262,6 +262,7 @@ func (p *process) exitError() error {
 // and removes its network.
 func cleanupLeftovers(prefix string, log *slog.Logger) error {
 	killLeftovers(prefix, log)
+	_ = os.RemoveAll(filepath.Join(runRoot, prefix))
 	return localnet.Cleanup(prefix, log)
 }
 
@@ -275,6 +276,14 @@ func lockRun(prefix, stateDir string) (unlock func(), err error) {
 	var held []*os.File
 	unlock = func() {
 		for _, f := range held {
+			// The machine-wide lock file goes (it would pile up, one per
+			// mesh directory ever run); removed while still locked, so
+			// whoever opens the name next gets a new file, not this
+			// one after it is released. The state directory's stays, as
+			// Running reads it.
+			if filepath.Dir(f.Name()) == lockDir {
+				_ = os.Remove(f.Name())
+			}
 			f.Close()
 		}
 	}
