@@ -22,6 +22,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/controlplane"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
+	"github.com/trellis-mesh/trellis/internal/registry"
 )
 
 // Isolation modes.
@@ -308,15 +309,7 @@ const (
 // Selects reports whether the service's selector matches the workload:
 // same namespace, every selector label on the workload.
 func (s Service) Selects(w Workload) bool {
-	if w.Namespace != s.Namespace || len(s.Selector) == 0 {
-		return false
-	}
-	for k, v := range s.Selector {
-		if got, ok := w.Labels[k]; !ok || got != v {
-			return false
-		}
-	}
-	return true
+	return w.Namespace == s.Namespace && registry.Selects(s.Selector, w.Labels)
 }
 
 // Path resolves p against the mesh file's directory.

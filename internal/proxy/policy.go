@@ -2,15 +2,11 @@ package proxy
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"io/fs"
 	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/dirwatch"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/policy"
 	"github.com/trellis-mesh/trellis/internal/policy/authz"
@@ -64,58 +60,28 @@ func loadPolicyDir(dir string, wl policy.Workload) (*policyState, error) {
 		if set, err = policy.LoadDir(dir); err != nil {
 			return nil, err
 		}
-		version = dirStamp(dir)
+		version = dirwatch.Stamp(dir)
 	}
 	return compilePolicies(set, wl, version)
-}
-
-// dirStamp summarizes the policy files' names, sizes and modification times
-// as a short hash; it changes whenever a file is edited, added or removed,
-// and serves as the policy version /config reports.
-func dirStamp(dir string) string {
-	var b strings.Builder
-	_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return nil
-		}
-		if fi, err := d.Info(); err == nil {
-			b.WriteString(path)
-			b.WriteString(fi.ModTime().UTC().Format(time.RFC3339Nano))
-			b.WriteString(strconv.FormatInt(fi.Size(), 10))
-		}
-		return nil
-	})
-	sum := sha256.Sum256([]byte(b.String()))
-	return hex.EncodeToString(sum[:6])
 }
 
 // watchPolicies reloads the policy directory when it changes. An invalid
 // change is logged and the previous policies stay in force: a bad edit never
 // removes protection.
 func (p *Proxy) watchPolicies(ctx context.Context, dir string, every time.Duration) error {
-	last := p.policies.Load().version
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-		stamp := dirStamp(dir)
-		if stamp == last {
-			continue
-		}
-		last = stamp
-		st, err := loadPolicyDir(dir, p.workload)
-		if err != nil {
-			p.log.Error("policy change rejected; the previous policies stay in force", "dir", dir, "err", err)
-			continue
-		}
-		p.policies.Store(st)
-		p.closeInadmissible(st)
-		p.log.Info("policies reloaded", "dir", dir)
-	}
+	return dirwatch.Watch(ctx, dirwatch.Config{
+		Dir: dir, Poll: every, Since: p.policies.Load().version, Log: p.log,
+		OnChange: func() {
+			st, err := loadPolicyDir(dir, p.workload)
+			if err != nil {
+				p.log.Error("policy change rejected; the previous policies stay in force", "dir", dir, "err", err)
+				return
+			}
+			p.policies.Store(st)
+			p.closeInadmissible(st)
+			p.log.Info("policies reloaded", "dir", dir)
+		},
+	})
 }
 
 // policyDirExists is used to fail early on a typo in --config's policies.

@@ -334,12 +334,7 @@ func applies(m *discoveryv1.Metadata, sel *discoveryv1.Selector, w registry.Work
 	if ns := m.GetNamespace(); ns != w.Namespace && ns != meshid.RootNamespace {
 		return false
 	}
-	for k, v := range sel.GetMatchLabels() {
-		if got, ok := w.Labels[k]; !ok || got != v {
-			return false
-		}
-	}
-	return true
+	return (&policy.Selector{MatchLabels: sel.GetMatchLabels()}).Matches(w.Labels)
 }
 
 func destinations(ds []registry.Destination) []*discoveryv1.Destination {

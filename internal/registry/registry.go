@@ -16,8 +16,10 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
 	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -388,14 +390,14 @@ func (s Snapshot) Destinations() []Destination {
 	for _, svc := range s.Declarations.Services {
 		var selected []Workload
 		for _, w := range s.Declarations.Workloads {
-			if w.Namespace == svc.Namespace && selects(svc.Selector, w.Labels) {
+			if w.Namespace == svc.Namespace && Selects(svc.Selector, w.Labels) {
 				selected = append(selected, w)
 			}
 		}
 		for _, sp := range svc.Ports {
 			d := Destination{Service: svc.Name + "." + svc.Namespace, Port: sp.Port, Protocol: sp.Protocol}
 			if svc.Address != "" {
-				d.Addresses = []string{joinHostPort(svc.Address, sp.Port)}
+				d.Addresses = []string{net.JoinHostPort(svc.Address, strconv.Itoa(int(sp.Port)))}
 			}
 			for _, w := range selected {
 				if d.Protocol == "" {
@@ -422,8 +424,9 @@ func (s Snapshot) Destinations() []Destination {
 	return out
 }
 
-// selects reports whether a non-empty selector matches labels.
-func selects(selector, labels map[string]string) bool {
+// Selects reports whether a service's selector matches labels. Unlike a
+// policy's, an empty selector selects nothing, as in Kubernetes.
+func Selects(selector, labels map[string]string) bool {
 	if len(selector) == 0 {
 		return false
 	}
@@ -433,11 +436,4 @@ func selects(selector, labels map[string]string) bool {
 		}
 	}
 	return true
-}
-
-func joinHostPort(ip string, port uint32) string {
-	if slices.Contains([]byte(ip), ':') {
-		return fmt.Sprintf("[%s]:%d", ip, port)
-	}
-	return fmt.Sprintf("%s:%d", ip, port)
 }

@@ -50,6 +50,25 @@ func copyDir(t *testing.T, src string) string {
 	return dst
 }
 
+// exampleCopy prepares an example for `trellis up` as root: the tools it
+// needs, a copy to edit, and a check when the test ends that nothing of
+// the mesh (its prefix) is left on the machine.
+func exampleCopy(t *testing.T, example string, tools ...string) (dir, prefix string) {
+	t.Helper()
+	requireRoot(t)
+	for _, tool := range append([]string{"ip", "iptables", "ip6tables", "ss", "setpriv"}, tools...) {
+		requireTool(t, tool)
+	}
+	dir = copyDir(t, filepath.Join("../../examples", example))
+	prefix = localrun.Prefix(dir)
+	t.Cleanup(func() {
+		if l := leftovers(t, prefix); len(l) > 0 {
+			t.Errorf("left on the machine after the test: %v", l)
+		}
+	})
+	return dir, prefix
+}
+
 // upMesh is a `trellis up` of an example, run by the test.
 type upMesh struct {
 	t    *testing.T
@@ -110,17 +129,7 @@ func leftovers(t *testing.T, prefix string) []string {
 // policy edit takes effect without restart; Ctrl-C removes everything;
 // after a crash, the next up cleans the leftovers and keeps the CA.
 func TestUpZeroTrustExample(t *testing.T) {
-	requireRoot(t)
-	for _, tool := range []string{"ip", "iptables", "ip6tables", "curl", "nginx", "python3"} {
-		requireTool(t, tool)
-	}
-	dir := copyDir(t, "../../examples/zero-trust")
-	prefix := localrun.Prefix(dir)
-	t.Cleanup(func() {
-		if l := leftovers(t, prefix); len(l) > 0 {
-			t.Errorf("left on the machine after the test: %v", l)
-		}
-	})
+	dir, prefix := exampleCopy(t, "zero-trust", "curl", "nginx", "python3")
 	m := startUp(t, dir)
 
 	// Orders from checkout succeed, spread over both replicas.
@@ -255,17 +264,7 @@ func TestUpZeroTrustExample(t *testing.T) {
 // meshed client still works and the legacy one is refused, its open
 // connection included.
 func TestUpPermissiveToStrict(t *testing.T) {
-	requireRoot(t)
-	for _, tool := range []string{"ip", "iptables", "curl", "python3", "redis-server", "redis-cli", "ss", "mariadb", "mariadb-install-db"} {
-		requireTool(t, tool)
-	}
-	dir := copyDir(t, "../../examples/permissive-to-strict")
-	prefix := localrun.Prefix(dir)
-	t.Cleanup(func() {
-		if l := leftovers(t, prefix); len(l) > 0 {
-			t.Errorf("left on the machine after the test: %v", l)
-		}
-	})
+	dir, _ := exampleCopy(t, "permissive-to-strict", "curl", "python3", "redis-server", "redis-cli", "mariadb", "mariadb-install-db")
 	m := startUp(t, dir)
 	t.Cleanup(m.stop)
 	redis := func(workload string, args ...string) result {
