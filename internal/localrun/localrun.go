@@ -805,6 +805,7 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 			}
 		}
 		fmt.Fprintf(out, "\nTry (as root): trellis exec -f %s %s -- curl -sS http://%s.%s:%d/\n", f, caller.Ref(), s.Name, s.Namespace, s.Ports[0].Port)
+		fmt.Fprintf(out, "               (the policies decide: an answer, or 403 naming why)\n")
 		fmt.Fprintf(out, "               trellis status -f %s\n", f)
 	}
 }
