@@ -61,6 +61,8 @@ type testMesh struct {
 	cp     *ControlPlane
 	cancel context.CancelFunc
 	done   chan error
+	// dialed holds the instances of the fake proxies opened, for settle.
+	dialed map[string]bool
 }
 
 func startMesh(t *testing.T, dir string) *testMesh {
@@ -105,7 +107,13 @@ func (m *testMesh) stop() {
 
 func (m *testMesh) writePolicy(name, content string) {
 	m.t.Helper()
-	if err := os.WriteFile(filepath.Join(m.dir, "policies", name), []byte(content), 0o644); err != nil {
+	// Written beside the directory and renamed into it, so that the watcher
+	// never loads a half-written file (an empty one would pass as valid).
+	tmp := filepath.Join(m.dir, name+".tmp")
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+		m.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(m.dir, "policies", name)); err != nil {
 		m.t.Fatal(err)
 	}
 }
@@ -142,7 +150,8 @@ func (m *testMesh) svidTTL(ns, sa string, ttl time.Duration) *identity.Holder {
 // fakeProxy speaks the discovery protocol the way a proxy does, recording
 // what it receives; acknowledging is left to the test.
 type fakeProxy struct {
-	t       *testing.T
+	t        *testing.T
+	instance string // namespace/workload/instance, as in the status
 	stream  discoveryv1.Discovery_StreamClient
 	updates chan *discoveryv1.Update // merged: whole configurations
 	raw     chan *discoveryv1.Update // as received
@@ -178,7 +187,7 @@ func (m *testMesh) dial(ns, sa string, hello *discoveryv1.Hello) (*fakeProxy, er
 	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
 		return nil, err
 	}
-	fp := &fakeProxy{t: m.t, stream: stream, updates: make(chan *discoveryv1.Update, 100), raw: make(chan *discoveryv1.Update, 100), errs: make(chan error, 1)}
+	fp := &fakeProxy{t: m.t, instance: ns + "/" + hello.GetWorkload() + "/" + hello.GetInstance(), stream: stream, updates: make(chan *discoveryv1.Update, 100), raw: make(chan *discoveryv1.Update, 100), errs: make(chan error, 1)}
 	go func() {
 		// Like a proxy, keep the destinations and merge incremental
 		// updates into them; tests see whole updates (and raw ones).
@@ -207,7 +216,42 @@ func (m *testMesh) dial(ns, sa string, hello *discoveryv1.Hello) (*fakeProxy, er
 			fp.updates <- whole
 		}
 	}()
+	if m.dialed == nil {
+		m.dialed = map[string]bool{}
+	}
+	m.dialed[fp.instance] = true
 	return fp, nil
+}
+
+// settle acks fp's updates until it has the view the control plane holds
+// for it once every proxy opened so far is registered: each registration
+// changes the endpoints all views show, so a first update may be followed
+// by others.
+func (m *testMesh) settle(fp *fakeProxy) *discoveryv1.Update {
+	m.t.Helper()
+	waitFor(m.t, "every proxy to register", func() bool {
+		connected := 0
+		for _, p := range m.cp.Status().Proxies {
+			if m.dialed[p.Instance] && p.Connected {
+				connected++
+			}
+		}
+		return connected == len(m.dialed)
+	})
+	m.cp.Sync()
+	want := ""
+	for _, p := range m.cp.Status().Proxies {
+		if p.Instance == fp.instance {
+			want = p.CurrentVersion
+		}
+	}
+	for {
+		u := fp.next()
+		fp.ack(u, "")
+		if u.GetVersion() == want {
+			return u
+		}
+	}
 }
 
 // next waits for the next update.
@@ -345,19 +389,8 @@ func TestPolicyChangeReachesOnlyItsNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Each registration changes the endpoints everyone sees; let both
-	// settle on the view with both endpoints.
-	settle := func(fp *fakeProxy) *discoveryv1.Update {
-		for {
-			u := fp.next()
-			fp.ack(u, "")
-			if len(endpoints(u, "orders.shipping")) == 1 && len(endpoints(u, "frontend.web")) == 1 {
-				return u
-			}
-		}
-	}
-	settle(orders)
-	frontView := settle(front)
+	m.settle(orders)
+	frontView := m.settle(front)
 	waitFor(t, "convergence", func() bool { return m.cp.Status().Converged })
 
 	m.writePolicy("shipping.yaml", shippingStrict)
@@ -391,8 +424,7 @@ func TestInvalidChangeKeepsLastGoodConfiguration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	good := orders.next()
-	orders.ack(good, "")
+	m.settle(orders)
 	version := m.cp.Status().Resources.Version
 
 	m.writePolicy("shipping.yaml", strings.Replace(shippingStrict, "STRICT", "STRIKT", 1))
@@ -440,12 +472,12 @@ func TestDisconnectKeepsEndpointsForGracePeriodAndGoodbyeRemoves(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	front.ack(front.next(), "")
+	m.settle(front)
 	orders, err := m.connect("shipping", "orders", "orders", "o1", map[uint32]string{8080: "127.0.0.1:18080"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := endpoints(front.next(), "orders.shipping"); len(got) != 1 {
+	if got := endpoints(m.settle(front), "orders.shipping"); len(got) != 1 {
 		t.Fatalf("orders endpoints = %v", got)
 	}
 	// A dropped connection (no goodbye) keeps the endpoint: grace is 1h.
@@ -479,13 +511,13 @@ func TestRestartKeepsRegistrationsAndCA(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	front.ack(front.next(), "")
+	m.settle(front)
 	orders, err := m.connect("shipping", "orders", "orders", "o1", map[uint32]string{8080: "127.0.0.1:18080"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	orders.next()
-	before := front.next()
+	m.settle(orders)
+	before := m.settle(front)
 
 	m.stop()
 	m.start()

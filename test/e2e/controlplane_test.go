@@ -117,7 +117,12 @@ func (m *cpMesh) sidecar(name, ns, sa, instance string) string {
 
 func (m *cpMesh) writePolicy(name, content string) {
 	m.t.Helper()
-	if err := os.WriteFile(filepath.Join(m.dir, "policies", name), []byte(content), 0o600); err != nil {
+	// Renamed into place, as editors do, so no half-written file is loaded.
+	tmp := filepath.Join(m.dir, name+".tmp")
+	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
+		m.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(m.dir, "policies", name)); err != nil {
 		m.t.Fatal(err)
 	}
 }
