@@ -37,6 +37,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/jointoken"
 	"github.com/trellis-mesh/trellis/internal/localnet"
 	"github.com/trellis-mesh/trellis/internal/meshfile"
+	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/proxy/intercept"
 	"github.com/trellis-mesh/trellis/internal/statefile"
 )
@@ -371,7 +372,7 @@ func (r *runner) startAll(prefix string) error {
 	hosts := map[string]netip.Addr{}
 	vips := m.ServiceAddresses()
 	for _, s := range m.Services {
-		for _, n := range meshfile.HostNames(s.Namespace, s.Name) {
+		for _, n := range meshid.ServiceHostNames(s.Name + "." + s.Namespace) {
 			hosts[n] = vips[s.Namespace+"/"+s.Name]
 		}
 	}

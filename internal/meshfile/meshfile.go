@@ -335,13 +335,6 @@ func (m *Mesh) ServiceAddresses() map[string]netip.Addr {
 	return out
 }
 
-// HostNames returns the names under which a service resolves inside every
-// namespace: name.namespace, name.namespace.svc and
-// name.namespace.svc.cluster.local (Kubernetes' forms).
-func HostNames(namespace, name string) []string {
-	return []string{name + "." + namespace, name + "." + namespace + ".svc", name + "." + namespace + ".svc.cluster.local"}
-}
-
 // ControlPlane returns the control plane configuration for the mesh: the
 // injected workloads and the services, with their virtual IPs.
 func (m *Mesh) ControlPlane(stateDir, listen, adminListen string) *controlplane.Config {

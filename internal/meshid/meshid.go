@@ -94,3 +94,11 @@ func NamespaceOf(principal string) string {
 	}
 	return ""
 }
+
+// ServiceHostNames returns the names a service "name.namespace" is called
+// by: that, and Kubernetes' name.namespace.svc and
+// name.namespace.svc.cluster.local. The local runtime resolves them to the
+// service's virtual IP; a sidecar used as an HTTP proxy routes by them.
+func ServiceHostNames(service string) []string {
+	return []string{service, service + ".svc", service + ".svc.cluster.local"}
+}

@@ -48,13 +48,16 @@ func forward(w http.ResponseWriter, r *http.Request, scheme, addr string, transp
 }
 
 // newForwarder returns a reverse proxy to scheme://addr through transport
-// (which may redirect the request elsewhere, as failover does); what names
-// the request's upstream in error responses.
+// (which may redirect the request elsewhere, as failover does); an empty
+// addr keeps the host the request's URL names (an HTTP proxy request in
+// absolute form). what names the request's upstream in error responses.
 func newForwarder(scheme, addr string, transport http.RoundTripper, logger *slog.Logger, what func(*http.Request) string) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = scheme
-			pr.Out.URL.Host = addr
+			if addr != "" {
+				pr.Out.URL.Host = addr
+			}
 			pr.Out.Host = pr.In.Host
 		},
 		Transport:  transport,

@@ -99,10 +99,33 @@ func (p *Proxy) handleOutbound(c net.Conn, rt *route, target outboundTarget) {
 
 // serveOutboundTCP relays an opaque stream over its own mTLS connection to
 // one endpoint, trying the others if it cannot be reached.
-func (p *Proxy) serveOutboundTCP(pc *peekConn, rt *route) {
-	if len(rt.endpoints) == 0 {
-		p.refuse(pc, "outbound", "destination has no endpoints", "service", rt.service)
+func (p *Proxy) serveOutboundTCP(c net.Conn, rt *route) {
+	up, ep, err := p.dialRoute(rt)
+	if err != nil {
+		p.refuse(c, "outbound", err.reason, "service", rt.service, "err", fmt.Sprint(err.err))
 		return
+	}
+	p.relayMesh(c, up, ep)
+}
+
+// routeError says why no endpoint of a route could be reached.
+type routeError struct {
+	reason string // a metric label: what went wrong, in few words
+	err    error  // the last endpoint's error, if any
+}
+
+func (e *routeError) Error() string {
+	if e.err == nil {
+		return e.reason
+	}
+	return e.reason + ": " + e.err.Error()
+}
+
+// dialRoute opens an mTLS stream to an endpoint of rt, trying the others
+// in turn if one cannot be reached or does not prove its identity.
+func (p *Proxy) dialRoute(rt *route) (net.Conn, *endpoint, *routeError) {
+	if len(rt.endpoints) == 0 {
+		return nil, nil, &routeError{reason: "destination has no endpoints"}
 	}
 	var lastErr error
 	for range rt.endpoints {
@@ -117,13 +140,18 @@ func (p *Proxy) serveOutboundTCP(pc *peekConn, rt *route) {
 			}
 			continue
 		}
-		if p.metrics != nil {
-			p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), ep.label, "true", "allow", "").Inc()
-		}
-		p.relay(pc, up, "outbound", p.selfLabel(), ep.label, "true")
-		return
+		return up, ep, nil
 	}
-	p.refuse(pc, "outbound", "no endpoint reachable", "service", rt.service, "err", fmt.Sprint(lastErr))
+	return nil, nil, &routeError{reason: "no endpoint reachable", err: lastErr}
+}
+
+// relayMesh relays the application's stream c over up, the mTLS stream to
+// ep, until both directions end.
+func (p *Proxy) relayMesh(c, up net.Conn, ep *endpoint) {
+	if p.metrics != nil {
+		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), ep.label, "true", "allow", "").Inc()
+	}
+	p.relay(c, up, "outbound", p.selfLabel(), ep.label, "true")
 }
 
 func (p *Proxy) logSecureNaming(ep *endpoint, err error) {
@@ -153,8 +181,14 @@ func callFrom(ctx context.Context) *outboundCall {
 func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	m := metaFrom(r.Context())
+	tbl := p.table.Load()
+	call := &outboundCall{route: tbl.resolve(m.target)}
+	if m.target.httpProxy {
+		if call.route = p.proxyRoute(w, r, tbl); call.route == nil {
+			return // answered: CONNECT, outside the mesh, or a bad request
+		}
+	}
 	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
-	call := &outboundCall{route: p.table.Load().resolve(m.target)}
 	// Deferred so that it also runs when the reverse proxy aborts a
 	// response half-way by panicking.
 	defer call.done()

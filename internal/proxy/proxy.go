@@ -89,6 +89,12 @@ type Proxy struct {
 	// route: the route travels with the request, so no per-route state
 	// outlives an update.
 	outboundProxy *httputil.ReverseProxy
+	// outsideProxy forwards HTTP proxy requests for destinations outside
+	// the mesh (nil without an HTTP proxy listener).
+	outsideProxy *httputil.ReverseProxy
+	// listenPorts are the ports of the proxy's listeners, which a request
+	// to the HTTP proxy must not name (it would loop).
+	listenPorts map[uint32]bool
 	// table is where outbound traffic goes; Apply replaces it whole.
 	table atomic.Pointer[routeTable]
 	// applyMu serializes Apply: each update is built from the table it
@@ -170,6 +176,13 @@ func New(opts Options) (*Proxy, error) {
 	}
 	p.table.Store(tbl)
 	p.outboundProxy = newOutboundProxy(p.mesh, p.log)
+	if cfg.HTTPProxy != "" {
+		p.outsideProxy = newOutsideProxy(p.dialer, p)
+	}
+	p.listenPorts = map[uint32]bool{}
+	for _, addr := range cfg.ListenAddrs() {
+		p.listenPorts[uint32(netip.MustParseAddrPort(addr).Port())] = true // validated
+	}
 	p.buildServers()
 	return p, nil
 }
@@ -233,6 +246,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 			continue
 		}
 		if err := listen(out.Listen, "outbound listener for "+out.Service, func(c net.Conn) { p.handleListenerOutbound(c, i) }); err != nil {
+			return err
+		}
+	}
+	if cfg.HTTPProxy != "" {
+		if err := listen(cfg.HTTPProxy, "HTTP proxy listener", p.handleHTTPProxy); err != nil {
 			return err
 		}
 	}

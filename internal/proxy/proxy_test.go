@@ -133,13 +133,17 @@ func freeAddr(t testing.TB) string {
 	return l.Addr().String()
 }
 
-// startProxy runs a proxy until the test ends.
-func startProxy(t testing.TB, cfg *config.Config, h *identity.Holder) *Proxy {
+// startProxy runs a proxy until the test ends; opts adjust its options.
+func startProxy(t testing.TB, cfg *config.Config, h *identity.Holder, opts ...func(*Options)) *Proxy {
 	t.Helper()
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	p, err := New(Options{Config: cfg, Identity: h, Log: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	o := Options{Config: cfg, Identity: h, Log: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	for _, f := range opts {
+		f(&o)
+	}
+	p, err := New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,24 +156,10 @@ func startProxy(t testing.TB, cfg *config.Config, h *identity.Holder) *Proxy {
 			t.Errorf("proxy Run: %v", err)
 		}
 	})
-	for _, l := range append(inboundAddrs(cfg), outboundAddrs(cfg)...) {
+	for _, l := range cfg.ListenAddrs() {
 		waitListening(t, l)
 	}
 	return p
-}
-
-func inboundAddrs(c *config.Config) (out []string) {
-	for _, in := range c.Inbound {
-		out = append(out, in.Listen)
-	}
-	return out
-}
-
-func outboundAddrs(c *config.Config) (out []string) {
-	for _, o := range c.Outbound {
-		out = append(out, o.Listen)
-	}
-	return out
 }
 
 func waitListening(t testing.TB, addr string) {

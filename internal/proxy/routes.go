@@ -10,6 +10,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 )
 
@@ -26,6 +27,9 @@ type routeTable struct {
 	// interception): services' virtual addresses, and each endpoint's own
 	// address for an application that dials one instance directly.
 	byAddr map[netip.AddrPort]*route
+	// byHost maps the names of a service and its port to its route, for
+	// requests to the HTTP proxy listener.
+	byHost map[hostPort]*route
 	// listeners[i] is the route serving the listener of the static
 	// configuration's outbound[i] (nil for an entry without one). It is
 	// resolved when the table is built, so the request path only indexes.
@@ -42,13 +46,26 @@ type routeTable struct {
 // keep-alive connection resolve it again each time, so an update reaches
 // connections that were already open.
 type outboundTarget struct {
-	listener int // index in Config.Outbound; -1 when intercepted
+	listener int // index in Config.Outbound; -1 otherwise
 	dst      netip.AddrPort
+	// httpProxy marks the HTTP proxy listener: each request names its
+	// destination.
+	httpProxy bool
+}
+
+// hostPort is a destination as an HTTP proxy request names it.
+type hostPort struct {
+	host string // lower case, without a trailing dot
+	port uint32
 }
 
 // resolve returns the route for target, or nil if the table has none (an
-// intercepted destination the control plane has since removed).
+// intercepted destination the control plane has since removed, or the
+// HTTP proxy listener, whose requests resolve one by one).
 func (t *routeTable) resolve(target outboundTarget) *route {
+	if target.httpProxy {
+		return nil
+	}
 	if target.listener >= 0 {
 		return t.listeners[target.listener]
 	}
@@ -122,6 +139,7 @@ func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTran
 
 	t := &routeTable{
 		byAddr:    map[netip.AddrPort]*route{},
+		byHost:    map[hostPort]*route{},
 		listeners: make([]*route, len(static)),
 		peers:     map[string]*peer{},
 	}
@@ -142,6 +160,11 @@ func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTran
 		byOut[k] = rt
 		for _, a := range out.Addresses {
 			t.byAddr[canonicalAddr(a)] = rt
+		}
+		if out.Port != 0 {
+			for _, name := range meshid.ServiceHostNames(out.Service) {
+				t.byHost[hostPort{name, out.Port}] = rt
+			}
 		}
 	}
 	// An application may dial one endpoint directly (a StatefulSet member,

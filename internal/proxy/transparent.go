@@ -56,17 +56,23 @@ func (p *Proxy) handleTransparentOutbound(c net.Conn) {
 		p.handleOutbound(c, rt, outboundTarget{listener: -1, dst: dst})
 		return
 	}
-	p.passthrough(c, dst)
+	p.passthrough(c, dst.String())
 }
 
 // passthrough relays a connection to a destination outside the mesh
-// unchanged.
-func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
-	up, err := p.dialer.Dial("tcp", dst.String())
+// (host:port) unchanged.
+func (p *Proxy) passthrough(c net.Conn, dst string) {
+	up, err := p.dialer.Dial("tcp", dst)
 	if err != nil {
-		p.refuse(c, "outbound", "passthrough destination unreachable", "dst", dst.String(), "err", err.Error())
+		p.refuse(c, "outbound", "passthrough destination unreachable", "dst", dst, "err", err.Error())
 		return
 	}
+	p.relayOutside(c, up)
+}
+
+// relayOutside relays the application's stream c to up, a plain
+// connection to a destination outside the mesh.
+func (p *Proxy) relayOutside(c, up net.Conn) {
 	if p.metrics != nil {
 		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false", "allow", "").Inc()
 	}

@@ -70,6 +70,11 @@ type Config struct {
 	// Transparent, when set, adds the listeners that iptables REDIRECT
 	// rules send intercepted traffic to.
 	Transparent *Transparent `yaml:"transparent" json:"transparent,omitempty"`
+	// HTTPProxy, when set, is a listener the application uses as its HTTP
+	// proxy (HTTP_PROXY) where nothing intercepts its traffic: a request
+	// for a mesh service's name (name.namespace[.svc[.cluster.local]]) goes
+	// through the mesh, anything else passes through; CONNECT too.
+	HTTPProxy string `yaml:"httpProxy" json:"httpProxy,omitempty"`
 	// Policies is a directory of PeerAuthentication and
 	// AuthorizationPolicy files; without it every port is PERMISSIVE and
 	// every caller allowed, as in a mesh with no policy.
@@ -197,6 +202,9 @@ func (c *Config) Validate() error {
 			checkListen("transparent.outbound", t.Outbound)
 		}
 	}
+	if c.HTTPProxy != "" {
+		checkListen("httpProxy", c.HTTPProxy)
+	}
 	transparentIn := c.Transparent != nil && c.Transparent.Inbound != ""
 	transparentOut := c.Transparent != nil && c.Transparent.Outbound != ""
 	ports := map[uint32]bool{}
@@ -235,7 +243,7 @@ func (c *Config) Validate() error {
 	if err := ValidateOutbound(c.Outbound, func(i int) string { return fmt.Sprintf("outbound[%d]", i) }); err != nil {
 		errs = append(errs, err)
 	}
-	if len(c.Inbound)+len(c.Outbound) == 0 && c.Transparent == nil {
+	if len(c.Inbound)+len(c.Outbound) == 0 && c.Transparent == nil && c.HTTPProxy == "" {
 		bad("inbound", "no inbound or outbound listener: the proxy would do nothing")
 	}
 	return errors.Join(errs...)
@@ -319,4 +327,31 @@ func normalizeProtocol(p *Protocol) error {
 		return nil
 	}
 	return fmt.Errorf("%q is not one of http, http2, grpc, tcp, server-first (or a Kubernetes name such as mysql, redis, h2c; empty to sniff)", *p)
+}
+
+// ListenAddrs returns the address of every listener the configuration
+// opens.
+func (c *Config) ListenAddrs() []string {
+	var out []string
+	for _, in := range c.Inbound {
+		if in.Listen != "" {
+			out = append(out, in.Listen)
+		}
+	}
+	for _, o := range c.Outbound {
+		if o.Listen != "" {
+			out = append(out, o.Listen)
+		}
+	}
+	if t := c.Transparent; t != nil {
+		for _, a := range []string{t.Inbound, t.Outbound} {
+			if a != "" {
+				out = append(out, a)
+			}
+		}
+	}
+	if c.HTTPProxy != "" {
+		out = append(out, c.HTTPProxy)
+	}
+	return out
 }
