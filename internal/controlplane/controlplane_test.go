@@ -152,10 +152,10 @@ func (m *testMesh) svidTTL(ns, sa string, ttl time.Duration) *identity.Holder {
 type fakeProxy struct {
 	t        *testing.T
 	instance string // namespace/workload/instance, as in the status
-	stream  discoveryv1.Discovery_StreamClient
-	updates chan *discoveryv1.Update // merged: whole configurations
-	raw     chan *discoveryv1.Update // as received
-	errs    chan error
+	stream   discoveryv1.Discovery_StreamClient
+	updates  chan *discoveryv1.Update // merged: whole configurations
+	raw      chan *discoveryv1.Update // as received
+	errs     chan error
 }
 
 func (m *testMesh) connect(ns, sa, workload, instance string, ports map[uint32]string) (*fakeProxy, error) {
