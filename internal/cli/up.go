@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -44,12 +45,17 @@ func newUpCommand() *cobra.Command {
 		Use:   "up",
 		Short: "Run a whole mesh on this machine: control plane, workloads and their sidecars",
 		Long: `Run the mesh a mesh file (kind: Mesh) describes, in the foreground: the
-control plane in-process, then every replica of every workload in its own
-network namespace with its sidecar and the interception rules of a
-Kubernetes init container, services resolvable by name. Ctrl-C (or 'trellis
-down') stops everything in order and removes what was created. Needs Linux
-and root (network namespaces, iptables).`,
+control plane in-process, then every replica of every workload with its
+sidecar. Ctrl-C (or 'trellis down') stops everything in order and removes
+what was created.
+
+isolation: netns (Linux, root) gives each replica its own network namespace
+with the interception rules of a Kubernetes init container, services
+resolvable by name. isolation: process (no root) runs plain processes on
+loopback that reach services through their sidecar: HTTP_PROXY, and upstream
+ports named in their environment.`,
 		Example: `  sudo trellis up -f examples/zero-trust/mesh.yaml
+  trellis up -f examples/no-root/mesh.yaml
   trellis up -f mesh.yaml --state-dir /var/lib/trellis`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -136,8 +142,9 @@ func newDownCommand() *cobra.Command {
 	return cmd
 }
 
-// replicaOf finds a running replica of NAMESPACE/NAME.
-func replicaOf(cmd *cobra.Command, f *meshFlags, ref string, index int) (*localrun.Replica, error) {
+// replicasOf finds the running replicas of NAMESPACE/NAME: the one of
+// index, or all of them when index is negative.
+func replicasOf(cmd *cobra.Command, f *meshFlags, ref string, index int) ([]localrun.Replica, error) {
 	if !strings.Contains(ref, "/") {
 		return nil, fmt.Errorf("%q: name the workload as NAMESPACE/NAME", ref)
 	}
@@ -146,13 +153,23 @@ func replicaOf(cmd *cobra.Command, f *meshFlags, ref string, index int) (*localr
 		return nil, err
 	}
 	var names []string
-	for i, r := range st.Replicas {
-		if r.Workload == ref && r.Index == index {
-			return &st.Replicas[i], nil
+	var out []localrun.Replica
+	for _, r := range st.Replicas {
+		if r.Workload == ref && (index < 0 || r.Index == index) {
+			out = append(out, r)
 		}
-		names = append(names, r.Workload)
+		if !slices.Contains(names, r.Workload) {
+			names = append(names, r.Workload)
+		}
 	}
-	return nil, fmt.Errorf("no replica %d of workload %s in this mesh (it runs %s)", index, ref, strings.Join(names, ", "))
+	if len(out) == 0 {
+		what := "workload " + ref
+		if index >= 0 {
+			what = fmt.Sprintf("replica %d of workload %s", index, ref)
+		}
+		return nil, fmt.Errorf("no %s in this mesh (it runs %s)", what, strings.Join(names, ", "))
+	}
+	return out, nil
 }
 
 func newExecCommand() *cobra.Command {
@@ -162,16 +179,30 @@ func newExecCommand() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "exec NAMESPACE/NAME -- COMMAND [ARG...]",
-		Short: "Run a command inside a workload's network namespace (as the workload would)",
+		Short: "Run a command as a workload would: in its network namespace, or with its environment",
+		Long: `Run a command from a workload's point of view: under netns isolation inside
+the network namespace of one of its replicas (calls go through its sidecar's
+interception); under process isolation with the environment its program has
+(HTTP_PROXY pointing at its sidecar, the services' upstream ports).`,
 		Example: `  trellis exec default/checkout -- curl -sS -X POST http://orders-api.shipping/v1/orders
   trellis exec shipping/orders-api --replica 1 -- curl -sS 127.0.0.1:15000/config`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rep, err := replicaOf(cmd, &f, args[0], replica)
+			reps, err := replicasOf(cmd, &f, args[0], replica)
 			if err != nil {
 				return err
 			}
-			c := exec.CommandContext(cmd.Context(), "ip", append([]string{"netns", "exec", rep.Netns}, args[1:]...)...)
+			rep := reps[0]
+			var c *exec.Cmd
+			if rep.Netns != "" {
+				c = exec.CommandContext(cmd.Context(), "ip", append([]string{"netns", "exec", rep.Netns}, args[1:]...)...)
+			} else {
+				// Process isolation: the workload's view is its
+				// environment (its sidecar as HTTP proxy, its upstream
+				// ports).
+				c = exec.CommandContext(cmd.Context(), args[1], args[2:]...)
+				c.Env = append(os.Environ(), rep.Env...)
+			}
 			c.Stdin, c.Stdout, c.Stderr = cmd.InOrStdin(), cmd.OutOrStdout(), cmd.ErrOrStderr()
 			if err := c.Run(); err != nil {
 				var exit *exec.ExitError
@@ -201,18 +232,21 @@ func newLogsCommand() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "logs NAMESPACE/NAME",
-		Short: "Show the output of a workload's program and of its sidecar",
+		Short: "Show the output of a workload's program and of its sidecar, for every replica",
 		Example: `  trellis logs shipping/orders-api
-  trellis logs shipping/orders-api --proxy`,
+  trellis logs shipping/orders-api --replica 1 --proxy`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rep, err := replicaOf(cmd, &f, args[0], replica)
+			reps, err := replicasOf(cmd, &f, args[0], replica)
 			if err != nil {
 				return err
 			}
-			files := []string{rep.AppLog, rep.ProxyLog}
-			if proxy {
-				files = []string{rep.ProxyLog}
+			var files []string
+			for _, rep := range reps {
+				if !proxy {
+					files = append(files, rep.AppLog)
+				}
+				files = append(files, rep.ProxyLog)
 			}
 			for _, path := range files {
 				if path == "" {
@@ -227,8 +261,8 @@ func newLogsCommand() *cobra.Command {
 		},
 	}
 	f.add(cmd)
-	cmd.Flags().IntVar(&replica, "replica", 0, "which replica")
-	cmd.Flags().BoolVar(&proxy, "proxy", false, "only the sidecar's log")
+	cmd.Flags().IntVar(&replica, "replica", -1, "only this replica (default: all)")
+	cmd.Flags().BoolVar(&proxy, "proxy", false, "only the sidecars' logs")
 	return cmd
 }
 

@@ -1,9 +1,12 @@
 // Package localrun is `trellis up`: it runs a whole mesh on one machine.
-// The control plane runs in-process; every replica of every workload gets
-// a network namespace of its own on a bridge (package localnet), with its
-// program and, unless it is not injected, its sidecar beside it and the
-// interception rules a Kubernetes init container would install. Service
-// names resolve inside every namespace to the services' virtual IPs.
+// The control plane runs in-process; every replica of every workload runs
+// with its program and, unless it is not injected, its sidecar. Where they
+// run is the mesh's isolation (a placement): under netns, each replica has
+// a network namespace of its own on a bridge (package localnet), with the
+// interception rules a Kubernetes init container would install and service
+// names resolving to the services' virtual IPs; under process, programs
+// are plain processes of the user running up, which reach services through
+// their sidecar as HTTP proxy or on explicit upstream ports.
 //
 // Stopping (context cancelled) goes in order: the programs, then the
 // sidecars (which drain and say goodbye), then the control plane, then the
@@ -20,11 +23,8 @@ import (
 	"hash/fnv"
 	"io"
 	"log/slog"
-	"net"
-	"net/netip"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -35,20 +35,14 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
 	"github.com/trellis-mesh/trellis/internal/jointoken"
-	"github.com/trellis-mesh/trellis/internal/localnet"
 	"github.com/trellis-mesh/trellis/internal/meshfile"
-	"github.com/trellis-mesh/trellis/internal/meshid"
-	"github.com/trellis-mesh/trellis/internal/proxy/intercept"
 	"github.com/trellis-mesh/trellis/internal/statefile"
 )
 
 // RunFile records a running mesh in the state directory.
 const RunFile = "up.json"
 
-// Control plane ports: proxies reach it on the bridge address, the CLI on
-// loopback.
 const (
-	controlPlanePort = 15012
 	// adminAddr: any free loopback port; the CLI finds it in the state
 	// directory, and several meshes can run at once.
 	adminAddr      = "127.0.0.1:0"
@@ -71,21 +65,39 @@ type Options struct {
 
 // State is the content of RunFile.
 type State struct {
-	PID      int       `json:"pid"`
-	Prefix   string    `json:"prefix"`
-	MeshFile string    `json:"meshDir"`
-	Replicas []Replica `json:"replicas"`
+	PID       int       `json:"pid"`
+	Prefix    string    `json:"prefix"`
+	Isolation string    `json:"isolation"`
+	MeshFile  string    `json:"meshDir"`
+	Replicas  []Replica `json:"replicas"`
+	// Processes are the programs and sidecars started, so that those of a
+	// run that crashed are ended by the next.
+	Processes []Started `json:"processes,omitempty"`
 }
 
 // Replica is one running replica of a workload.
 type Replica struct {
 	Workload string `json:"workload"` // namespace/name
 	Index    int    `json:"index"`
-	Netns    string `json:"netns"`
+	// Netns is the replica's network namespace (netns isolation).
+	Netns    string `json:"netns,omitempty"`
 	Address  string `json:"address"`
 	Injected bool   `json:"injected"`
 	AppLog   string `json:"appLog"`
 	ProxyLog string `json:"proxyLog,omitempty"`
+	// Env is what the program's environment has of the mesh (process
+	// isolation: its HTTP proxy and upstream ports), for trellis exec.
+	Env []string `json:"env,omitempty"`
+	// Inbound says where the sidecar takes each program port's traffic
+	// when nothing intercepts it ("8080→127.0.0.1:41234").
+	Inbound []string `json:"inbound,omitempty"`
+}
+
+// Started identifies a started process across pid reuse: its pid (also its
+// process group) and its start time in clock ticks since boot.
+type Started struct {
+	PID   int    `json:"pid"`
+	Start uint64 `json:"start"`
 }
 
 // Prefix names what a mesh creates on the machine: stable for a mesh
@@ -112,7 +124,61 @@ func ReadState(stateDir string) (*State, error) {
 	if err := json.Unmarshal(data, &st); err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(stateDir, RunFile), err)
 	}
+	if st.Isolation == "" {
+		st.Isolation = meshfile.IsolationNetns // recorded before process isolation
+	}
 	return &st, nil
+}
+
+// placement is what an isolation mode decides: what makes a run exclusive,
+// what an earlier run may have left, where the control plane listens,
+// where each replica runs and how its sidecar gets the program's traffic.
+type placement interface {
+	// check verifies, before anything changes, that the mesh can run.
+	check() error
+	// lockFiles are locked for as long as the mesh runs.
+	lockFiles() []string
+	// cleanup removes what an earlier run of the mesh left behind (its
+	// recorded processes are already ended).
+	cleanup() error
+	// setup readies the machine and returns where the control plane
+	// listens for proxies.
+	setup() (listen string, err error)
+	// addReplica places replica i of w, whose name is name.
+	addReplica(w meshfile.Workload, i int, name string) (*slot, error)
+	// started runs once every replica runs.
+	started() error
+	// listening reports whether rep's program listens on port.
+	listening(rep Replica, port uint32) bool
+	// teardown removes what setup and addReplica made.
+	teardown() error
+	// describe says how replicas are isolated, for the summary.
+	describe() string
+}
+
+// slot is where and how one replica runs.
+type slot struct {
+	// command runs a program of the replica.
+	command func(name string, args ...string) *exec.Cmd
+	netns   string
+	address string
+	inbound []string // Replica.Inbound
+	// proxyConfig is the sidecar's configuration file; proxyArgs the
+	// flags of its own the placement adds.
+	proxyConfig string
+	proxyArgs   []string
+	// user runs the program (nil: up's own user); env is its environment,
+	// meshEnv the part of it that comes from the mesh.
+	user    *credential
+	env     []string
+	meshEnv []string
+}
+
+func newPlacement(isolation, prefix, stateDir string, m *meshfile.Mesh, log *slog.Logger) placement {
+	if isolation == meshfile.IsolationProcess {
+		return &processPlacement{stateDir: stateDir, mesh: m}
+	}
+	return &netnsPlacement{prefix: prefix, stateDir: stateDir, mesh: m, log: log}
 }
 
 // process is one started program.
@@ -126,82 +192,74 @@ type process struct {
 
 // runner holds what Run started, to stop it in order.
 type runner struct {
-	opts     Options
-	log      *slog.Logger
-	net      *localnet.Network
-	apps     []*process
-	proxies  []*process
-	exited   <-chan *process
-	users    map[string]*credential // workload → who its program runs as
-	ports    map[string][]uint32    // workload → its declared ports
-	mu       sync.Mutex
-	replicas []Replica
+	opts      Options
+	log       *slog.Logger
+	place     placement
+	prefix    string
+	apps      []*process
+	proxies   []*process
+	exited    <-chan *process
+	ports     map[string][]uint32 // workload → its declared ports
+	mu        sync.Mutex
+	replicas  []Replica
+	processes []Started
 }
 
 // Run starts the mesh and serves until ctx ends, then stops everything.
 func Run(ctx context.Context, opts Options) (err error) {
-	if err := localnet.Available(); err != nil {
-		return err
-	}
 	m := opts.Mesh
 	log := opts.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	r := &runner{opts: opts, log: log, ports: map[string][]uint32{}}
+	r := &runner{opts: opts, log: log, ports: map[string][]uint32{}, prefix: Prefix(m.Dir)}
 	for _, w := range m.Workloads {
 		for _, p := range w.Ports {
 			r.ports[w.Ref()] = append(r.ports[w.Ref()], p.Port)
 		}
 	}
-	prefix := Prefix(m.Dir)
-	r.users = map[string]*credential{}
-	for i, w := range m.Workloads {
-		if r.users[w.Ref()], err = appCredential(prefix, i); err != nil {
-			return err
-		}
-	}
-	if err := checkMeshDir(m, r.users[m.Workloads[0].Ref()]); err != nil {
+	r.place = newPlacement(m.Isolation, r.prefix, opts.StateDir, m, log)
+	if err := r.place.check(); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Join(opts.StateDir, "logs"), 0o700); err != nil {
 		return err
 	}
 	// One up per mesh and per state directory, for as long as it runs:
-	// a second one would take the first's network for leftovers.
-	unlock, err := lockRun(prefix, opts.StateDir)
+	// a second one would take the first's processes for leftovers.
+	unlock, err := lockRun(r.place.lockFiles())
 	if err != nil {
 		return err
 	}
 	defer unlock()
 	// Holding the locks, whatever is left of an earlier run is a leftover.
-	if prev, err := ReadState(opts.StateDir); err == nil && prev.Prefix != prefix {
-		cleanupLeftovers(prev.Prefix, log)
+	if prev, err := ReadState(opts.StateDir); err == nil {
+		killStarted(prev.Processes, log)
+		if prev.Prefix != r.prefix || prev.Isolation != m.Isolation {
+			if err := newPlacement(prev.Isolation, prev.Prefix, opts.StateDir, nil, log).cleanup(); err != nil {
+				return fmt.Errorf("removing leftovers of a previous run: %w", err)
+			}
+		}
 	}
-	if err := cleanupLeftovers(prefix, log); err != nil {
+	if err := r.place.cleanup(); err != nil {
 		return fmt.Errorf("removing leftovers of a previous run: %w", err)
 	}
 	// The record is this run's from now on: 'trellis down' signals its pid.
-	if err := r.writeState(prefix); err != nil {
+	if err := r.writeState(); err != nil {
 		return err
 	}
-	r.net, err = createNetwork(prefix, log)
+	listen, err := r.place.setup()
 	if err != nil {
 		return err
 	}
 	defer func() {
-		// A program that escaped its process group (setsid) still holds
-		// its namespace: nothing of the mesh may outlive it.
-		killLeftovers(prefix, log)
-		_ = os.RemoveAll(filepath.Join(runRoot, prefix))
-		if cerr := r.net.Close(); cerr != nil {
-			log.Error("removing the mesh's network", "err", cerr)
-			err = errors.Join(err, cerr)
+		if terr := r.place.teardown(); terr != nil {
+			log.Error("removing what the mesh made", "err", terr)
+			err = errors.Join(err, terr)
 		}
 		_ = os.Remove(filepath.Join(opts.StateDir, RunFile))
 	}()
 
-	listen := net.JoinHostPort(r.net.HostAddr().String(), strconv.Itoa(controlPlanePort))
 	cpCfg := m.ControlPlane(opts.StateDir, listen, adminAddr)
 	if err := cpCfg.Validate(); err != nil {
 		return fmt.Errorf("control plane configuration: %w", err)
@@ -223,7 +281,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	}()
 	defer r.stopAll()
 
-	err = r.startAll(prefix)
+	err = r.startAll(cp.Addr())
 	r.exited = r.watchExits()
 	if err != nil {
 		return err
@@ -259,21 +317,10 @@ func (p *process) exitError() error {
 	return fmt.Errorf("%s exited %s; see its log %s", p.what, how, p.log.Name())
 }
 
-// cleanupLeftovers kills the processes left in a previous run's namespaces
-// and removes its network.
-func cleanupLeftovers(prefix string, log *slog.Logger) error {
-	killLeftovers(prefix, log)
-	_ = os.RemoveAll(filepath.Join(runRoot, prefix))
-	return localnet.Cleanup(prefix, log)
-}
-
-// lockRun takes two locks for the run: one per mesh on the machine (its
-// prefix), one per state directory. Each is a flock on a file, released by
-// the kernel if up dies, so its state tells a running mesh from leftovers.
-func lockRun(prefix, stateDir string) (unlock func(), err error) {
-	if err := os.MkdirAll(lockDir, 0o700); err != nil {
-		return nil, err
-	}
+// lockRun locks paths for the run. Each is a flock on a file, released by
+// the kernel if up dies, so its state tells a running mesh from
+// leftovers.
+func lockRun(paths []string) (unlock func(), err error) {
 	var held []*os.File
 	unlock = func() {
 		for _, f := range held {
@@ -288,7 +335,11 @@ func lockRun(prefix, stateDir string) (unlock func(), err error) {
 			f.Close()
 		}
 	}
-	for _, path := range []string{filepath.Join(lockDir, prefix+".lock"), filepath.Join(stateDir, "up.lock")} {
+	for _, path := range paths {
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			unlock()
+			return nil, err
+		}
 		f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 		if err != nil {
 			unlock()
@@ -304,13 +355,13 @@ func lockRun(prefix, stateDir string) (unlock func(), err error) {
 	return unlock, nil
 }
 
-// lockDir holds the per-mesh locks.
-const lockDir = "/run/trellis"
+// stateLock is the state directory's lock file.
+func stateLock(stateDir string) string { return filepath.Join(stateDir, "up.lock") }
 
 // Running reports whether the mesh recorded in stateDir is running: its
 // up holds the state directory's lock.
 func Running(stateDir string) bool {
-	f, err := os.OpenFile(filepath.Join(stateDir, "up.lock"), os.O_RDWR, 0)
+	f, err := os.OpenFile(stateLock(stateDir), os.O_RDWR, 0)
 	if err != nil {
 		return false
 	}
@@ -328,75 +379,36 @@ func CleanupStopped(stateDir string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	// Both locks, as up holds them: another up of the same mesh (another
-	// state directory) may be running on these names.
-	unlock, err := lockRun(st.Prefix, stateDir)
+	place := newPlacement(st.Isolation, st.Prefix, stateDir, nil, log)
+	// The locks up holds: another up of the same mesh (another state
+	// directory) may be running on these names.
+	unlock, err := lockRun(place.lockFiles())
 	if err != nil {
 		return fmt.Errorf("the mesh is running: %w", err)
 	}
 	defer unlock()
-	if err := cleanupLeftovers(st.Prefix, log); err != nil {
+	killStarted(st.Processes, log)
+	if err := place.cleanup(); err != nil {
 		return err
 	}
 	return os.Remove(filepath.Join(stateDir, RunFile))
 }
 
-// createNetwork makes the mesh's bridge on a /24 of 198.18.0.0/16 of its
-// own — the one its prefix hashes to, or the next free one — so that
-// several meshes can run side by side. (198.19.0.0/16, the other half of
-// the benchmark range, holds the services' virtual IPs.)
-func createNetwork(prefix string, log *slog.Logger) (*localnet.Network, error) {
-	h := fnv.New32a()
-	h.Write([]byte(prefix))
-	start := int(h.Sum32() % 256)
-	var lastErr error
-	for i := range 256 {
-		n := (start + i) % 256
-		subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(n), 0}), 24)
-		nw, err := localnet.Create(localnet.Config{Prefix: prefix, Subnet: subnet, ServiceRange: meshfile.ServiceRange, Log: log})
-		if err == nil {
-			return nw, nil
-		}
-		if !errors.Is(err, localnet.ErrSubnetInUse) {
-			return nil, err
-		}
-		lastErr = err
-	}
-	return nil, lastErr
-}
-
-// startAll creates every replica's namespace and starts its sidecar and
-// program.
-func (r *runner) startAll(prefix string) error {
+// startAll places every replica and starts its sidecar and program;
+// cpAddr is where sidecars reach the control plane.
+func (r *runner) startAll(cpAddr string) error {
 	m := r.opts.Mesh
-	hosts := map[string]netip.Addr{}
-	vips := m.ServiceAddresses()
-	for _, s := range m.Services {
-		for _, n := range meshid.ServiceHostNames(s.Name + "." + s.Namespace) {
-			hosts[n] = vips[s.Namespace+"/"+s.Name]
-		}
-	}
 	tokens := jointoken.NewStore(r.opts.StateDir, nil)
-	var plain []*localnet.Host         // replicas without sidecar
-	addrs := map[string][]netip.Addr{} // workload → its replicas' addresses
 	bundle := filepath.Join(r.opts.StateDir, "bundle.pem")
 	for _, w := range m.Workloads {
 		for i := range w.ReplicaCount() {
 			name := fmt.Sprintf("%s-%s-%d", w.Namespace, w.Name, i)
-			spec := localnet.HostSpec{Name: name, Hosts: hosts}
-			if w.Injected() {
-				spec.Intercept = &intercept.RuleConfig{InboundPort: meshfile.InboundPort, OutboundPort: meshfile.OutboundPort, ExcludeInboundPorts: []int{meshfile.AdminPort}}
-			}
-			host, err := r.net.AddHost(spec)
+			sl, err := r.place.addReplica(w, i, name)
 			if err != nil {
 				return fmt.Errorf("workload %s replica %d: %w", w.Ref(), i, err)
 			}
-			addrs[w.Ref()] = append(addrs[w.Ref()], host.Addr)
-			if !w.Injected() {
-				plain = append(plain, host)
-			}
-			rep := Replica{Workload: w.Ref(), Index: i, Netns: host.Netns, Address: host.Addr.String(), Injected: w.Injected(),
-				AppLog: filepath.Join(r.opts.StateDir, "logs", name+".log")}
+			rep := Replica{Workload: w.Ref(), Index: i, Netns: sl.netns, Address: sl.address, Injected: w.Injected(),
+				AppLog: filepath.Join(r.opts.StateDir, "logs", name+".log"), Env: sl.meshEnv, Inbound: sl.inbound}
 			if w.Injected() {
 				rep.ProxyLog = filepath.Join(r.opts.StateDir, "logs", name+".proxy.log")
 				secret, _, err := tokens.Create(w.Namespace, w.ServiceAccount, 10*time.Minute, 1)
@@ -412,44 +424,37 @@ func (r *runner) startAll(prefix string) error {
 					return err
 				}
 				cfgFile := filepath.Join(dir, "proxy.yaml")
-				if err := statefile.WriteAtomic(cfgFile, []byte(proxyConfig(w)), 0o600); err != nil {
+				if err := statefile.WriteAtomic(cfgFile, []byte(sl.proxyConfig), 0o600); err != nil {
 					return err
 				}
-				// Not ctx: stopping is stopAll's, in order.
-				cmd := host.Command(context.Background(), r.opts.ProxyBinary,
-					"--identity-addr", net.JoinHostPort(r.net.HostAddr().String(), strconv.Itoa(controlPlanePort)),
-					"--trust-domain", m.TrustDomain, "--ca-bundle", bundle,
+				args := append([]string{"--identity-addr", cpAddr, "--trust-domain", m.TrustDomain, "--ca-bundle", bundle,
 					"--namespace", w.Namespace, "--service-account", w.ServiceAccount, "--join-token-file", tokenFile,
-					"--config", cfgFile, "--control-plane", "--instance", fmt.Sprintf("%s-%d", w.Name, i),
-					"--advertise-ip", host.Addr.String(), "--admin-addr", fmt.Sprintf("127.0.0.1:%d", meshfile.AdminPort))
-				p, err := r.start("sidecar of "+name, cmd, rep.ProxyLog, nil)
+					"--config", cfgFile, "--control-plane", "--instance", fmt.Sprintf("%s-%d", w.Name, i)}, sl.proxyArgs...)
+				p, err := r.start("sidecar of "+name, sl.command(r.opts.ProxyBinary, args...), rep.ProxyLog, nil)
 				if err != nil {
 					return err
 				}
 				r.proxies = append(r.proxies, p)
 			}
-			u := r.users[w.Ref()]
-			runDir, err := r.runDir(prefix, name, u)
-			if err != nil {
-				return err
+			prog, args := commandPath(m, w.Command[0]), w.Command[1:]
+			if u := sl.user; u != nil {
+				// The program runs unprivileged: as root it could read the
+				// CA's keys, undo its namespace's interception rules or
+				// forge the sidecar's bypass mark. Its user is its
+				// workload's alone, so at stop everything running as that
+				// user is ended, even what left the namespace.
+				args = append([]string{fmt.Sprintf("--reuid=%d", u.uid), fmt.Sprintf("--regid=%d", u.gid), "--clear-groups",
+					"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", prog}, args...)
+				prog = "setpriv"
 			}
-			// The program runs unprivileged: as root it could read the
-			// CA's keys, undo its namespace's interception rules or forge
-			// the sidecar's bypass mark. Its user is its workload's alone,
-			// so at stop everything running as that user is ended, even
-			// what left the namespace.
-			args := append([]string{fmt.Sprintf("--reuid=%d", u.uid), fmt.Sprintf("--regid=%d", u.gid), "--clear-groups",
-				"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", commandPath(m, w.Command[0])}, w.Command[1:]...)
-			cmd := host.Command(context.Background(), "setpriv", args...)
+			cmd := sl.command(prog, args...)
 			cmd.Dir = m.Dir
-			// Only what a program needs from the environment: root's may
-			// hold secrets.
-			cmd.Env = []string{"PATH=" + systemPath, "HOME=" + runDir, "LANG=C.UTF-8",
-				"TRELLIS_WORKLOAD=" + w.Ref(), "TRELLIS_REPLICA=" + strconv.Itoa(i), "TRELLIS_RUN_DIR=" + runDir}
+			cmd.Env = append(slices.Clone(sl.env), "TRELLIS_WORKLOAD="+w.Ref(), "TRELLIS_REPLICA="+strconv.Itoa(i))
+			cmd.Env = append(cmd.Env, sl.meshEnv...)
 			for k, v := range w.Env {
 				cmd.Env = append(cmd.Env, k+"="+v)
 			}
-			p, err := r.start(name, cmd, rep.AppLog, u)
+			p, err := r.start(name, cmd, rep.AppLog, sl.user)
 			if err != nil {
 				return err
 			}
@@ -457,158 +462,17 @@ func (r *runner) startAll(prefix string) error {
 			r.mu.Lock()
 			r.replicas = append(r.replicas, rep)
 			r.mu.Unlock()
-			if err := r.writeState(prefix); err != nil {
+			if err := r.writeState(); err != nil {
 				return err
 			}
 		}
 	}
-	// Without a sidecar nothing resolves a service's virtual IP; do what
-	// kube-proxy does for such pods, so a plaintext client reaches the
-	// service (and the PeerAuthentication mode decides whether it may).
-	rules := serviceRules(m, addrs)
-	for _, h := range plain {
-		for _, rule := range rules {
-			if out, err := h.Command(context.Background(), "iptables", append([]string{"-w", "5"}, rule...)...).CombinedOutput(); err != nil {
-				return fmt.Errorf("service rules in %s: iptables %s: %v: %s", h.Netns, strings.Join(rule, " "), err, out)
-			}
-		}
-	}
-	return nil
-}
-
-// serviceRules returns the iptables rules that send connections to a
-// service's virtual IP and port to one of its replicas' target port,
-// spread at random as kube-proxy does.
-func serviceRules(m *meshfile.Mesh, addrs map[string][]netip.Addr) [][]string {
-	vips := m.ServiceAddresses()
-	var rules [][]string
-	for _, s := range m.Services {
-		var backends []netip.Addr
-		for _, w := range m.Workloads {
-			if s.Selects(w) {
-				backends = append(backends, addrs[w.Ref()]...)
-			}
-		}
-		vip := vips[s.Namespace+"/"+s.Name].String()
-		for _, p := range s.Ports {
-			for i, b := range backends {
-				rule := []string{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", vip, "--dport", strconv.Itoa(int(p.Port))}
-				if left := len(backends) - i; left > 1 {
-					rule = append(rule, "-m", "statistic", "--mode", "random", "--probability", strconv.FormatFloat(1/float64(left), 'f', 5, 64))
-				}
-				rules = append(rules, append(rule, "-j", "DNAT", "--to-destination", net.JoinHostPort(b.String(), strconv.Itoa(int(p.TargetPort)))))
-			}
-		}
-	}
-	return rules
+	return r.place.started()
 }
 
 // credential is a user programs run as.
 type credential struct {
 	uid, gid uint32
-}
-
-// Programs run as a user of their own per workload, which owns nothing of
-// the mesh: not the mesh file, not the policies, not another workload's
-// processes or files. (The user who ran sudo would own the checkout and
-// could rewrite the policies; one shared user could ptrace its
-// neighbours.) Each mesh has a block of maxWorkloads uids above
-// firstAppUID, chosen by its prefix, so that ending a mesh's users ends no
-// other mesh's programs.
-const (
-	firstAppUID  = 200000
-	maxWorkloads = meshfile.MaxWorkloads
-	uidBlocks    = 16384
-)
-
-// uidBase returns the first uid of a mesh's block.
-func uidBase(prefix string) uint32 {
-	h := fnv.New32a()
-	h.Write([]byte(prefix))
-	return firstAppUID + (h.Sum32()%uidBlocks)*maxWorkloads
-}
-
-// appCredential returns the user of the workload with index i.
-func appCredential(prefix string, i int) (*credential, error) {
-	g, err := user.LookupGroup("nogroup")
-	if err != nil {
-		return nil, fmt.Errorf("no group nogroup to run the programs with: %w", err)
-	}
-	gid, _ := strconv.ParseUint(g.Gid, 10, 32)
-	return &credential{uid: uidBase(prefix) + uint32(i), gid: uint32(gid)}, nil
-}
-
-// killUsers ends every process running as one of a mesh's users.
-func killUsers(prefix string, log *slog.Logger) {
-	base := uidBase(prefix)
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		status, err := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
-		if err != nil {
-			continue
-		}
-		for line := range strings.Lines(string(status)) {
-			f := strings.Fields(line)
-			if len(f) < 2 || f[0] != "Uid:" {
-				continue
-			}
-			if uid, err := strconv.ParseUint(f[1], 10, 32); err == nil && uint32(uid) >= base && uint32(uid) < base+maxWorkloads {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-				log.Info("killed a process of the mesh's programs that was still running", "pid", pid, "uid", uid)
-			}
-			break
-		}
-	}
-}
-
-// checkMeshDir verifies that a workload's user can read the mesh
-// directory (its working directory) but not change the policies or the
-// mesh file.
-func checkMeshDir(m *meshfile.Mesh, u *credential) error {
-	probe := func(args ...string) bool {
-		return exec.Command("setpriv", append([]string{fmt.Sprintf("--reuid=%d", u.uid), fmt.Sprintf("--regid=%d", u.gid), "--clear-groups", "--"}, args...)...).Run() == nil
-	}
-	if !probe("test", "-x", m.Dir) {
-		return fmt.Errorf("the programs run as uid %d and cannot enter %s: make it and the directories above it readable by others (chmod o+rx)", u.uid, m.Dir)
-	}
-	for _, p := range []string{m.Path(m.Policies), m.Dir} {
-		if p != "" && probe("test", "-w", p) {
-			return fmt.Errorf("%s is writable by everyone, so a workload could change the mesh: chmod o-w %s", p, p)
-		}
-	}
-	return nil
-}
-
-// systemPath is the programs' PATH: the system's directories, not root's
-// own (which may point into /root, where the programs' user cannot go).
-const systemPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-// runRoot holds each replica's scratch directory (TRELLIS_RUN_DIR: pid
-// files, temporary files), outside the state directory, which programs
-// must not read.
-const runRoot = "/run/trellis-run"
-
-// runDir makes a replica's scratch directory, owned by the program's user.
-func (r *runner) runDir(prefix, name string, u *credential) (string, error) {
-	base := filepath.Join(runRoot, prefix)
-	if err := os.MkdirAll(base, 0o755); err != nil {
-		return "", err
-	}
-	dir := filepath.Join(base, name)
-	if err := os.RemoveAll(dir); err != nil {
-		return "", err
-	}
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		return "", err
-	}
-	return dir, os.Chown(dir, int(u.uid), int(u.gid))
 }
 
 // commandPath keeps a bare program name (found on PATH) as it is and makes
@@ -618,22 +482,6 @@ func commandPath(m *meshfile.Mesh, prog string) string {
 		return m.Path(prog)
 	}
 	return prog
-}
-
-// proxyConfig is a replica sidecar's configuration: transparent listeners,
-// the workload's ports; destinations and policies come from the control
-// plane.
-func proxyConfig(w meshfile.Workload) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "apiVersion: trellis.dev/v1\nkind: ProxyConfig\nworkload: {namespace: %s, name: %s}\n", w.Namespace, w.Name)
-	fmt.Fprintf(&b, "transparent: {inbound: \"0.0.0.0:%d\", outbound: \"0.0.0.0:%d\"}\n", meshfile.InboundPort, meshfile.OutboundPort)
-	if len(w.Ports) > 0 {
-		b.WriteString("inbound:\n")
-		for _, p := range w.Ports {
-			fmt.Fprintf(&b, "  - {appPort: %d, protocol: %q}\n", p.Port, p.Protocol)
-		}
-	}
-	return b.String()
 }
 
 // start runs cmd in its own process group with its output in logPath.
@@ -655,8 +503,6 @@ func (r *runner) start(what string, cmd *exec.Cmd, logPath string, owner *creden
 	// cannot inject keystrokes into up's (TIOCSTI); the process group is
 	// the session's, for signals.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	// The context kills; stopAll sends SIGTERM first.
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	if err := cmd.Start(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", what, err)
@@ -667,8 +513,47 @@ func (r *runner) start(what string, cmd *exec.Cmd, logPath string, owner *creden
 		f.Close()
 		close(p.done)
 	}()
+	if start, err := startTime(cmd.Process.Pid); err == nil {
+		r.mu.Lock()
+		r.processes = append(r.processes, Started{PID: cmd.Process.Pid, Start: start})
+		r.mu.Unlock()
+		if err := r.writeState(); err != nil {
+			r.log.Error("recording a started process", "err", err)
+		}
+	}
 	r.log.Info("started", "what", what, "pid", cmd.Process.Pid, "log", logPath)
 	return p, nil
+}
+
+// startTime returns when process pid started, in clock ticks since boot
+// (field 22 of /proc/PID/stat, after the command name in parentheses).
+func startTime(pid int) (uint64, error) {
+	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0, err
+	}
+	i := strings.LastIndexByte(string(data), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	fields := strings.Fields(string(data[i+1:]))
+	if len(fields) < 20 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(fields))
+	}
+	return strconv.ParseUint(fields[19], 10, 64)
+}
+
+// killStarted ends the process groups of a run that crashed, those whose
+// leader is still the process that run started (not a later one given
+// the same pid).
+func killStarted(ps []Started, log *slog.Logger) {
+	for _, p := range ps {
+		if start, err := startTime(p.PID); err == nil && start == p.Start {
+			_ = syscall.Kill(-p.PID, syscall.SIGKILL)
+			_ = syscall.Kill(p.PID, syscall.SIGKILL)
+			log.Info("killed a process of a previous run", "pid", p.PID)
+		}
+	}
 }
 
 // watchExits reports the first program or sidecar that exits on its own.
@@ -707,9 +592,10 @@ func (r *runner) stopAll() {
 	stop(r.proxies, proxyDrainWait)
 }
 
-func (r *runner) writeState(prefix string) error {
+func (r *runner) writeState() error {
 	r.mu.Lock()
-	st := State{PID: os.Getpid(), Prefix: prefix, MeshFile: r.opts.Mesh.Dir, Replicas: slices.Clone(r.replicas)}
+	st := State{PID: os.Getpid(), Prefix: r.prefix, Isolation: r.opts.Mesh.Isolation, MeshFile: r.opts.Mesh.Dir,
+		Replicas: slices.Clone(r.replicas), Processes: slices.Clone(r.processes)}
 	r.mu.Unlock()
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
@@ -723,6 +609,9 @@ func (r *runner) writeState(prefix string) error {
 func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlane, cpDone <-chan struct{}) error {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
+		// Registrations change views after a coalescing delay; without a
+		// sync, proxies could all run versions that are about to change.
+		cp.Sync()
 		st := cp.Status()
 		connected := 0
 		for _, p := range st.Proxies {
@@ -754,16 +643,14 @@ func (r *runner) waitConverged(ctx context.Context, cp *controlplane.ControlPlan
 }
 
 // listening reports whether every replica's program listens on each of
-// its declared ports (seen from inside its namespace: from outside, the
-// sidecar's interception answers for it).
+// its declared ports.
 func (r *runner) listening() bool {
 	r.mu.Lock()
 	reps := slices.Clone(r.replicas)
 	r.mu.Unlock()
 	for _, rep := range reps {
 		for _, p := range r.ports[rep.Workload] {
-			out, err := exec.Command("ip", "netns", "exec", rep.Netns, "ss", "-Hltn", "sport", "=", ":"+strconv.Itoa(int(p))).Output()
-			if err != nil || len(strings.TrimSpace(string(out))) == 0 {
+			if !r.place.listening(rep, p) {
 				return false
 			}
 		}
@@ -775,17 +662,39 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 	m := r.opts.Mesh
 	out := r.opts.Out
 	fmt.Fprintf(out, "Control plane: proxies at %s, admin API at https://%s (trellis status --state-dir %s)\n", cp.Addr(), cp.AdminAddr(), r.opts.StateDir)
-	fmt.Fprintf(out, "\nWorkloads (each replica in its own network namespace, its program as a user of its workload's own; logs: trellis logs -f %s NAMESPACE/NAME):\n", r.opts.MeshFile)
+	fmt.Fprintf(out, "\nWorkloads (%s; logs: trellis logs -f %s NAMESPACE/NAME):\n", r.place.describe(), r.opts.MeshFile)
 	r.mu.Lock()
 	for _, rep := range r.replicas {
 		mode := "with sidecar"
 		if !rep.Injected {
 			mode = "no sidecar"
 		}
+		if len(rep.Inbound) > 0 {
+			mode += ", ports " + strings.Join(rep.Inbound, ", ")
+		}
 		fmt.Fprintf(out, "  %-30s replica %d  %-15s  %s\n", rep.Workload, rep.Index, rep.Address, mode)
 	}
 	r.mu.Unlock()
-	if len(m.Services) > 0 {
+	if len(m.Services) == 0 {
+		return
+	}
+	s := m.Services[0]
+	f := r.opts.MeshFile
+	// A caller: a workload with a sidecar that is not behind the service.
+	caller := m.Workloads[0]
+	for _, w := range m.Workloads {
+		if w.Injected() && !s.Selects(w) {
+			caller = w
+			break
+		}
+	}
+	if m.Isolation == meshfile.IsolationProcess {
+		fmt.Fprintf(out, "\nServices (through each sidecar: by name over its HTTP proxy, HTTP_PROXY; any protocol on the upstream ports in NAME_NAMESPACE_SERVICE_HOST/_PORT):\n")
+		for _, s := range m.Services {
+			fmt.Fprintf(out, "  %s.%s\n", s.Name, s.Namespace)
+		}
+		fmt.Fprintf(out, "\nTry: trellis exec -f %s %s -- curl -sS http://%s.%s:%d/\n", f, caller.Ref(), s.Name, s.Namespace, s.Ports[0].Port)
+	} else {
 		fmt.Fprintf(out, "\nServices (resolvable inside every workload):\n")
 		vips := m.ServiceAddresses()
 		for _, s := range m.Services {
@@ -795,46 +704,8 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 			}
 			fmt.Fprintf(out, "  %-40s %s  ports %s\n", s.Name+"."+s.Namespace, vips[s.Namespace+"/"+s.Name], strings.Join(ports, ","))
 		}
-		s := m.Services[0]
-		f := r.opts.MeshFile
-		// A caller: a workload with a sidecar that is not behind the service.
-		caller := m.Workloads[0]
-		for _, w := range m.Workloads {
-			if w.Injected() && !s.Selects(w) {
-				caller = w
-				break
-			}
-		}
 		fmt.Fprintf(out, "\nTry (as root): trellis exec -f %s %s -- curl -sS http://%s.%s:%d/\n", f, caller.Ref(), s.Name, s.Namespace, s.Ports[0].Port)
-		fmt.Fprintf(out, "               (the policies decide: an answer, or 403 naming why)\n")
-		fmt.Fprintf(out, "               trellis status -f %s\n", f)
 	}
-}
-
-// killLeftovers kills the processes still running in the network
-// namespaces of a previous run (a crashed up leaves its programs and
-// sidecars behind): sidecars of a dead mesh would otherwise register with
-// the new control plane, and programs hold their namespaces.
-func killLeftovers(prefix string, log *slog.Logger) {
-	killUsers(prefix, log)
-	out, err := exec.Command("ip", "netns", "list").Output()
-	if err != nil {
-		return
-	}
-	for _, line := range strings.Split(string(out), "\n") {
-		ns, _, _ := strings.Cut(strings.TrimSpace(line), " ")
-		if !strings.HasPrefix(ns, prefix+"-") {
-			continue
-		}
-		pids, err := exec.Command("ip", "netns", "pids", ns).Output()
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(pids)) {
-			if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-				log.Info("killed a process left in a namespace of a previous run", "netns", ns, "pid", pid)
-			}
-		}
-	}
+	fmt.Fprintf(out, "               (the policies decide: an answer, or 403 naming why)\n")
+	fmt.Fprintf(out, "               trellis status -f %s\n", f)
 }

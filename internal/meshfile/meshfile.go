@@ -30,8 +30,9 @@ const (
 	// IsolationNetns runs each replica in its own network namespace with
 	// transparent interception (Linux, root).
 	IsolationNetns = "netns"
-	// IsolationProcess runs replicas as plain processes (anywhere); not
-	// implemented yet.
+	// IsolationProcess runs every workload as a plain process of the user
+	// running up, its sidecar used as HTTP proxy and for explicit upstream
+	// ports (no root, no interception).
 	IsolationProcess = "process"
 )
 
@@ -166,7 +167,6 @@ func (m *Mesh) Validate() error {
 	switch m.Isolation {
 	case IsolationNetns:
 	case IsolationProcess:
-		bad("isolation", "process isolation is not implemented yet: use netns (Linux, as root)")
 	default:
 		bad("isolation", "%q is not one of netns, process", m.Isolation)
 	}
@@ -182,6 +182,7 @@ func (m *Mesh) Validate() error {
 		bad("workloads", "has %d entries; a mesh on one machine runs at most %d", len(m.Workloads), MaxWorkloads)
 	}
 	seen := map[string]bool{}
+	portOwner := map[uint32]string{} // process isolation: one host, one port each
 	for i, w := range m.Workloads {
 		f := fmt.Sprintf("workloads[%d]", i)
 		if err := meshid.ValidateName("name", w.Name); err != nil {
@@ -203,6 +204,8 @@ func (m *Mesh) Validate() error {
 		}
 		if w.Replicas != nil && (*w.Replicas < 1 || *w.Replicas > 50) {
 			bad(f+".replicas", "must be from 1 to 50")
+		} else if m.Isolation == IsolationProcess && w.ReplicaCount() > 1 {
+			bad(f+".replicas", "is %d, but under process isolation every program shares this host's ports, so a second replica could not listen: use 1, or isolation: netns", w.ReplicaCount())
 		}
 		for _, k := range slices.Sorted(maps.Keys(w.Env)) {
 			if k == "" || strings.ContainsAny(k, "=\x00") {
@@ -215,8 +218,14 @@ func (m *Mesh) Validate() error {
 			if p.Port == 0 || p.Port > 65535 {
 				bad(pf+".port", "must be a port number from 1 to 65535")
 			}
-			if reservedPort(p.Port) {
+			if m.Isolation == IsolationNetns && reservedPort(p.Port) {
 				bad(pf+".port", "%d is the sidecar's; use another port for the program", p.Port)
+			}
+			if m.Isolation == IsolationProcess && p.Port != 0 {
+				if other, taken := portOwner[p.Port]; taken && other != w.Ref() {
+					bad(pf+".port", "port %d is also %s's: under process isolation all programs listen on this host, so each needs ports of its own", p.Port, other)
+				}
+				portOwner[p.Port] = w.Ref()
 			}
 			if ports[p.Port] {
 				bad(pf+".port", "port %d is listed twice", p.Port)
@@ -270,6 +279,15 @@ func (m *Mesh) Validate() error {
 			}
 			if p.TargetPort > 65535 {
 				bad(pf+".targetPort", "must be a port number from 1 to 65535")
+			}
+			if m.Isolation == IsolationProcess {
+				// Without interception the sidecar listens only for the
+				// ports a workload declares.
+				for k, w := range m.Workloads {
+					if s.Selects(w) && !slices.ContainsFunc(w.Ports, func(wp Port) bool { return wp.Port == p.TargetPort }) {
+						bad(pf+".targetPort", "%d is not a port of %s, which the service selects: under process isolation its sidecar listens only for declared ports; add {port: %d} to workloads[%d].ports", p.TargetPort, w.Ref(), p.TargetPort, k)
+					}
+				}
 			}
 		}
 	}

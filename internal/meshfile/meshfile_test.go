@@ -34,6 +34,16 @@ func TestParseExampleAndDefaults(t *testing.T) {
 	}
 }
 
+func TestProcessIsolation(t *testing.T) {
+	m, err := Parse([]byte("apiVersion: trellis.dev/v1\nkind: Mesh\nisolation: process\nworkloads: [{name: a, namespace: n, command: [x], ports: [{port: 15006}]}]\n"), t.TempDir())
+	if err != nil {
+		t.Fatalf("a process mesh with a port netns reserves for its sidecar: %v", err)
+	}
+	if m.Isolation != IsolationProcess {
+		t.Fatalf("isolation = %q", m.Isolation)
+	}
+}
+
 func TestParseErrors(t *testing.T) {
 	head := "apiVersion: trellis.dev/v1\nkind: Mesh\n"
 	w := "workloads: [{name: a, namespace: n, command: [x], labels: {app: a}, ports: [{port: 8080}]}]\n"
@@ -44,7 +54,9 @@ func TestParseErrors(t *testing.T) {
 		{"unknown field", head + w + "workload: []\n", []string{"workload"}},
 		{"kind", "apiVersion: trellis.dev/v1\nkind: ControlPlane\n" + w, []string{"kind", "Mesh"}},
 		{"isolation", head + w + "isolation: vm\n", []string{"isolation", "netns"}},
-		{"process not implemented", head + w + "isolation: process\n", []string{"isolation", "not implemented"}},
+		{"process replicas", head + "isolation: process\nworkloads: [{name: a, namespace: n, command: [x], replicas: 2}]\n", []string{"workloads[0].replicas", "process isolation"}},
+		{"process undeclared target port", head + "isolation: process\n" + w + "services: [{name: s, namespace: n, selector: {app: a}, ports: [{port: 80, targetPort: 9090}]}]\n", []string{"services[0].ports[0].targetPort", "workloads[0].ports"}},
+		{"process shared port", head + "isolation: process\nworkloads: [{name: a, namespace: n, command: [x], ports: [{port: 80}]}, {name: b, namespace: n, command: [x], ports: [{port: 80}]}]\n", []string{"workloads[1].ports[0].port", "n/a's"}},
 		{"no workloads", head, []string{"workloads", "empty"}},
 		{"no command", head + "workloads: [{name: a, namespace: n}]\n", []string{"workloads[0].command"}},
 		{"replicas", head + "workloads: [{name: a, namespace: n, command: [x], replicas: 0}]\n", []string{"workloads[0].replicas"}},

@@ -48,11 +48,25 @@ func TestLoadErrorsNameTheField(t *testing.T) {
 		{strings.Replace(valid, "127.0.0.1:15080", "127.0.0.1:16443", 1), "is also inbound[0].listen"},
 		{strings.Replace(valid, "kind: ProxyConfig", "kind: Proxy", 1), "kind"},
 		{valid + "extra: 1\n", "field extra not found"},
+		{valid + "httpProxy: 127.0.0.1:15080\n", "outbound[0].listen: 127.0.0.1:15080 is also httpProxy"},
+		{valid + "httpProxy: localhost:3128\n", "httpProxy: \"localhost:3128\" is not an ip:port"},
 	} {
 		_, err := Load(write(t, tc.edit))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("err = %v, want it to mention %q", err, tc.want)
 		}
+	}
+}
+
+// TestHTTPProxyAlone: an HTTP proxy listener is a proxy's whole
+// outbound side, and its address is among the listeners.
+func TestHTTPProxyAlone(t *testing.T) {
+	c, err := Parse([]byte("apiVersion: trellis.dev/v1\nkind: ProxyConfig\nworkload: {namespace: a, name: b}\nhttpProxy: 127.0.0.1:3128\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.ListenAddrs(); len(got) != 1 || got[0] != "127.0.0.1:3128" {
+		t.Fatalf("ListenAddrs = %v", got)
 	}
 }
 

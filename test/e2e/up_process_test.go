@@ -1,0 +1,202 @@
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/localrun"
+)
+
+// nobody is who runs the no-root example when the test runs as root: it
+// shows that process isolation needs no privilege at all.
+const nobody = 65534
+
+// noRootMesh is `trellis up` of examples/no-root, run without root.
+type noRootMesh struct {
+	t        *testing.T
+	dir      string
+	file     string
+	bin      string // a copy of the binaries nobody can run
+	up       *proc
+	stateDir string
+}
+
+// asUser runs name as nobody when the test is root, else as itself.
+func asUser(name string, args ...string) (string, []string) {
+	if os.Geteuid() != 0 {
+		return name, args
+	}
+	return "setpriv", append([]string{"--reuid=" + strconv.Itoa(nobody), "--regid=" + strconv.Itoa(nobody), "--clear-groups", "--", name}, args...)
+}
+
+func (m *noRootMesh) start() {
+	m.t.Helper()
+	name, args := asUser(filepath.Join(m.bin, "trellis"), "up", "-f", m.file)
+	m.up = background(m.t, m.dir, "The mesh is up", name, args...)
+}
+
+// exec runs a command as a workload of the mesh would (trellis exec).
+func (m *noRootMesh) exec(workload string, args ...string) result {
+	m.t.Helper()
+	name, full := asUser(filepath.Join(m.bin, "trellis"), append([]string{"exec", "-f", m.file, workload, "--"}, args...)...)
+	return run(m.t, m.dir, "", name, full...)
+}
+
+// sh runs a shell command as workload would, with its environment.
+func (m *noRootMesh) sh(workload, script string) result {
+	m.t.Helper()
+	return m.exec(workload, "sh", "-c", script)
+}
+
+// alive lists the processes a state record names that still run (a
+// zombie waiting for its parent to reap it does not).
+func alive(st *localrun.State) []int {
+	var out []int
+	for _, p := range st.Processes {
+		stat, err := os.ReadFile("/proc/" + strconv.Itoa(p.PID) + "/stat")
+		if err != nil {
+			continue
+		}
+		if i := strings.LastIndexByte(string(stat), ')'); i > 0 && !strings.HasPrefix(string(stat[i:]), ") Z") {
+			out = append(out, p.PID)
+		}
+	}
+	return out
+}
+
+// TestUpNoRootExample runs examples/no-root with `trellis up` as an
+// unprivileged user (isolation: process): programs call services by name
+// through their sidecar as HTTP proxy and on upstream ports, over mutual
+// TLS; policies allow checkout only; the workload without sidecar is
+// refused by STRICT; Ctrl-C ends everything; after a crash the next up
+// ends the leftovers.
+func TestUpNoRootExample(t *testing.T) {
+	for _, tool := range []string{"curl", "python3", "redis-server", "redis-cli", "setpriv"} {
+		requireTool(t, tool)
+	}
+	m := &noRootMesh{t: t, dir: copyDir(t, "../../examples/no-root"), bin: t.TempDir()}
+	m.file = filepath.Join(m.dir, "mesh.yaml")
+	m.stateDir = filepath.Join(m.dir, ".trellis")
+	for _, b := range []string{trellisBin, proxyBin} {
+		data, err := os.ReadFile(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(m.bin, filepath.Base(b)), data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if os.Geteuid() == 0 {
+		for _, d := range []string{m.bin, m.dir, filepath.Join(m.dir, "www"), filepath.Join(m.dir, "policies")} {
+			if err := os.Chmod(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Chown(m.dir, nobody, nobody); err != nil { // for .trellis
+			t.Fatal(err)
+		}
+	}
+	// Runs after the kill of up that background's cleanup does: a failed
+	// test must not leave the programs running, holding their ports.
+	t.Cleanup(func() {
+		if _, err := localrun.ReadState(m.stateDir); err == nil {
+			name, args := asUser(filepath.Join(m.bin, "trellis"), "down", "-f", m.file)
+			if r := run(t, m.dir, "", name, args...); r.err != nil {
+				t.Errorf("trellis down after the test: %v %s", r.err, r.stderr)
+			}
+		}
+	})
+	m.start()
+
+	// By name through the HTTP proxy, and over mTLS: the caller's identity
+	// is what the policy allows.
+	if r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "http://orders-api.shipping/"); r.err != nil || !strings.Contains(r.stdout, "served behind a Trellis sidecar") {
+		t.Fatalf("GET from checkout: %v %q %s", r.err, r.stdout, r.stderr)
+	}
+	r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "-i", "-X", "POST", "http://orders-api.shipping.svc.cluster.local/")
+	if !strings.Contains(r.stdout, "403 Forbidden") || !strings.Contains(strings.ToLower(r.stdout), "x-trellis-denied-by: no matching allow policy") {
+		t.Fatalf("POST from checkout (only GET is allowed):\n%s %s", r.stdout, r.stderr)
+	}
+	// Any protocol on the upstream port its environment names.
+	if r := m.sh("default/checkout", `redis-cli -p "$LEDGER_PAYMENTS_SERVICE_PORT" SET balance 100`); strings.TrimSpace(r.stdout) != "OK" {
+		t.Fatalf("redis SET from checkout: %q %v %s", r.stdout, r.err, r.stderr)
+	}
+	// orders-api is meshed but not allowed; legacy has no sidecar, and its
+	// plaintext reaches a sidecar that is STRICT.
+	for _, w := range []string{"shipping/orders-api", "default/legacy"} {
+		if r := m.sh(w, `redis-cli -p "$LEDGER_PAYMENTS_SERVICE_PORT" GET balance`); strings.Contains(r.stdout, "100") {
+			t.Fatalf("%s read the ledger: %q", w, r.stdout)
+		}
+	}
+	if r := m.sh("default/legacy", `curl -sS -m 5 "http://127.0.0.1:$ORDERS_API_SHIPPING_SERVICE_PORT/"`); r.err == nil {
+		t.Fatalf("legacy's plaintext request reached orders-api: %q", r.stdout)
+	}
+	// The workload's sidecar is the one that sent it: the callee's
+	// sidecar counts an mTLS request from checkout's identity.
+	metrics := m.sh("shipping/orders-api", `curl -sS "http://$TRELLIS_SIDECAR_ADMIN/metrics"`).stdout
+	if !strings.Contains(metrics, `source="spiffe://cluster.local/ns/default/sa/checkout-service",status_class="2xx",tls="true"`) {
+		t.Fatalf("orders-api's sidecar shows no mTLS request from checkout:\n%s", metrics)
+	}
+	if os.Geteuid() == 0 {
+		out, err := exec.Command("ps", "-o", "user=", "-u", "root", "-o", "args=").Output()
+		if err == nil && strings.Contains(string(out), "http.server 1808") {
+			t.Fatalf("a program of the no-root mesh runs as root:\n%s", out)
+		}
+	}
+
+	// Ctrl-C ends every process and removes the scratch directories.
+	st, err := localrun.ReadState(m.stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Processes) != 7 {
+		t.Fatalf("recorded %d processes, want 7 (4 programs, 3 sidecars)", len(st.Processes))
+	}
+	if err := m.up.cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	<-m.up.exited
+	if a := alive(st); len(a) > 0 {
+		t.Fatalf("still running after Ctrl-C: %v", a)
+	}
+	if _, err := os.Stat(filepath.Join(m.stateDir, "run")); !os.IsNotExist(err) {
+		t.Fatalf("the run directory is still there: %v", err)
+	}
+
+	// A crash leaves the programs running; the next up ends them (or
+	// their ports would be taken) and serves again.
+	m.start()
+	if err := m.up.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-m.up.exited
+	crashed, err := localrun.ReadState(m.stateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(alive(crashed)) == 0 {
+		t.Fatal("a killed trellis up left nothing running; this test no longer tests cleanup")
+	}
+	m.start()
+	if a := alive(crashed); len(a) > 0 {
+		t.Fatalf("the crashed run's processes still run: %v", a)
+	}
+	if r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "http://orders-api.shipping/"); r.err != nil {
+		t.Fatalf("GET after a restart over leftovers: %v %s", r.err, r.stderr)
+	}
+	name, args := asUser(filepath.Join(m.bin, "trellis"), "down", "-f", m.file)
+	if r := run(t, m.dir, "", name, args...); r.err != nil {
+		t.Fatalf("trellis down: %v %s", r.err, r.stderr)
+	}
+	select {
+	case <-m.up.exited:
+	case <-time.After(60 * time.Second):
+		t.Fatal("trellis up did not stop within 60s of trellis down")
+	}
+}
