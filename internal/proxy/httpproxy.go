@@ -136,7 +136,7 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, tbl *routeT
 	}
 	// The server's header deadline must not cut the tunnel.
 	_ = c.SetDeadline(time.Time{})
-	if _, err := brw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err == nil {
+	if _, err = brw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err == nil {
 		err = brw.Flush()
 	}
 	if err != nil {
