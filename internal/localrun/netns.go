@@ -38,10 +38,10 @@ type netnsPlacement struct {
 	mesh             *meshfile.Mesh // nil when only cleaning up
 	log              *slog.Logger
 	net              *localnet.Network
-	users            map[string]*credential // workload → who its program runs as
+	users            map[string]*credential  // workload → who its program runs as
 	hosts            map[string]netip.Addr   // service names → virtual IPs
-	plain            []*localnet.Host         // replicas without sidecar
-	addrs            map[string][]netip.Addr  // workload → its replicas' addresses
+	plain            []*localnet.Host        // replicas without sidecar
+	addrs            map[string][]netip.Addr // workload → its replicas' addresses
 }
 
 func (p *netnsPlacement) check() error {
@@ -198,7 +198,6 @@ func createNetwork(prefix string, log *slog.Logger) (*localnet.Network, error) {
 	return nil, lastErr
 }
 
-
 // serviceRules returns the iptables rules that send connections to a
 // service's virtual IP and port to one of its replicas' target port,
 // spread at random as kube-proxy does.
@@ -328,7 +327,6 @@ func runDir(prefix, name string, u *credential) (string, error) {
 	}
 	return dir, os.Chown(dir, int(u.uid), int(u.gid))
 }
-
 
 // killLeftovers kills the processes still running in the network
 // namespaces of a previous run (a crashed up leaves its programs and
