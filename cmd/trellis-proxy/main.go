@@ -62,6 +62,7 @@ type config struct {
 	configFile     string
 	pprof          bool
 	adminAddr      string
+	statsAddr      string
 	static         string
 	identityAddr   string
 	caBundle       string
@@ -84,6 +85,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.configFile, "config", "", "proxy configuration file (kind: ProxyConfig): listeners, destinations, policies")
 	fs.StringVar(&c.adminAddr, "admin-addr", "127.0.0.1:15000", "address of the admin endpoints (/live, /ready, /config, /metrics, POST /shutdown)")
+	fs.StringVar(&c.statsAddr, "stats-addr", "", "address serving only GET /metrics, /ready and /live, for scrapers outside the workload (the control plane, Prometheus); empty: none")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve Go's profiling endpoints under /debug/pprof/ on the admin address")
 	fs.StringVar(&c.static, "static", "", "load the identity from key.pem, cert.pem and bundle.pem in this directory (re-read when they change) instead of the identity service")
 	fs.StringVar(&c.identityAddr, "identity-addr", "127.0.0.1:15012", "address of the identity service")
@@ -214,35 +216,44 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	ctx, shutdown := context.WithCancel(ctx)
 	defer shutdown()
-	srv := &http.Server{
-		Handler: admin.Handler(admin.Endpoints{
-			Ready: func() bool {
-				if follower != nil {
-					select {
-					case <-follower.Synced():
-					default:
-						return false // no configuration yet
-					}
+	endpoints := admin.Endpoints{
+		Ready: func() bool {
+			if follower != nil {
+				select {
+				case <-follower.Synced():
+				default:
+					return false // no configuration yet
 				}
-				if px != nil {
-					return px.Ready()
-				}
-				return holder.Current() != nil
-			},
-			State: func() admin.State {
-				st := adminState(holder, source)
-				if px != nil {
-					st.PolicyVersion = px.PolicyVersion()
-					st.ConfigVersion = px.ConfigVersion()
-					st.Config = pcfg
-				}
-				return st
-			},
-			Metrics:   promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
-			Shutdown:  shutdown,
-			Profiling: cfg.pprof,
-		}),
-		ReadHeaderTimeout: 5 * time.Second,
+			}
+			if px != nil {
+				return px.Ready()
+			}
+			return holder.Current() != nil
+		},
+		State: func() admin.State {
+			st := adminState(holder, source)
+			if px != nil {
+				st.PolicyVersion = px.PolicyVersion()
+				st.ConfigVersion = px.ConfigVersion()
+				st.Config = pcfg
+			}
+			return st
+		},
+		Metrics:   promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+		Shutdown:  shutdown,
+		Profiling: cfg.pprof,
+	}
+	servers := []*http.Server{{Handler: admin.Handler(endpoints), ReadHeaderTimeout: 5 * time.Second}}
+	listeners := []net.Listener{lis}
+	if cfg.statsAddr != "" {
+		statsLis, err := net.Listen("tcp", cfg.statsAddr)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("stats endpoints: %w (choose another --stats-addr)", err)
+		}
+		servers = append(servers, &http.Server{Handler: admin.StatsHandler(endpoints), ReadHeaderTimeout: 5 * time.Second})
+		listeners = append(listeners, statsLis)
+		log.Info("stats endpoints listening", "addr", statsLis.Addr().String())
 	}
 	log.Info("admin endpoints listening", "addr", lis.Addr().String())
 
@@ -256,18 +267,20 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	if follower != nil {
 		eg.Go(func() error { return follower.Run(ctx) })
 	}
-	eg.Go(func() error {
-		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
-			return err
-		}
-		return nil
-	})
-	eg.Go(func() error {
-		<-ctx.Done()
-		shutdownCtx, cancel := context.WithTimeout(context.Background(), proxy.DrainTimeout+time.Second)
-		defer cancel()
-		return srv.Shutdown(shutdownCtx)
-	})
+	for i, srv := range servers {
+		eg.Go(func() error {
+			if err := srv.Serve(listeners[i]); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+		eg.Go(func() error {
+			<-ctx.Done()
+			shutdownCtx, cancel := context.WithTimeout(context.Background(), proxy.DrainTimeout+time.Second)
+			defer cancel()
+			return srv.Shutdown(shutdownCtx)
+		})
+	}
 	err = eg.Wait()
 	log.Info("stopped")
 	return err
@@ -334,9 +347,15 @@ func newFollower(cfg config, pcfg *proxyconfig.Config, holder *identity.Holder, 
 	if err != nil {
 		return nil, err
 	}
+	stats := ""
+	if cfg.statsAddr != "" {
+		if stats, err = discovery.Advertised(cfg.statsAddr, cfg.advertiseIP); err != nil {
+			return nil, fmt.Errorf("--stats-addr: %w", err)
+		}
+	}
 	return discovery.New(discovery.Config{
 		Addr: cfg.identityAddr, ServerID: meshid.ControlPlane(td), Holder: holder,
-		Workload: pcfg.Workload.Name, Instance: instance, Ports: ports, Log: log.With("component", "discovery"),
+		Workload: pcfg.Workload.Name, Instance: instance, Ports: ports, StatsAddress: stats, Log: log.With("component", "discovery"),
 		DialOptions: controlPlaneDial(pcfg),
 		Apply: func(u *discoveryv1.Update) error {
 			pu, err := discovery.ProxyUpdate(u)

@@ -59,21 +59,25 @@ func Handler(e Endpoints) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("live\n"))
 	})
-	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if !e.Ready() {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			_, _ = w.Write([]byte("not ready: no workload certificate yet, or shutting down\n"))
-			return
-		}
-		_, _ = w.Write([]byte("ready\n"))
-	})
-	mux.HandleFunc("GET /config", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(e.State())
-	})
+	if e.Ready != nil {
+		mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			if !e.Ready() {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				_, _ = w.Write([]byte("not ready: no workload certificate yet, or shutting down\n"))
+				return
+			}
+			_, _ = w.Write([]byte("ready\n"))
+		})
+	}
+	if e.State != nil {
+		mux.HandleFunc("GET /config", func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(e.State())
+		})
+	}
 	if e.Metrics != nil {
 		mux.Handle("GET /metrics", e.Metrics)
 	}
@@ -91,4 +95,12 @@ func Handler(e Endpoints) http.Handler {
 		})
 	}
 	return mux
+}
+
+// StatsHandler serves what scrapers may read — /metrics, /live, /ready —
+// and nothing else, for a listener reachable from outside the workload
+// (the control plane and Prometheus scrape it), unlike the admin port,
+// whose /config and /shutdown stay on loopback.
+func StatsHandler(e Endpoints) http.Handler {
+	return Handler(Endpoints{Ready: e.Ready, Metrics: e.Metrics})
 }

@@ -58,3 +58,34 @@ func TestEndpoints(t *testing.T) {
 		t.Fatalf("POST /shutdown: %v, %d shutdowns", err, shutdowns)
 	}
 }
+
+// TestStatsHandler: the listener scrapers reach serves metrics and health,
+// never the configuration or a shutdown.
+func TestStatsHandler(t *testing.T) {
+	shutdowns := 0
+	srv := httptest.NewServer(StatsHandler(Endpoints{
+		Ready:    func() bool { return true },
+		State:    func() State { return State{Source: "static /x"} },
+		Metrics:  http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("m 1\n")) }),
+		Shutdown: func() { shutdowns++ },
+	}))
+	defer srv.Close()
+	for path, want := range map[string]int{"/metrics": 200, "/ready": 200, "/live": 200, "/config": 404} {
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s = %d, want %d", path, resp.StatusCode, want)
+		}
+	}
+	resp, err := http.Post(srv.URL+"/shutdown", "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK || shutdowns != 0 {
+		t.Fatalf("POST /shutdown on the stats listener = %d, %d shutdowns", resp.StatusCode, shutdowns)
+	}
+}

@@ -37,22 +37,35 @@ func ProxyUpdate(u *discoveryv1.Update) (proxy.Update, error) {
 func PortAddresses(cfg *config.Config, advertiseIP string) ([]*discoveryv1.PortAddress, error) {
 	var out []*discoveryv1.PortAddress
 	for i, in := range cfg.Inbound {
-		var addr netip.AddrPort
+		var addr string
 		if in.Listen != "" {
-			addr = netip.MustParseAddrPort(in.Listen) // validated with the config
-			if addr.Addr().IsUnspecified() {
-				if advertiseIP == "" {
-					return nil, fmt.Errorf("inbound[%d].listen %s is a wildcard address: give --advertise-ip so peers know where to connect", i, in.Listen)
-				}
-				addr = netip.AddrPortFrom(netip.MustParseAddr(advertiseIP), addr.Port())
+			var err error
+			if addr, err = Advertised(in.Listen, advertiseIP); err != nil {
+				return nil, fmt.Errorf("inbound[%d].listen: %w", i, err)
 			}
 		} else {
 			if advertiseIP == "" {
 				return nil, fmt.Errorf("inbound[%d] (app port %d) is reached by transparent interception: give --advertise-ip, the workload's address", i, in.AppPort)
 			}
-			addr = netip.AddrPortFrom(netip.MustParseAddr(advertiseIP), uint16(in.AppPort))
+			addr = netip.AddrPortFrom(netip.MustParseAddr(advertiseIP), uint16(in.AppPort)).String()
 		}
-		out = append(out, &discoveryv1.PortAddress{Port: in.AppPort, Address: addr.String()})
+		out = append(out, &discoveryv1.PortAddress{Port: in.AppPort, Address: addr})
 	}
 	return out, nil
+}
+
+// Advertised returns where others reach a listener on listen (ip:port):
+// listen itself, or for a wildcard address advertiseIP and its port.
+func Advertised(listen, advertiseIP string) (string, error) {
+	addr, err := netip.ParseAddrPort(listen)
+	if err != nil {
+		return "", fmt.Errorf("%q is not ip:port", listen)
+	}
+	if addr.Addr().IsUnspecified() {
+		if advertiseIP == "" {
+			return "", fmt.Errorf("%s is a wildcard address: give --advertise-ip so peers know where to connect", listen)
+		}
+		addr = netip.AddrPortFrom(netip.MustParseAddr(advertiseIP), addr.Port())
+	}
+	return addr.String(), nil
 }

@@ -53,6 +53,9 @@ type Config struct {
 	Workload string
 	Instance string
 	Ports    []*discoveryv1.PortAddress
+	// StatsAddress is where the proxy serves its metrics for the control
+	// plane to scrape (ip:port); empty for none.
+	StatsAddress string
 	// Apply installs an update; an error is sent back as a NACK and the
 	// proxy keeps its previous configuration.
 	Apply     func(*discoveryv1.Update) error
@@ -241,7 +244,7 @@ func (c *Client) session(ctx context.Context) error {
 	c.mu.Lock()
 	c.needWhole = false
 	c.mu.Unlock()
-	hello := &discoveryv1.Hello{Workload: c.cfg.Workload, Instance: c.cfg.Instance, Ports: c.cfg.Ports, Version: c.Version()}
+	hello := &discoveryv1.Hello{Workload: c.cfg.Workload, Instance: c.cfg.Instance, Ports: c.cfg.Ports, Version: c.Version(), StatsAddress: c.cfg.StatsAddress}
 	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
 		return recvError(stream, err)
 	}

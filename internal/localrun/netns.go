@@ -91,7 +91,7 @@ func (p *netnsPlacement) setup() (string, error) {
 func (p *netnsPlacement) addReplica(w meshfile.Workload, i int, name string) (*slot, error) {
 	spec := localnet.HostSpec{Name: name, Hosts: p.hosts}
 	if w.Injected() {
-		spec.Intercept = &intercept.RuleConfig{InboundPort: meshfile.InboundPort, OutboundPort: meshfile.OutboundPort, ExcludeInboundPorts: []int{meshfile.AdminPort}}
+		spec.Intercept = &intercept.RuleConfig{InboundPort: meshfile.InboundPort, OutboundPort: meshfile.OutboundPort, ExcludeInboundPorts: []int{meshfile.AdminPort, meshfile.StatsPort}}
 	}
 	host, err := p.net.AddHost(spec)
 	if err != nil {
@@ -112,8 +112,9 @@ func (p *netnsPlacement) addReplica(w meshfile.Workload, i int, name string) (*s
 		netns:       host.Netns,
 		address:     host.Addr.String(),
 		proxyConfig: transparentProxyConfig(w),
-		proxyArgs:   []string{"--advertise-ip", host.Addr.String(), "--admin-addr", fmt.Sprintf("127.0.0.1:%d", meshfile.AdminPort)},
-		user:        u,
+		proxyArgs: []string{"--advertise-ip", host.Addr.String(), "--admin-addr", fmt.Sprintf("127.0.0.1:%d", meshfile.AdminPort),
+			"--stats-addr", fmt.Sprintf("0.0.0.0:%d", meshfile.StatsPort)},
+		user: u,
 		// Only what a program needs from the environment: root's may
 		// hold secrets.
 		env: []string{"PATH=" + systemPath, "HOME=" + dir, "LANG=C.UTF-8", "TRELLIS_RUN_DIR=" + dir},

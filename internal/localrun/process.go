@@ -30,9 +30,9 @@ type processPlacement struct {
 
 // sidecarPorts are the loopback ports of one workload's sidecar.
 type sidecarPorts struct {
-	admin, httpProxy uint32
-	inbound          map[uint32]uint32 // program port → the sidecar's listener for it
-	upstream         map[string]uint32 // upstreamKey → the sidecar's listener
+	admin, stats, httpProxy uint32
+	inbound                 map[uint32]uint32 // program port → the sidecar's listener for it
+	upstream                map[string]uint32 // upstreamKey → the sidecar's listener
 }
 
 func upstreamKey(s meshfile.Service, port uint32) string {
@@ -88,6 +88,9 @@ func (p *processPlacement) setup() (string, error) {
 		if sp.admin, err = free(); err != nil {
 			return "", err
 		}
+		if sp.stats, err = free(); err != nil {
+			return "", err
+		}
 		if sp.httpProxy, err = free(); err != nil {
 			return "", err
 		}
@@ -124,7 +127,7 @@ func (p *processPlacement) addReplica(w meshfile.Workload, _ int, name string) (
 	sp := p.ports[w.Ref()]
 	if sp != nil {
 		sl.proxyConfig = p.proxyConfig(w, sp)
-		sl.proxyArgs = []string{"--admin-addr", fmt.Sprintf("127.0.0.1:%d", sp.admin)}
+		sl.proxyArgs = []string{"--admin-addr", fmt.Sprintf("127.0.0.1:%d", sp.admin), "--stats-addr", fmt.Sprintf("127.0.0.1:%d", sp.stats)}
 		proxy := fmt.Sprintf("http://127.0.0.1:%d", sp.httpProxy)
 		sl.meshEnv = []string{"HTTP_PROXY=" + proxy, "http_proxy=" + proxy, "NO_PROXY=localhost,127.0.0.1,::1", "no_proxy=localhost,127.0.0.1,::1",
 			fmt.Sprintf("TRELLIS_SIDECAR_ADMIN=127.0.0.1:%d", sp.admin)}

@@ -310,18 +310,21 @@ func checkLabel(bad func(string, string, ...any), field, name string) {
 // reservedPort reports the ports the sidecar takes in every replica's
 // network namespace.
 func reservedPort(p uint32) bool {
-	return p == InboundPort || p == OutboundPort || p == AdminPort
+	return p == InboundPort || p == OutboundPort || p == AdminPort || p == StatsPort
 }
 
 // MaxWorkloads bounds a mesh file's workloads (each gets a user of its
 // own from a per-mesh block).
 const MaxWorkloads = 256
 
-// The sidecar's ports inside each replica's network namespace.
+// The sidecar's ports inside each replica's network namespace. The stats
+// port (metrics only) is reachable on the replica's address, for the
+// control plane to scrape; the admin port only on loopback.
 const (
 	InboundPort  = 15006
 	OutboundPort = 15001
 	AdminPort    = 15000
+	StatsPort    = 15020
 )
 
 // Selects reports whether the service's selector matches the workload:

@@ -155,7 +155,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	if v := s.viewOf(w.Ref()); v != nil && hello.GetVersion() == v.version {
 		st.sent, st.acked, st.sentDests = v.version, v.version, v.dests
 	}
-	in := registry.Instance{Namespace: w.Namespace, Workload: w.Name, Instance: st.instance, Identity: id.String(), Ports: ports}
+	in := registry.Instance{Namespace: w.Namespace, Workload: w.Name, Instance: st.instance, Identity: id.String(), Ports: ports, Stats: hello.GetStatsAddress()}
 	session, err := s.cfg.Registry.Register(in)
 	if err != nil {
 		s.cfg.Log.Warn("proxy registration refused", "id", id, "peer", peerAddr, "instance", in.Key(), "err", err)
@@ -317,6 +317,12 @@ func (s *Server) claim(id spiffeid.ID, h *discoveryv1.Hello) (registry.Workload,
 			return w, nil, fmt.Errorf("hello.ports[%d].address: %s is not an address peers can connect to (give the proxy --advertise-ip)", i, a)
 		}
 		ports[p.GetPort()] = p.GetAddress()
+	}
+	if a := h.GetStatsAddress(); a != "" {
+		ap, err := netip.ParseAddrPort(a)
+		if err != nil || ap.Port() == 0 || ap.Addr().IsUnspecified() || ap.Addr().IsMulticast() {
+			return w, nil, fmt.Errorf("hello.statsAddress: %q is not ip:port the control plane can connect to", a)
+		}
 	}
 	return w, ports, nil
 }

@@ -80,6 +80,8 @@ type Instance struct {
 	Identity string `json:"identity"`
 	// Ports maps each workload port to the ip:port mesh peers reach it at.
 	Ports map[uint32]string `json:"ports"`
+	// Stats is where its proxy serves metrics (ip:port), "" for nowhere.
+	Stats string `json:"stats,omitempty"`
 	// DisconnectedAt is zero while the proxy is connected.
 	DisconnectedAt time.Time `json:"disconnectedAt,omitzero"`
 	RegisteredAt   time.Time `json:"registeredAt"`

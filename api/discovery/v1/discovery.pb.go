@@ -154,7 +154,11 @@ type Hello struct {
 	// version is the configuration version the proxy runs (empty at first
 	// start): a proxy that reconnects with the current version is sent
 	// nothing, and later updates may be incremental from it.
-	Version       string `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
+	Version string `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
+	// stats_address is where the proxy serves its metrics (ip:port, plain
+	// HTTP GET /metrics in Prometheus' text format) for the control plane to
+	// scrape; empty when it serves none.
+	StatsAddress  string `protobuf:"bytes,5,opt,name=stats_address,json=statsAddress,proto3" json:"stats_address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -213,6 +217,13 @@ func (x *Hello) GetPorts() []*PortAddress {
 func (x *Hello) GetVersion() string {
 	if x != nil {
 		return x.Version
+	}
+	return ""
+}
+
+func (x *Hello) GetStatsAddress() string {
+	if x != nil {
+		return x.StatsAddress
 	}
 	return ""
 }
@@ -1352,12 +1363,13 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\x03ack\x18\x02 \x01(\v2\x19.trellis.discovery.v1.AckH\x00R\x03ack\x129\n" +
 	"\agoodbye\x18\x03 \x01(\v2\x1d.trellis.discovery.v1.GoodbyeH\x00R\agoodbye\x12?\n" +
 	"\theartbeat\x18\x04 \x01(\v2\x1f.trellis.discovery.v1.HeartbeatH\x00R\theartbeatB\t\n" +
-	"\amessage\"\x92\x01\n" +
+	"\amessage\"\xb7\x01\n" +
 	"\x05Hello\x12\x1a\n" +
 	"\bworkload\x18\x01 \x01(\tR\bworkload\x12\x1a\n" +
 	"\binstance\x18\x02 \x01(\tR\binstance\x127\n" +
 	"\x05ports\x18\x03 \x03(\v2!.trellis.discovery.v1.PortAddressR\x05ports\x12\x18\n" +
-	"\aversion\x18\x04 \x01(\tR\aversion\";\n" +
+	"\aversion\x18\x04 \x01(\tR\aversion\x12#\n" +
+	"\rstats_address\x18\x05 \x01(\tR\fstatsAddress\";\n" +
 	"\vPortAddress\x12\x12\n" +
 	"\x04port\x18\x01 \x01(\rR\x04port\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\"5\n" +
