@@ -80,6 +80,16 @@ func (cp *ControlPlane) adminHandler() http.Handler {
 		cp.Sync()
 		writeJSON(w, cp.Status())
 	}))
+	// GET /api/v1/traffic?window=1m: golden metrics per workload and
+	// edge, from the proxies' metrics.
+	mux.Handle("GET /api/v1/traffic", cp.authenticated(func(w http.ResponseWriter, r *http.Request) {
+		window, err := parseWindow(r)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		writeJSON(w, cp.Traffic(r.Context(), window))
+	}))
 	return mux
 }
 

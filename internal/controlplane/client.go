@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -111,6 +112,14 @@ func (c *Client) Sync(ctx context.Context) (Status, error) {
 	var st Status
 	err := c.do(ctx, http.MethodPost, "/api/v1/sync", &st)
 	return st, err
+}
+
+// Traffic fetches the traffic of the last window (at most
+// MaxTrafficWindow).
+func (c *Client) Traffic(ctx context.Context, window time.Duration) (Traffic, error) {
+	var t Traffic
+	err := c.do(ctx, http.MethodGet, "/api/v1/traffic?window="+url.QueryEscape(window.String()), &t)
+	return t, err
 }
 
 func (c *Client) do(ctx context.Context, method, path string, v any) error {

@@ -48,6 +48,16 @@ type Config struct {
 	GracePeriod *Duration  `yaml:"gracePeriod"`
 	Workloads   []Workload `yaml:"workloads"`
 	Services    []Service  `yaml:"services"`
+	// UnmeshedWorkloads run without a sidecar: no proxy registers as
+	// them, and traffic views list them as not meshed, so that operators
+	// see what the mesh does not secure yet.
+	UnmeshedWorkloads []UnmeshedWorkload `yaml:"unmeshedWorkloads"`
+}
+
+// UnmeshedWorkload names a workload that runs without a sidecar.
+type UnmeshedWorkload struct {
+	Namespace string `yaml:"namespace"`
+	Name      string `yaml:"name"`
 }
 
 // Duration is a time.Duration written as "30s", "2m".
@@ -220,6 +230,16 @@ func (c *Config) Validate() error {
 			}
 			seen[p.Port] = true
 			checkProtocol(bad, pf+".protocol", p.Protocol)
+		}
+	}
+	for i, w := range c.UnmeshedWorkloads {
+		f := fmt.Sprintf("unmeshedWorkloads[%d]", i)
+		if !checkNames(bad, f, w.Namespace, w.Name) {
+			key := w.Namespace + "/" + w.Name
+			if _, dup := workloads[key]; dup {
+				bad(f+".name", "workload %s is declared twice (a workload runs with a sidecar or without)", key)
+			}
+			workloads[key] = nil
 		}
 	}
 	services := map[string]bool{}

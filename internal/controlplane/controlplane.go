@@ -42,6 +42,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/push"
 	"github.com/trellis-mesh/trellis/internal/registry"
 	"github.com/trellis-mesh/trellis/internal/statefile"
+	"github.com/trellis-mesh/trellis/internal/telemetry"
 )
 
 // Files in the state directory besides the CA's and the join tokens'.
@@ -79,7 +80,9 @@ type ControlPlane struct {
 	identity *identityservice.Service
 	registry *registry.Registry
 	push     *push.Server
-	token    string
+	// telemetry scrapes the proxies for the traffic view.
+	telemetry *telemetry.Collector
+	token     string
 
 	grpcLis, adminLis net.Listener
 
@@ -167,6 +170,7 @@ func New(opts Options) (*ControlPlane, error) {
 		Log:      log.With("component", "push"),
 	})
 	cp.push = pushServer
+	cp.telemetry = newCollector(cp)
 	if cfg.Resources != "" {
 		if err := cp.loadInitial(); err != nil {
 			return nil, err
@@ -274,6 +278,7 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	eg.Go(func() error { return cp.ca.Run(ctx, caCheckInterval) })
 	eg.Go(func() error { return cp.push.Run(ctx) })
 	eg.Go(func() error { return cp.maintainRegistry(ctx) })
+	eg.Go(func() error { return cp.telemetry.Run(ctx) })
 	if cp.cfg.Resources != "" {
 		eg.Go(func() error {
 			return dirwatch.Watch(ctx, dirwatch.Config{Dir: cp.cfg.Resources, Since: cp.resourceStamp(), OnChange: cp.reload, Log: cp.log})

@@ -43,6 +43,8 @@ workloads:
 services:
   - {namespace: shipping, name: orders, selector: {app: orders}, address: 198.18.128.1, ports: [{name: http, port: 80, targetPort: 8080}]}
   - {namespace: web, name: frontend, selector: {app: frontend}, ports: [{name: http, port: 80, targetPort: 8080}]}
+unmeshedWorkloads:
+  - {namespace: web, name: legacy}
 `
 
 const shippingStrict = `

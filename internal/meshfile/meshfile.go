@@ -369,6 +369,7 @@ func (m *Mesh) ControlPlane(stateDir, listen, adminListen string) *controlplane.
 	}
 	for _, w := range m.Workloads {
 		if !w.Injected() {
+			c.UnmeshedWorkloads = append(c.UnmeshedWorkloads, controlplane.UnmeshedWorkload{Namespace: w.Namespace, Name: w.Name})
 			continue
 		}
 		cw := controlplane.Workload{Namespace: w.Namespace, Name: w.Name, ServiceAccount: w.ServiceAccount, Labels: w.Labels}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 )
@@ -42,6 +43,8 @@ type Collector struct {
 	mu       sync.Mutex
 	hist     map[string]*history // by instance
 	last     time.Time           // when the last scrape ended
+	// lastTargets are the instances the last scrape covered, sorted.
+	lastTargets []string
 }
 
 // history is one proxy's scrapes, oldest first.
@@ -87,15 +90,25 @@ func (c *Collector) Run(ctx context.Context) error {
 	}
 }
 
-// Fresh scrapes now unless the last scrape ended less than maxAge ago, so
-// that a query right after some traffic sees it.
+// Fresh scrapes now, so that a query right after some traffic sees it,
+// unless the last scrape ended less than maxAge ago and covered the same
+// proxies.
 func (c *Collector) Fresh(ctx context.Context, maxAge time.Duration) {
 	c.mu.Lock()
-	recent := c.cfg.Now().Sub(c.last) < maxAge
+	recent := c.cfg.Now().Sub(c.last) < maxAge && slices.Equal(c.lastTargets, instances(c.cfg.Targets()))
 	c.mu.Unlock()
 	if !recent {
 		c.Scrape(ctx)
 	}
+}
+
+func instances(ts []Target) []string {
+	out := make([]string, len(ts))
+	for i, t := range ts {
+		out[i] = t.Instance
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Scrape reads every target's metrics once, a few at a time, and drops
@@ -157,6 +170,7 @@ func (c *Collector) Scrape(ctx context.Context) {
 		}
 	}
 	c.last = now
+	c.lastTargets = instances(targets)
 }
 
 func (c *Collector) scrape(ctx context.Context, t Target) (*snapshot, error) {

@@ -1,0 +1,212 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/trellis-mesh/trellis/internal/controlplane"
+	"github.com/trellis-mesh/trellis/internal/telemetry"
+)
+
+// trafficFlags are the flags of the commands that read the traffic view.
+type trafficFlags struct {
+	mesh              meshFlags
+	adminAddr, output string
+	namespace         string
+	window            time.Duration
+}
+
+func (f *trafficFlags) add(cmd *cobra.Command) {
+	f.mesh.add(cmd)
+	cmd.Flags().StringVar(&f.adminAddr, "admin-addr", "", "admin API address (default: read from the state directory)")
+	cmd.Flags().StringVarP(&f.output, "output", "o", "text", "output format: text or json")
+	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", "", "only this namespace")
+	cmd.Flags().DurationVarP(&f.window, "window", "w", time.Minute, fmt.Sprintf("how far back to measure (at most %s)", controlplane.MaxTrafficWindow))
+}
+
+func (f *trafficFlags) fetch(cmd *cobra.Command) (controlplane.Traffic, error) {
+	if f.output != "text" && f.output != "json" {
+		return controlplane.Traffic{}, fmt.Errorf("--output %q: use text or json", f.output)
+	}
+	if f.window <= 0 || f.window > controlplane.MaxTrafficWindow {
+		return controlplane.Traffic{}, fmt.Errorf("--window %s: give a duration up to %s", f.window, controlplane.MaxTrafficWindow)
+	}
+	client, err := controlplane.Dial(f.mesh.dir(cmd), f.adminAddr)
+	if err != nil {
+		return controlplane.Traffic{}, err
+	}
+	return client.Traffic(cmd.Context(), f.window)
+}
+
+// inNamespace reports whether ref (namespace/name) is in ns ("" for all).
+func inNamespace(ns, ref string) bool {
+	return ns == "" || strings.HasPrefix(ref, ns+"/")
+}
+
+func newStatCommand() *cobra.Command {
+	var f trafficFlags
+	cmd := &cobra.Command{
+		Use:   "stat [NAMESPACE/NAME]",
+		Short: "Golden metrics per workload: success rate, requests/s, latency, TCP connections",
+		Long: `Show, for each workload, whether it is meshed and what its proxies answered
+over the window: requests per second, the share without a server error
+(success rate), requests authorization denied, latency percentiles measured
+at the workload's proxy, and TCP connections. The control plane scrapes its
+proxies' metrics; no Prometheus is needed.`,
+		Example: `  trellis stat -f examples/zero-trust/mesh.yaml
+  trellis stat -f examples/zero-trust/mesh.yaml shipping/orders-api --window 5m -o json`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			t, err := f.fetch(cmd)
+			if err != nil {
+				return err
+			}
+			var rows []controlplane.WorkloadTraffic
+			for _, w := range t.Workloads {
+				if inNamespace(f.namespace, w.Workload) && (len(args) == 0 || w.Workload == args[0]) {
+					rows = append(rows, w)
+				}
+			}
+			if len(args) == 1 && len(rows) == 0 {
+				return fmt.Errorf("no workload %s in the mesh", args[0])
+			}
+			if f.output == "json" {
+				return writeJSONTo(cmd.OutOrStdout(), rows)
+			}
+			printStat(cmd.OutOrStdout(), rows, t)
+			return nil
+		},
+	}
+	f.add(cmd)
+	return cmd
+}
+
+func newEdgesCommand() *cobra.Command {
+	var f trafficFlags
+	cmd := &cobra.Command{
+		Use:   "edges",
+		Short: "Every observed caller → callee pair, and whether it is mutual TLS",
+		Long: `Show every caller → callee pair seen over the window with the identities of
+both ends, whether the edge is mutual TLS, its request and connection rates
+and success rate. A plaintext edge says why: a caller without sidecar
+(which STRICT would cut off), or a destination outside the mesh.`,
+		Example: `  trellis edges -f examples/permissive-to-strict/mesh.yaml
+  trellis edges -f examples/zero-trust/mesh.yaml --namespace shipping -o json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			t, err := f.fetch(cmd)
+			if err != nil {
+				return err
+			}
+			var rows []controlplane.EdgeTraffic
+			for _, e := range t.Edges {
+				if f.namespace == "" || inNamespace(f.namespace, e.Source) || inNamespace(f.namespace, e.Destination) {
+					rows = append(rows, e)
+				}
+			}
+			if f.output == "json" {
+				return writeJSONTo(cmd.OutOrStdout(), rows)
+			}
+			printEdges(cmd.OutOrStdout(), rows, t)
+			return nil
+		},
+	}
+	f.add(cmd)
+	return cmd
+}
+
+func writeJSONTo(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printStat(out io.Writer, rows []controlplane.WorkloadTraffic, t controlplane.Traffic) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "WORKLOAD\tMESHED\tPROXIES\tSUCCESS\tRPS\tDENIED/S\tP50\tP95\tP99\tTCP/S\tTCP OPEN")
+	for _, w := range rows {
+		meshed := "yes"
+		if !w.Meshed {
+			meshed = "no"
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t-\n", w.Workload, meshed)
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f\n", w.Workload, meshed, w.Proxies,
+			percent(w.SuccessRate), rate(w.RequestsPerSecond), rate(w.DeniedPerSecond),
+			millis(w.Latency, func(l *telemetry.Latency) float64 { return l.P50 }),
+			millis(w.Latency, func(l *telemetry.Latency) float64 { return l.P95 }),
+			millis(w.Latency, func(l *telemetry.Latency) float64 { return l.P99 }),
+			rate(w.TCPConnectionsPerSecond), w.TCPOpenConnections)
+	}
+	tw.Flush()
+	fmt.Fprintf(out, "\nOver the last %s, as each workload's proxy answered (inbound).\n", t.Window)
+	printScrapeErrors(out, t)
+}
+
+func printEdges(out io.Writer, rows []controlplane.EdgeTraffic, t controlplane.Traffic) {
+	if len(rows) == 0 {
+		fmt.Fprintf(out, "No traffic in the last %s.\n", t.Window)
+		printScrapeErrors(out, t)
+		return
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SOURCE\tDESTINATION\tMTLS\tSUCCESS\tRPS\tDENIED/S\tTCP/S\tTCP OPEN\tSOURCE IDENTITY")
+	plaintext := 0
+	for _, e := range rows {
+		mtls := "yes"
+		if !e.MTLS {
+			mtls = "NO"
+			plaintext++
+		}
+		id := e.SourceIdentity
+		if id == "" {
+			id = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f\t%s\n", e.Source, e.Destination, mtls, percent(e.SuccessRate),
+			rate(e.RequestsPerSecond), rate(e.DeniedPerSecond), rate(e.TCPConnectionsPerSecond), e.TCPOpenConnections, id)
+	}
+	tw.Flush()
+	if plaintext > 0 {
+		fmt.Fprintf(out, "\nPlaintext edges:\n")
+		for _, e := range rows {
+			if !e.MTLS {
+				fmt.Fprintf(out, "  %s → %s: %s\n", e.Source, e.Destination, e.Plaintext)
+			}
+		}
+	}
+	fmt.Fprintf(out, "\nOver the last %s.\n", t.Window)
+	printScrapeErrors(out, t)
+}
+
+func printScrapeErrors(out io.Writer, t controlplane.Traffic) {
+	for instance, why := range t.ScrapeErrors {
+		fmt.Fprintf(out, "WARNING: the metrics of %s could not be read (%s); its figures are missing.\n", instance, why)
+	}
+}
+
+func percent(p *float64) string {
+	if p == nil {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f%%", *p*100)
+}
+
+func rate(r float64) string {
+	if r == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%.2f", r)
+}
+
+func millis(l *telemetry.Latency, pick func(*telemetry.Latency) float64) string {
+	if l == nil {
+		return "-"
+	}
+	return fmt.Sprintf("%.1fms", pick(l))
+}
