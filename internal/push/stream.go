@@ -362,12 +362,18 @@ type ProxyStatus struct {
 	Rejected        string `json:"rejected,omitempty"`
 	RejectedVersion string `json:"rejectedVersion,omitempty"`
 	InSync          bool   `json:"inSync"`
+	// Stats is where the proxy serves its metrics (ip:port), if anywhere.
+	Stats string `json:"stats,omitempty"`
 }
 
 // Status lists the connected proxies and the instances kept in service
 // while their proxy is away, sorted by instance.
 func (s *Server) Status() []ProxyStatus {
 	snap := s.cfg.Registry.Snapshot()
+	stats := map[string]string{}
+	for _, in := range snap.Instances {
+		stats[in.Key()] = in.Stats
+	}
 	s.mu.Lock()
 	connected := map[string]bool{}
 	var out []ProxyStatus
@@ -382,7 +388,7 @@ func (s *Server) Status() []ProxyStatus {
 			Instance: ref + "/" + st.instance, Workload: ref, Identity: st.identity.String(), Peer: st.peer,
 			Connected: true, ConnectedAt: st.connectedAt, LastSeen: st.lastSeen, CertificateExpiry: st.certExpiry,
 			CurrentVersion: cur, AckedVersion: st.acked, Rejected: st.nack, RejectedVersion: st.nackFor,
-			InSync: cur != "" && st.acked == cur,
+			InSync: cur != "" && st.acked == cur, Stats: stats[ref+"/"+st.instance],
 		}
 		st.mu.Unlock()
 		connected[ps.Instance] = true

@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -143,6 +145,34 @@ func TestUpNoRootExample(t *testing.T) {
 	if !strings.Contains(metrics, `source="spiffe://cluster.local/ns/default/sa/checkout-service",status_class="2xx",tls="true"`) {
 		t.Fatalf("orders-api's sidecar shows no mTLS request from checkout:\n%s", metrics)
 	}
+	// The control plane's view of the same traffic.
+	name, args := asUser(filepath.Join(m.bin, "trellis"), "stat", "-f", m.file, "-o", "json")
+	r = run(t, m.dir, "", name, args...)
+	var stats []struct {
+		Workload          string
+		Meshed            bool
+		RequestsPerSecond float64
+		SuccessRate       *float64
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &stats); err != nil {
+		t.Fatalf("trellis stat: %v %q %s", err, r.stdout, r.stderr)
+	}
+	seen := map[string]bool{}
+	for _, s := range stats {
+		switch {
+		case s.Workload == "shipping/orders-api" && s.Meshed && s.RequestsPerSecond > 0 && s.SuccessRate != nil:
+			seen[s.Workload] = true
+		case s.Workload == "default/legacy" && !s.Meshed:
+			seen[s.Workload] = true
+		}
+	}
+	if len(seen) != 2 {
+		t.Fatalf("trellis stat lacks orders-api's requests or legacy as unmeshed: %s", r.stdout)
+	}
+	name, args = asUser(filepath.Join(m.bin, "trellis"), "edges", "-f", m.file)
+	if r := run(t, m.dir, "", name, args...); !regexp.MustCompile(`default/checkout\s+shipping/orders-api\s+yes`).MatchString(r.stdout) {
+		t.Fatalf("trellis edges does not show checkout → orders-api over mTLS:\n%s%s", r.stdout, r.stderr)
+	}
 	if os.Geteuid() == 0 {
 		out, err := exec.Command("ps", "-o", "user=", "-u", "root", "-o", "args=").Output()
 		if err == nil && strings.Contains(string(out), "http.server 1808") {
@@ -190,7 +220,7 @@ func TestUpNoRootExample(t *testing.T) {
 	if r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "http://orders-api.shipping/"); r.err != nil {
 		t.Fatalf("GET after a restart over leftovers: %v %s", r.err, r.stderr)
 	}
-	name, args := asUser(filepath.Join(m.bin, "trellis"), "down", "-f", m.file)
+	name, args = asUser(filepath.Join(m.bin, "trellis"), "down", "-f", m.file)
 	if r := run(t, m.dir, "", name, args...); r.err != nil {
 		t.Fatalf("trellis down: %v %s", r.err, r.stderr)
 	}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -290,6 +291,27 @@ func TestUpPermissiveToStrict(t *testing.T) {
 	if !strings.Contains(metrics, `trellis_tcp_connections_total{decision="allow",destination="spiffe://cluster.local/ns/payments/sa/ledger",direction="inbound",policy="",source="unknown",tls="false"} 1`) ||
 		!strings.Contains(metrics, `source="spiffe://cluster.local/ns/default/sa/api",tls="true"`) {
 		t.Fatalf("the ledger's sidecar does not show one plaintext and one mTLS caller:\n%s", metrics)
+	}
+
+	// trellis edges shows the same: which callers STRICT would cut off.
+	var edges []struct {
+		Source, Destination, Plaintext string
+		MTLS                           bool
+		TCPConnectionsPerSecond        float64
+	}
+	if err := json.Unmarshal([]byte(trellis(t, dir, "edges", "-f", m.file, "-o", "json")), &edges); err != nil {
+		t.Fatal(err)
+	}
+	var plain, secured bool
+	for _, e := range edges {
+		if e.Destination != "payments/ledger" || e.TCPConnectionsPerSecond == 0 {
+			continue
+		}
+		plain = plain || e.Source == "(no sidecar)" && !e.MTLS && strings.Contains(e.Plaintext, "no sidecar")
+		secured = secured || e.Source == "default/api" && e.MTLS
+	}
+	if !plain || !secured {
+		t.Fatalf("trellis edges does not show the plaintext and the mTLS caller of the ledger: %+v", edges)
 	}
 
 	// A plaintext connection open across the switch is closed by it.
