@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
+	"github.com/trellis-mesh/trellis/internal/meshcheck"
 	"github.com/trellis-mesh/trellis/internal/telemetry"
 )
 
@@ -209,4 +210,72 @@ func millis(l *telemetry.Latency, pick func(*telemetry.Latency) float64) string 
 		return "-"
 	}
 	return fmt.Sprintf("%.1fms", pick(l))
+}
+
+func newCheckCommand() *cobra.Command {
+	var (
+		mesh              meshFlags
+		adminAddr, output string
+		window            time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "check",
+		Short: "Check the mesh's health: control plane, proxies, certificates, plaintext traffic",
+		Long: `Check the health of a running mesh: the control plane is reachable and its
+configuration accepted; every proxy connected and running its current
+configuration; the roots and intermediate valid (a warning 30 days ahead of
+expiry); every workload certificate valid and renewed in time; and no caller
+still reaching a meshed workload in plaintext (which STRICT would refuse).
+Exits with status 1 if a check fails; warnings do not fail.`,
+		Example: `  trellis check -f examples/zero-trust/mesh.yaml
+  trellis check --state-dir /var/lib/trellis -o json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "text" && output != "json" {
+				return fmt.Errorf("--output %q: use text or json", output)
+			}
+			if window <= 0 || window > controlplane.MaxTrafficWindow {
+				return fmt.Errorf("--window %s: give a duration up to %s", window, controlplane.MaxTrafficWindow)
+			}
+			var findings []meshcheck.Finding
+			client, err := controlplane.Dial(mesh.dir(cmd), adminAddr)
+			var st controlplane.Status
+			if err == nil {
+				st, err = client.Status(cmd.Context())
+			}
+			if err != nil {
+				findings = append(findings, meshcheck.Finding{Check: "control plane", Level: meshcheck.Fail, Message: err.Error()})
+			} else {
+				findings = append(findings, meshcheck.Finding{Check: "control plane", Level: meshcheck.OK, Message: "reachable, trust domain " + st.TrustDomain})
+				var traffic *controlplane.Traffic
+				if t, err := client.Traffic(cmd.Context(), window); err == nil {
+					traffic = &t
+				} else {
+					findings = append(findings, meshcheck.Finding{Check: "metrics", Level: meshcheck.Warn, Message: "traffic not available: " + err.Error()})
+				}
+				findings = append(findings, meshcheck.Evaluate(st, traffic, time.Now())...)
+			}
+			if output == "json" {
+				if err := writeJSONTo(cmd.OutOrStdout(), findings); err != nil {
+					return err
+				}
+			} else {
+				tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+				for _, f := range findings {
+					mark := map[meshcheck.Level]string{meshcheck.OK: "ok", meshcheck.Warn: "WARN", meshcheck.Fail: "FAIL"}[f.Level]
+					fmt.Fprintf(tw, "%s\t%s\t%s\n", mark, f.Check, f.Message)
+				}
+				tw.Flush()
+			}
+			if meshcheck.Failed(findings) {
+				return &ExitError{Code: 1}
+			}
+			return nil
+		},
+	}
+	mesh.add(cmd)
+	cmd.Flags().StringVar(&adminAddr, "admin-addr", "", "admin API address (default: read from the state directory)")
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
+	cmd.Flags().DurationVarP(&window, "window", "w", 5*time.Minute, "how far back to look for plaintext traffic")
+	return cmd
 }

@@ -33,8 +33,9 @@ type CAStatus struct {
 
 // CertStatus is one CA certificate.
 type CertStatus struct {
-	Subject  string    `json:"subject"`
-	NotAfter time.Time `json:"notAfter"`
+	Subject   string    `json:"subject"`
+	NotBefore time.Time `json:"notBefore"`
+	NotAfter  time.Time `json:"notAfter"`
 }
 
 // Status returns the control plane's view of the mesh.
@@ -56,10 +57,10 @@ func (cp *ControlPlane) Status() Status {
 		}
 	}
 	for _, r := range cp.ca.Bundle() {
-		st.CA.Roots = append(st.CA.Roots, CertStatus{Subject: r.Subject.String(), NotAfter: r.NotAfter})
+		st.CA.Roots = append(st.CA.Roots, CertStatus{Subject: r.Subject.String(), NotBefore: r.NotBefore, NotAfter: r.NotAfter})
 	}
 	iss := cp.ca.Issuer()
-	st.CA.Intermediate = CertStatus{Subject: iss.Subject.String(), NotAfter: iss.NotAfter}
+	st.CA.Intermediate = CertStatus{Subject: iss.Subject.String(), NotBefore: iss.NotBefore, NotAfter: iss.NotAfter}
 	return st
 }
 

@@ -35,6 +35,9 @@ type WorkloadTraffic struct {
 	// Proxies is how many of its proxies are connected.
 	Proxies int `json:"proxies"`
 	telemetry.Golden
+	// Refused counts, by reason, connections refused before any request,
+	// per second: "plaintext on a STRICT port" is a caller STRICT cuts off.
+	Refused map[string]float64 `json:"refusedPerSecond,omitempty"`
 }
 
 // EdgeTraffic is the traffic from a caller to a callee.
@@ -125,7 +128,7 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 		measured[w.Workload] = w
 	}
 	for _, w := range snap.Declarations.Workloads {
-		out.Workloads = append(out.Workloads, WorkloadTraffic{Workload: w.Ref(), Meshed: true, Proxies: connected[w.Ref()], Golden: measured[w.Ref()].Golden})
+		out.Workloads = append(out.Workloads, WorkloadTraffic{Workload: w.Ref(), Meshed: true, Proxies: connected[w.Ref()], Golden: measured[w.Ref()].Golden, Refused: measured[w.Ref()].Refused})
 	}
 	for _, w := range cp.cfg.UnmeshedWorkloads {
 		out.Workloads = append(out.Workloads, WorkloadTraffic{Workload: w.Namespace + "/" + w.Name})

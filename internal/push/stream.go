@@ -66,6 +66,7 @@ type stream struct {
 	nackFor    string // version the NACK was for
 	lastSeen   time.Time
 	certExpiry time.Time
+	certIssued time.Time // the certificate's NotBefore
 }
 
 func (st *stream) wake() {
@@ -97,7 +98,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	if err != nil {
 		return status.Errorf(codes.Unauthenticated, "the client certificate is not a valid SVID of this mesh: %v", err)
 	}
-	certExpiry := chain[0].NotAfter
+	certExpiry, certIssued := chain[0].NotAfter, chain[0].NotBefore
 
 	// Reads happen on their own goroutine so the loop below can wait on
 	// updates and messages at once.
@@ -148,7 +149,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	now := s.cfg.Now()
 	st := &stream{
 		workload: w, instance: hello.GetInstance(), identity: id, peer: peerAddr,
-		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), replaced: make(chan struct{}), certExpiry: certExpiry,
+		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), replaced: make(chan struct{}), certExpiry: certExpiry, certIssued: certIssued,
 	}
 	// A proxy that already runs the current version (a reconnect after a
 	// control plane restart) is not sent it again.
@@ -354,6 +355,9 @@ type ProxyStatus struct {
 	LastSeen          time.Time `json:"lastSeen,omitzero"`
 	DisconnectedAt    time.Time `json:"disconnectedAt,omitzero"`
 	CertificateExpiry time.Time `json:"certificateExpiry,omitzero"`
+	// CertificateIssued is its certificate's start of validity: with the
+	// expiry, it tells a certificate overdue for renewal.
+	CertificateIssued time.Time `json:"certificateIssued,omitzero"`
 	// CurrentVersion is the version of the proxy's view now; AckedVersion
 	// the last one it applied.
 	CurrentVersion string `json:"currentVersion"`
@@ -386,7 +390,7 @@ func (s *Server) Status() []ProxyStatus {
 		st.mu.Lock()
 		ps := ProxyStatus{
 			Instance: ref + "/" + st.instance, Workload: ref, Identity: st.identity.String(), Peer: st.peer,
-			Connected: true, ConnectedAt: st.connectedAt, LastSeen: st.lastSeen, CertificateExpiry: st.certExpiry,
+			Connected: true, ConnectedAt: st.connectedAt, LastSeen: st.lastSeen, CertificateExpiry: st.certExpiry, CertificateIssued: st.certIssued,
 			CurrentVersion: cur, AckedVersion: st.acked, Rejected: st.nack, RejectedVersion: st.nackFor,
 			InSync: cur != "" && st.acked == cur, Stats: stats[ref+"/"+st.instance],
 		}

@@ -16,6 +16,7 @@ type traffic struct {
 	latency  map[Edge]histogram
 	conns    map[connKey]float64
 	open     map[Edge]float64
+	refused  map[refusedKey]float64
 }
 
 // traffic returns the proxy's traffic over the window d before now: from
@@ -55,7 +56,10 @@ func (h *history) traffic(now time.Time, d time.Duration) (t *traffic, ok bool) 
 		return nil, false
 	}
 	t = &traffic{target: h.target, seconds: secs, requests: map[requestKey]float64{}, latency: map[Edge]histogram{},
-		conns: map[connKey]float64{}, open: last.open}
+		conns: map[connKey]float64{}, open: last.open, refused: map[refusedKey]float64{}}
+	for k, v := range last.refused {
+		t.refused[k] = max(0, v-base.refused[k])
+	}
 	for k, v := range last.requests {
 		t.requests[k] = max(0, v-base.requests[k])
 	}
@@ -139,6 +143,10 @@ type WorkloadTraffic struct {
 	// that started within it).
 	Seconds float64 `json:"seconds"`
 	Golden
+	// Refused counts, by reason, the connections its proxies refused
+	// before any request (plaintext on a STRICT port, a bad certificate…),
+	// per second.
+	Refused map[string]float64 `json:"refusedPerSecond,omitempty"`
 }
 
 // EdgeTraffic is the traffic of one caller → callee pair. Inbound edges
@@ -176,6 +184,7 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 		golden
 		proxies int
 		seconds float64
+		refused map[string]float64
 	}
 	workloads := map[string]*wacc{}
 	type ekey struct {
@@ -192,6 +201,14 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 		}
 		w.proxies++
 		w.seconds = max(w.seconds, t.seconds)
+		for k, n := range t.refused {
+			if k.direction == "inbound" && n > 0 {
+				if w.refused == nil {
+					w.refused = map[string]float64{}
+				}
+				w.refused[k.reason] += n / t.seconds
+			}
+		}
 		edgeOf := func(e Edge) (ekey, bool) {
 			switch {
 			case e.Direction == "inbound":
@@ -252,7 +269,7 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 	var wl []WorkloadTraffic
 	for _, name := range slices.Sorted(maps.Keys(workloads)) {
 		w := workloads[name]
-		wl = append(wl, WorkloadTraffic{Workload: name, Proxies: w.proxies, Seconds: w.seconds, Golden: w.result(1)})
+		wl = append(wl, WorkloadTraffic{Workload: name, Proxies: w.proxies, Seconds: w.seconds, Golden: w.result(1), Refused: w.refused})
 	}
 	var el []EdgeTraffic
 	for k, a := range edges {

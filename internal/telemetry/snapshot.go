@@ -25,6 +25,7 @@ const (
 	metricDuration    = "trellis_request_duration_seconds"
 	metricConnections = "trellis_tcp_connections_total"
 	metricOpen        = "trellis_tcp_open_connections"
+	metricRefused     = "trellis_refused_connections_total"
 	metricStart       = "process_start_time_seconds"
 )
 
@@ -74,6 +75,12 @@ type snapshot struct {
 	latency  map[Edge]histogram
 	conns    map[connKey]float64
 	open     map[Edge]float64
+	refused  map[refusedKey]float64
+}
+
+// refusedKey is one series of trellis_refused_connections_total.
+type refusedKey struct {
+	direction, reason string
 }
 
 // parseSnapshot reads a proxy's metrics (Prometheus text format), keeping
@@ -90,11 +97,11 @@ func parseSnapshot(r io.Reader, at time.Time) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &snapshot{at: at, requests: map[requestKey]float64{}, latency: map[Edge]histogram{}, conns: map[connKey]float64{}, open: map[Edge]float64{}}
+	s := &snapshot{at: at, requests: map[requestKey]float64{}, latency: map[Edge]histogram{}, conns: map[connKey]float64{}, open: map[Edge]float64{}, refused: map[refusedKey]float64{}}
 	series := 0
 	for name, f := range families {
 		switch name {
-		case metricRequests, metricDuration, metricConnections, metricOpen, metricStart:
+		case metricRequests, metricDuration, metricConnections, metricOpen, metricRefused, metricStart:
 		default:
 			continue
 		}
@@ -117,6 +124,10 @@ func parseSnapshot(r io.Reader, at time.Time) (*snapshot, error) {
 			case metricConnections:
 				if v, ok := value(m.GetCounter().GetValue()); ok {
 					s.conns[connKey{e, l["decision"], l["policy"]}] += v
+				}
+			case metricRefused:
+				if v, ok := value(m.GetCounter().GetValue()); ok {
+					s.refused[refusedKey{l["direction"], l["reason"]}] += v
 				}
 			case metricOpen:
 				if v, ok := value(m.GetGauge().GetValue()); ok {

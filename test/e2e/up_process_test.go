@@ -173,6 +173,12 @@ func TestUpNoRootExample(t *testing.T) {
 	if r := run(t, m.dir, "", name, args...); !regexp.MustCompile(`default/checkout\s+shipping/orders-api\s+yes`).MatchString(r.stdout) {
 		t.Fatalf("trellis edges does not show checkout → orders-api over mTLS:\n%s%s", r.stdout, r.stderr)
 	}
+	// legacy's refused plaintext is what trellis check warns of; nothing
+	// fails in a healthy mesh.
+	name, args = asUser(filepath.Join(m.bin, "trellis"), "check", "-f", m.file)
+	if r := run(t, m.dir, "", name, args...); r.err != nil || !strings.Contains(r.stdout, "shipping/orders-api refused") || strings.Contains(r.stdout, "FAIL") {
+		t.Fatalf("trellis check: %v\n%s%s", r.err, r.stdout, r.stderr)
+	}
 	if os.Geteuid() == 0 {
 		out, err := exec.Command("ps", "-o", "user=", "-u", "root", "-o", "args=").Output()
 		if err == nil && strings.Contains(string(out), "http.server 1808") {
