@@ -157,7 +157,7 @@ func printEdges(out io.Writer, rows []controlplane.EdgeTraffic, t controlplane.T
 		return
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SOURCE\tDESTINATION\tMTLS\tSUCCESS\tRPS\tDENIED/S\tTCP/S\tTCP OPEN\tSOURCE IDENTITY")
+	fmt.Fprintln(tw, "SOURCE\tDESTINATION\tMTLS\tSUCCESS\tRPS\tDENIED/S\tTCP/S\tTCP OPEN\tREFUSED/S\tSOURCE IDENTITY")
 	plaintext := 0
 	for _, e := range rows {
 		mtls := "yes"
@@ -169,8 +169,8 @@ func printEdges(out io.Writer, rows []controlplane.EdgeTraffic, t controlplane.T
 		if id == "" {
 			id = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f\t%s\n", e.Source, e.Destination, mtls, percent(e.SuccessRate),
-			rate(e.RequestsPerSecond), rate(e.DeniedPerSecond), rate(e.TCPConnectionsPerSecond), e.TCPOpenConnections, id)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f\t%s\t%s\n", e.Source, e.Destination, mtls, percent(e.SuccessRate),
+			rate(e.RequestsPerSecond), rate(e.DeniedPerSecond), rate(e.TCPConnectionsPerSecond), e.TCPOpenConnections, rate(e.RefusedPerSecond), id)
 	}
 	tw.Flush()
 	if plaintext > 0 {

@@ -54,8 +54,15 @@ type EdgeTraffic struct {
 	// MeasuredBy is the proxy that counted it: the callee's ("inbound")
 	// or, for destinations outside the mesh, the caller's ("outbound").
 	MeasuredBy string `json:"measuredBy"`
+	// RefusedPerSecond counts plaintext connections the callee's STRICT
+	// port refused: a caller the mesh already cuts off.
+	RefusedPerSecond float64 `json:"refusedPerSecond,omitempty"`
 	telemetry.Golden
 }
+
+// StrictRefusal is the proxies' reason for refusing plaintext on a STRICT
+// port (trellis_refused_connections_total{reason}).
+const StrictRefusal = "plaintext on a STRICT port"
 
 // Names for the ends of edges that are not workloads.
 const (
@@ -157,6 +164,14 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 			et.Plaintext = "not mutual TLS"
 		}
 		out.Edges = append(out.Edges, et)
+	}
+	// Plaintext the callee refused never became a request or a relayed
+	// connection; it is an edge all the same, and the one to look at.
+	for _, w := range out.Workloads {
+		if r := w.Refused[StrictRefusal]; r > 0 {
+			out.Edges = append(out.Edges, EdgeTraffic{Source: NoSidecar, Destination: w.Workload, MeasuredBy: "inbound", RefusedPerSecond: r,
+				Plaintext: "refused: the port is STRICT and the caller has no sidecar"})
+		}
 	}
 	return out
 }

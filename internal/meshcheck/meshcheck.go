@@ -29,10 +29,6 @@ type Finding struct {
 	Message string `json:"message"`
 }
 
-// StrictRefusal is the proxy's reason for refusing plaintext on a STRICT
-// port (trellis_refused_connections_total).
-const StrictRefusal = "plaintext on a STRICT port"
-
 // Thresholds.
 const (
 	// CAWarning is how long before a root or intermediate expires that
@@ -135,13 +131,11 @@ func Evaluate(st controlplane.Status, traffic *controlplane.Traffic, now time.Ti
 				continue // mTLS, or leaving the mesh from a meshed caller
 			}
 			plain++
-			add("plaintext", Warn, "%s → %s in plaintext over the last %s: STRICT would refuse it; mesh the caller first", e.Source, e.Destination, traffic.Window)
-		}
-		for _, w := range traffic.Workloads {
-			if r := w.Refused[StrictRefusal]; r > 0 {
-				plain++
-				add("plaintext", Warn, "%s refused %.2f plaintext connections/s under STRICT over the last %s: a caller without sidecar is cut off", w.Workload, r, traffic.Window)
+			if e.RefusedPerSecond > 0 {
+				add("plaintext", Warn, "%s refused %.2f plaintext connections/s under STRICT over the last %s: a caller without sidecar is cut off", e.Destination, e.RefusedPerSecond, traffic.Window)
+				continue
 			}
+			add("plaintext", Warn, "%s → %s in plaintext over the last %s: STRICT would refuse it; mesh the caller first", e.Source, e.Destination, traffic.Window)
 		}
 		if plain == 0 {
 			add("plaintext", OK, "no plaintext caller of a meshed workload over the last %s", traffic.Window)

@@ -64,7 +64,7 @@ func TestEvaluate(t *testing.T) {
 			tr.Edges = []controlplane.EdgeTraffic{{Source: "a/b", SourceIdentity: "spiffe://cluster.local/ns/a/sa/b", Destination: controlplane.OutsideMesh}}
 		}, "plaintext", OK, "no plaintext caller"},
 		{"plaintext refused by STRICT", func(_ *controlplane.Status, tr *controlplane.Traffic) {
-			tr.Workloads = []controlplane.WorkloadTraffic{{Workload: "shipping/orders", Meshed: true, Refused: map[string]float64{StrictRefusal: 0.5}}}
+			tr.Edges = []controlplane.EdgeTraffic{{Source: controlplane.NoSidecar, Destination: "shipping/orders", RefusedPerSecond: 0.5}}
 		}, "plaintext", Warn, "shipping/orders refused 0.50 plaintext connections/s under STRICT"},
 		{"scrape failure", func(_ *controlplane.Status, tr *controlplane.Traffic) {
 			tr.ScrapeErrors = map[string]string{"a/b/c": "refused"}

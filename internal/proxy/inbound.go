@@ -161,6 +161,7 @@ func (p *Proxy) handleInbound(c net.Conn, in config.Inbound, appAddr string) {
 		// The application's own TLS (or a malformed hello): opaque bytes.
 	}
 	if mode == policy.ModeStrict {
+		// The control plane looks for this reason (controlplane.StrictRefusal).
 		p.refuse(c, "inbound", "plaintext on a STRICT port", "port", in.AppPort, "sniffed", kind.String())
 		return
 	}

@@ -93,12 +93,26 @@ type Golden struct {
 	Latency                 *Latency `json:"latencyMs,omitempty"`
 	TCPConnectionsPerSecond float64  `json:"tcpConnectionsPerSecond"`
 	TCPOpenConnections      float64  `json:"tcpOpenConnections"`
+	// Decisions are authorization's, by the policy that decided.
+	Decisions []PolicyDecisions `json:"decisions,omitempty"`
+}
+
+// PolicyDecisions counts what one policy decided, per second, requests
+// and TCP connections together. Policy is "namespace/name"; "" when no
+// policy decided (allowed with no ALLOW policy in force, or denied because
+// none matched); "mtls" for plaintext refused by the port's mode after the
+// connection was accepted.
+type PolicyDecisions struct {
+	Policy           string  `json:"policy"`
+	AllowedPerSecond float64 `json:"allowedPerSecond"`
+	DeniedPerSecond  float64 `json:"deniedPerSecond"`
 }
 
 // golden accumulates Golden from counter increases.
 type golden struct {
 	requests, failures, denied, conns, open float64
 	hist                                    histogram
+	byPolicy                                map[string]*PolicyDecisions
 }
 
 func (g *golden) request(k requestKey, n float64) {
@@ -106,15 +120,32 @@ func (g *golden) request(k requestKey, n float64) {
 	if k.class == "5xx" {
 		g.failures += n
 	}
-	if k.decision == "deny" {
-		g.denied += n
-	}
+	g.decided(k.decision, k.policy, n)
 }
 
 func (g *golden) conn(k connKey, n float64) {
 	g.conns += n
-	if k.decision == "deny" {
+	g.decided(k.decision, k.policy, n)
+}
+
+// decided counts an inbound decision (outbound series have none).
+func (g *golden) decided(decision, policy string, n float64) {
+	if decision != "allow" && decision != "deny" || n == 0 {
+		return
+	}
+	if g.byPolicy == nil {
+		g.byPolicy = map[string]*PolicyDecisions{}
+	}
+	d := g.byPolicy[policy]
+	if d == nil {
+		d = &PolicyDecisions{Policy: policy}
+		g.byPolicy[policy] = d
+	}
+	if decision == "deny" {
 		g.denied += n
+		d.DeniedPerSecond += n
+	} else {
+		d.AllowedPerSecond += n
 	}
 }
 
@@ -124,6 +155,9 @@ func (g *golden) result(seconds float64) Golden {
 	if g.requests > 0 {
 		sr := 1 - g.failures/g.requests
 		out.SuccessRate = &sr
+	}
+	for _, p := range slices.Sorted(maps.Keys(g.byPolicy)) {
+		out.Decisions = append(out.Decisions, *g.byPolicy[p])
 	}
 	p50, ok50 := g.hist.quantile(0.50)
 	p95, _ := g.hist.quantile(0.95)
