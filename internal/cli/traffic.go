@@ -1,9 +1,13 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -277,5 +281,59 @@ Exits with status 1 if a check fails; warnings do not fail.`,
 	cmd.Flags().StringVar(&adminAddr, "admin-addr", "", "admin API address (default: read from the state directory)")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	cmd.Flags().DurationVarP(&window, "window", "w", 5*time.Minute, "how far back to look for plaintext traffic")
+	return cmd
+}
+
+func newDashboardCommand() *cobra.Command {
+	var (
+		mesh              meshFlags
+		adminAddr, listen string
+	)
+	cmd := &cobra.Command{
+		Use:   "dashboard",
+		Short: "Serve the web dashboard on this machine's loopback and print its address",
+		Long: `Serve the dashboard the control plane embeds — the topology with mTLS and
+plaintext edges, golden metrics with charts, policies and their decisions,
+identities and certificate expiry, updated live — on a loopback address, and
+print it. The control plane's admin API needs a credential and its own TLS
+trust; this command holds both and forwards only what the dashboard reads,
+so the browser needs neither. Ctrl-C stops it.`,
+		Example: `  trellis dashboard -f examples/zero-trust/mesh.yaml
+  trellis dashboard --state-dir /var/lib/trellis --listen 127.0.0.1:50750`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			host, _, err := net.SplitHostPort(listen)
+			if ip := net.ParseIP(host); err != nil || host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+				return fmt.Errorf("--listen %q: give a loopback address such as 127.0.0.1:50750 (the dashboard shows the mesh to whoever reaches it)", listen)
+			}
+			client, err := controlplane.Dial(mesh.dir(cmd), adminAddr)
+			if err != nil {
+				return err
+			}
+			if _, err := client.Status(cmd.Context()); err != nil {
+				return err
+			}
+			l, err := net.Listen("tcp", listen)
+			if err != nil {
+				return err
+			}
+			srv := &http.Server{Handler: client.Forwarder(), ReadHeaderTimeout: 5 * time.Second}
+			fmt.Fprintf(cmd.OutOrStdout(), "Dashboard: http://%s/dashboard/  (Ctrl-C stops it)\n", l.Addr())
+			go func() {
+				<-cmd.Context().Done()
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				defer cancel()
+				_ = srv.Shutdown(ctx)
+				srv.Close() // event streams do not end on their own
+			}()
+			if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		},
+	}
+	mesh.add(cmd)
+	cmd.Flags().StringVar(&adminAddr, "admin-addr", "", "admin API address (default: read from the state directory)")
+	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:50750", "loopback address to serve the dashboard on")
 	return cmd
 }

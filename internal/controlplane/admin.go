@@ -3,10 +3,12 @@ package controlplane
 import (
 	"crypto/subtle"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/dashboard"
 	"github.com/trellis-mesh/trellis/internal/push"
 	"github.com/trellis-mesh/trellis/internal/registry"
 )
@@ -91,7 +93,50 @@ func (cp *ControlPlane) adminHandler() http.Handler {
 		}
 		writeJSON(w, cp.Traffic(r.Context(), window))
 	}))
+	// GET /api/v1/events: a server-sent event "snapshot" (status and the
+	// last minute's traffic) now and every EventInterval, for the
+	// dashboard.
+	mux.Handle("GET /api/v1/events", cp.authenticated(cp.serveEvents))
+	mux.Handle("GET /dashboard/", cp.authenticated(dashboard.Handler("/dashboard/").ServeHTTP))
 	return mux
+}
+
+// EventInterval is how often /api/v1/events sends a snapshot.
+const EventInterval = 2 * time.Second
+
+// Snapshot is one event of /api/v1/events.
+type Snapshot struct {
+	Status  Status  `json:"status"`
+	Traffic Traffic `json:"traffic"`
+}
+
+func (cp *ControlPlane) serveEvents(w http.ResponseWriter, r *http.Request) {
+	rc := http.NewResponseController(w)
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	// A stream outlives the server's write timeout, if it has one.
+	_ = rc.SetWriteDeadline(time.Time{})
+	t := time.NewTicker(EventInterval)
+	defer t.Stop()
+	for {
+		data, err := json.Marshal(Snapshot{Status: cp.Status(), Traffic: cp.Traffic(r.Context(), time.Minute)})
+		if err != nil {
+			return
+		}
+		if _, err := fmt.Fprintf(w, "event: snapshot\ndata: %s\n\n", data); err != nil {
+			return
+		}
+		if err := rc.Flush(); err != nil {
+			return
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-cp.closing:
+			return
+		case <-t.C:
+		}
+	}
 }
 
 func (cp *ControlPlane) authenticated(h http.HandlerFunc) http.Handler {

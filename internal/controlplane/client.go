@@ -8,7 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -141,4 +143,43 @@ func (c *Client) do(ctx context.Context, method, path string, v any) error {
 		return fmt.Errorf("control plane admin API: %s: %s", resp.Status, strings.TrimSpace(string(body)))
 	}
 	return json.Unmarshal(body, v)
+}
+
+// Forwarder returns a handler that forwards the read-only parts of the
+// admin API the dashboard uses (GET /dashboard/, /api/v1/status, traffic
+// and events) with c's credential and TLS verification, for `trellis
+// dashboard` to serve on loopback so that a browser needs neither.
+// Requests must name a loopback host (against DNS rebinding) and cannot
+// change anything.
+func (c *Client) Forwarder() http.Handler {
+	target, _ := url.Parse(c.base) // built by Dial
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Host = target.Host
+			pr.Out.Header.Set("Authorization", "Bearer "+c.token)
+		},
+		Transport:     c.http.Transport,
+		FlushInterval: -1, // the event stream
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, err := net.SplitHostPort(r.Host)
+		if err != nil {
+			host = r.Host
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			http.Error(w, "the dashboard answers on loopback addresses only", http.StatusForbidden)
+			return
+		}
+		switch {
+		case r.Method != http.MethodGet:
+			http.Error(w, "the dashboard is read-only", http.StatusMethodNotAllowed)
+		case r.URL.Path == "/":
+			http.Redirect(w, r, "/dashboard/", http.StatusFound)
+		case strings.HasPrefix(r.URL.Path, "/dashboard/"), r.URL.Path == "/api/v1/status", r.URL.Path == "/api/v1/traffic", r.URL.Path == "/api/v1/events":
+			rp.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
 }

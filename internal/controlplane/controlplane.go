@@ -83,6 +83,8 @@ type ControlPlane struct {
 	// telemetry scrapes the proxies for the traffic view.
 	telemetry *telemetry.Collector
 	token     string
+	// closing is closed when Run stops serving, ending event streams.
+	closing chan struct{}
 
 	grpcLis, adminLis net.Listener
 
@@ -171,6 +173,7 @@ func New(opts Options) (*ControlPlane, error) {
 	})
 	cp.push = pushServer
 	cp.telemetry = newCollector(cp)
+	cp.closing = make(chan struct{})
 	if cfg.Resources != "" {
 		if err := cp.loadInitial(); err != nil {
 			return nil, err
@@ -309,6 +312,7 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 		case <-time.After(time.Second):
 			g.Stop()
 		}
+		close(cp.closing) // event streams end
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		_ = admin.Shutdown(shutdownCtx)

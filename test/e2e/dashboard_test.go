@@ -1,0 +1,81 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+)
+
+// TestDashboard runs examples/zero-trust, sends traffic through it — orders
+// from checkout (mTLS, allowed), from badge-reader (mTLS, denied) and a
+// plaintext attempt from legacy (refused by STRICT) — and loads the
+// dashboard in headless Chromium: the workloads appear as nodes, the
+// secured and the plaintext edges as such, the denial with its policy.
+// The screenshot is saved in the test's artifacts (go test -artifacts).
+func TestDashboard(t *testing.T) {
+	dir, _ := exampleCopy(t, "zero-trust", "curl", "nginx", "python3")
+	chromium := requireTool(t, "chromium")
+	m := startUp(t, dir)
+	t.Cleanup(m.stop)
+	for range 3 {
+		if r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "-X", "POST", "http://orders-api.shipping/v1/orders"); r.err != nil {
+			t.Fatalf("POST from checkout: %v %s", r.err, r.stderr)
+		}
+	}
+	m.exec("default/badge-reader", "curl", "-sS", "-m", "5", "-X", "POST", "http://orders-api.shipping/v1/orders")
+	m.exec("default/legacy", "curl", "-sS", "--connect-timeout", "2", "-m", "5", "http://orders-api.shipping/v1/orders")
+
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	background(t, dir, "Dashboard: http://"+listen+"/dashboard/", trellisBin, "dashboard", "-f", m.file, "--listen", listen)
+	url := "http://" + listen + "/dashboard/"
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	alloc, cancelAlloc := chromedp.NewExecAllocator(ctx, append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(chromium), chromedp.NoSandbox, chromedp.DisableGPU, chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(1400, 1100),
+		// No network but the dashboard's: the machine has none.
+		chromedp.Flag("disable-background-networking", true), chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true), chromedp.Flag("disable-quic", true), chromedp.Flag("disable-dev-shm-usage", true),
+	)...)
+	defer cancelAlloc()
+	browser, cancelBrowser := chromedp.NewContext(alloc, chromedp.WithErrorf(t.Logf))
+	defer cancelBrowser()
+	steps := []chromedp.Action[chromedp.Void]{chromedp.Navigate(url)}
+	for _, sel := range []string{
+		`#connection.live`,
+		`#topology .node.meshed[data-workload="shipping/orders-api"]`,
+		`#topology .node.meshed[data-workload="default/checkout"]`,
+		`#topology .node.unmeshed[data-workload="default/legacy"]`,
+		`#topology path.edge.mtls[data-source="default/checkout"][data-destination="shipping/orders-api"]`,
+		`#topology path.edge.plaintext[data-source="(no sidecar)"][data-destination="shipping/orders-api"]`,
+		`#denials tbody tr`,
+	} {
+		steps = append(steps, chromedp.Query(chromedp.CSS(sel), chromedp.NodeReady))
+	}
+	if err := chromedp.Do(browser, steps...); err != nil {
+		t.Fatalf("the dashboard did not show the mesh: %v", err)
+	}
+	denial, err := chromedp.Run(browser, chromedp.Text(chromedp.CSS(`#denials tbody`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	screenshot, err := chromedp.Run(browser, chromedp.FullScreenshot(100)) // 100: PNG
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`default/badge-reader\s+shipping/orders-api`).MatchString(denial) {
+		t.Errorf("recent denials do not show badge-reader's: %q", denial)
+	}
+	path := filepath.Join(t.ArtifactDir(), "dashboard.png")
+	if err := os.WriteFile(path, screenshot, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshot: %s", path)
+}
