@@ -337,3 +337,70 @@ so the browser needs neither. Ctrl-C stops it.`,
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:50750", "loopback address to serve the dashboard on")
 	return cmd
 }
+
+func newTapCommand() *cobra.Command {
+	var (
+		mesh              meshFlags
+		adminAddr, output string
+		method, path      string
+		max, rate         int
+	)
+	cmd := &cobra.Command{
+		Use:   "tap NAMESPACE/NAME",
+		Short: "Watch live the requests through a workload's proxies",
+		Long: `Stream the requests the proxies of a workload handle, in and out, as they
+happen: source and destination identity, method, path (without its query
+string), status, latency, whether the hop is mutual TLS, and authorization's
+decision with the policy. Never headers' values or bodies. Each proxy sends
+at most --rate events a second; the tap ends after --max events or Ctrl-C.`,
+		Example: `  trellis tap -f examples/zero-trust/mesh.yaml shipping/orders-api
+  trellis tap -f examples/zero-trust/mesh.yaml shipping/orders-api --method POST --path /v1/ --max 10 -o json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if output != "text" && output != "json" {
+				return fmt.Errorf("--output %q: use text or json", output)
+			}
+			if max < 0 || rate < 0 {
+				return errors.New("--max and --rate are counts: 0 or more")
+			}
+			client, err := controlplane.Dial(mesh.dir(cmd), adminAddr)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			enc := json.NewEncoder(out)
+			req := controlplane.TapRequest{Workload: args[0], Method: method, PathPrefix: path, Max: max, MaxPerSecond: rate}
+			started := func(n int) {
+				fmt.Fprintf(cmd.ErrOrStderr(), "Tapping %d proxies of %s (Ctrl-C stops).\n", n, args[0])
+			}
+			return client.Tap(cmd.Context(), req, started, func(ev controlplane.TapEvent) bool {
+				if output == "json" {
+					_ = enc.Encode(ev)
+					return true
+				}
+				secured := "mtls"
+				if !ev.MTLS {
+					secured = "plaintext"
+				}
+				decision := ""
+				if ev.Decision != "" {
+					decision = " " + ev.Decision
+					if ev.Policy != "" {
+						decision += " by " + ev.Policy
+					}
+				}
+				fmt.Fprintf(out, "%s %-8s %s → %s %s %s %d %.1fms %s%s\n", ev.Time.Format("15:04:05.000"), ev.Direction,
+					ev.Source, ev.Destination, ev.Method, ev.Path, ev.Status, ev.LatencyMs, secured, decision)
+				return true
+			})
+		},
+	}
+	mesh.add(cmd)
+	cmd.Flags().StringVar(&adminAddr, "admin-addr", "", "admin API address (default: read from the state directory)")
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json (one event per line)")
+	cmd.Flags().StringVar(&method, "method", "", "only requests with this method")
+	cmd.Flags().StringVar(&path, "path", "", "only requests whose path starts with this")
+	cmd.Flags().IntVar(&max, "max", 0, "stop after this many events (0: until Ctrl-C)")
+	cmd.Flags().IntVar(&rate, "rate", 0, "at most this many events a second from each proxy (default 100)")
+	return cmd
+}

@@ -97,6 +97,9 @@ func (cp *ControlPlane) adminHandler() http.Handler {
 	// last minute's traffic) now and every EventInterval, for the
 	// dashboard.
 	mux.Handle("GET /api/v1/events", cp.authenticated(cp.serveEvents))
+	// GET /api/v1/tap?workload=NS/NAME[&method=][&path=][&max=][&rate=]:
+	// server-sent events "tap", one per request the workload's proxies see.
+	mux.Handle("GET /api/v1/tap", cp.authenticated(cp.serveTap))
 	mux.Handle("GET /dashboard/", cp.authenticated(dashboard.Handler("/dashboard/").ServeHTTP))
 	return mux
 }

@@ -31,6 +31,8 @@ type Client struct {
 	base  string
 	token string
 	http  *http.Client
+	// stream is http without a timeout, for event streams.
+	stream *http.Client
 }
 
 // Dial builds a client from a state directory: the admin address from the
@@ -72,10 +74,12 @@ func Dial(stateDir, addr string) (*Client, error) {
 			return verifyControlPlane(raw, roots)
 		},
 	}
+	transport := &http.Transport{TLSClientConfig: tlsCfg}
 	return &Client{
-		base:  "https://" + addr,
-		token: strings.TrimSpace(string(token)),
-		http:  &http.Client{Transport: &http.Transport{TLSClientConfig: tlsCfg}, Timeout: 10 * time.Second},
+		base:   "https://" + addr,
+		token:  strings.TrimSpace(string(token)),
+		http:   &http.Client{Transport: transport, Timeout: 10 * time.Second},
+		stream: &http.Client{Transport: transport},
 	}, nil
 }
 
@@ -176,7 +180,7 @@ func (c *Client) Forwarder() http.Handler {
 			http.Error(w, "the dashboard is read-only", http.StatusMethodNotAllowed)
 		case r.URL.Path == "/":
 			http.Redirect(w, r, "/dashboard/", http.StatusFound)
-		case strings.HasPrefix(r.URL.Path, "/dashboard/"), r.URL.Path == "/api/v1/status", r.URL.Path == "/api/v1/traffic", r.URL.Path == "/api/v1/events":
+		case strings.HasPrefix(r.URL.Path, "/dashboard/"), r.URL.Path == "/api/v1/status", r.URL.Path == "/api/v1/traffic", r.URL.Path == "/api/v1/events", r.URL.Path == "/api/v1/tap":
 			rp.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)

@@ -120,6 +120,22 @@ func (m *testMesh) writePolicy(name, content string) {
 	}
 }
 
+// grpcConn is a connection to the control plane with an SVID for ns/sa,
+// closed when the test ends.
+func (m *testMesh) grpcConn(ns, sa string) *grpc.ClientConn {
+	m.t.Helper()
+	holder := m.svid(ns, sa)
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS13}
+	tlsconfig.HookTLSClientConfig(tlsCfg, holder, tlsconfig.AuthorizeID(meshid.ControlPlane(m.cp.CA().TrustDomain())))
+	tlsCfg.GetClientCertificate = holder.GetClientCertificate
+	conn, err := grpc.NewClient(m.cp.Addr(), grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	m.t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
 // svid issues a certificate for ns/sa from the test CA.
 func (m *testMesh) svid(ns, sa string) *identity.Holder {
 	m.t.Helper()
@@ -172,16 +188,9 @@ func (m *testMesh) connect(ns, sa, workload, instance string, ports map[uint32]s
 // dial opens a stream with an SVID for ns/sa and sends hello.
 func (m *testMesh) dial(ns, sa string, hello *discoveryv1.Hello) (*fakeProxy, error) {
 	m.t.Helper()
-	holder := m.svid(ns, sa)
-	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS13}
-	tlsconfig.HookTLSClientConfig(tlsCfg, holder, tlsconfig.AuthorizeID(meshid.ControlPlane(m.cp.CA().TrustDomain())))
-	tlsCfg.GetClientCertificate = holder.GetClientCertificate
-	conn, err := grpc.NewClient(m.cp.Addr(), grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
-	if err != nil {
-		m.t.Fatal(err)
-	}
+	conn := m.grpcConn(ns, sa)
 	ctx, cancel := context.WithCancel(context.Background())
-	m.t.Cleanup(func() { cancel(); conn.Close() })
+	m.t.Cleanup(cancel)
 	stream, err := discoveryv1.NewDiscoveryClient(conn).Stream(ctx)
 	if err != nil {
 		return nil, err

@@ -10,7 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
+	"github.com/trellis-mesh/trellis/internal/push"
 )
 
 // TestTrafficView: the control plane scrapes the stats address a proxy
@@ -74,5 +78,62 @@ func TestTrafficView(t *testing.T) {
 	}
 	if len(want) > 0 {
 		t.Fatalf("missing edges %v in %+v", want, tr.Edges)
+	}
+}
+
+// TestTapStreams: a proxy's tap stream is accepted for its own instance
+// only; a tap reaches it and its events come back to that tap.
+func TestTapStreams(t *testing.T) {
+	m := startMesh(t, "")
+	orders, err := m.connect("shipping", "orders", "orders", "o1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.settle(orders)
+	open := func(ns, sa, workload, instance string) discoveryv1.Discovery_TapClient {
+		t.Helper()
+		conn := m.grpcConn(ns, sa)
+		ts, err := discoveryv1.NewDiscoveryClient(conn).Tap(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Send(&discoveryv1.TapMessage{Message: &discoveryv1.TapMessage_Hello{Hello: &discoveryv1.TapHello{Workload: workload, Instance: instance}}}); err != nil {
+			t.Fatal(err)
+		}
+		return ts
+	}
+	// Another identity of the namespace cannot take orders' taps.
+	if _, err := open("shipping", "billing", "orders", "o1").Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("billing's tap stream for orders' instance: %v, want PermissionDenied", err)
+	}
+	ts := open("shipping", "orders", "orders", "o1")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var events <-chan push.TapEvent
+	waitFor(t, "the tap stream to register", func() bool {
+		var err error
+		events, _, err = m.cp.push.StartTap(ctx, "shipping/orders", push.TapFilter{Method: "GET"})
+		return err == nil
+	})
+	req, err := ts.Recv()
+	if err != nil || req.GetMethod() != "GET" || req.GetStop() {
+		t.Fatalf("tap request: %v %v", req, err)
+	}
+	for _, id := range []uint64{req.GetId() + 100, req.GetId()} { // a tap it was not sent is dropped
+		if err := ts.Send(&discoveryv1.TapMessage{Message: &discoveryv1.TapMessage_Event{Event: &discoveryv1.TapEvent{TapId: id, Path: fmt.Sprint(id)}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case ev := <-events:
+		if ev.GetPath() != fmt.Sprint(req.GetId()) || ev.Instance != "shipping/orders/o1" {
+			t.Fatalf("event %+v", ev)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no tap event")
+	}
+	cancel()
+	if req, err := ts.Recv(); err != nil || !req.GetStop() {
+		t.Fatalf("after the tap ended: %v %v, want a stop", req, err)
 	}
 }

@@ -56,6 +56,8 @@ type Config struct {
 	// StatsAddress is where the proxy serves its metrics for the control
 	// plane to scrape (ip:port); empty for none.
 	StatsAddress string
+	// Tapper runs the live taps the control plane asks for; nil for none.
+	Tapper Tapper
 	// Apply installs an update; an error is sent back as a NACK and the
 	// proxy keeps its previous configuration.
 	Apply     func(*discoveryv1.Update) error
@@ -247,6 +249,11 @@ func (c *Client) session(ctx context.Context) error {
 	hello := &discoveryv1.Hello{Workload: c.cfg.Workload, Instance: c.cfg.Instance, Ports: c.cfg.Ports, Version: c.Version(), StatsAddress: c.cfg.StatsAddress}
 	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
 		return recvError(stream, err)
+	}
+	if c.cfg.Tapper != nil {
+		tapDone := make(chan struct{})
+		go func() { c.tap(sctx, conn); close(tapDone) }()
+		defer func() { cancel(); <-tapDone }()
 	}
 	updates := make(chan *discoveryv1.Update)
 	recvErr := make(chan error, 1)

@@ -74,6 +74,10 @@ func (p *Proxy) forwardOutside(w http.ResponseWriter, r *http.Request) {
 		p.metrics.requests.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false", "", "", statusClass(rec.status)).Inc()
 		p.metrics.duration.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false").Observe(time.Since(start).Seconds())
 	}
+	if p.tap.tapped() {
+		p.tap.publish(TapEvent{Time: start, Direction: "outbound", Source: p.selfLabel(), Destination: "passthrough", Authority: r.Host,
+			Method: r.Method, Path: r.URL.Path, Status: rec.status, Latency: time.Since(start)})
+	}
 }
 
 // newOutsideProxy returns the forwarder of plain HTTP requests to

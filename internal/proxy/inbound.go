@@ -358,6 +358,10 @@ func (p *Proxy) serveInboundHTTP(w http.ResponseWriter, r *http.Request) {
 			p.metrics.requests.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef, statusClass(rec.status)).Inc()
 			p.metrics.duration.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel).Observe(time.Since(start).Seconds())
 		}
+		if p.tap.tapped() {
+			p.tap.publish(TapEvent{Time: start, Direction: "inbound", Source: m.peerLabel, Destination: p.selfLabel(), Authority: r.Host,
+				Method: r.Method, Path: r.URL.Path, Status: rec.status, Latency: time.Since(start), TLS: m.tls, Decision: decision, Policy: policyRef})
+		}
 	}()
 	// The mode may have changed since the connection was accepted: a
 	// keep-alive connection must not carry plaintext past a switch to

@@ -213,6 +213,14 @@ func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 		p.metrics.requests.WithLabelValues("outbound", m.peerLabel, dest, "true", "", "", statusClass(rec.status)).Inc()
 		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, dest, "true").Observe(time.Since(start).Seconds())
 	}
+	if p.tap.tapped() {
+		dest := "unreachable"
+		if call.used != nil {
+			dest = call.used.label
+		}
+		p.tap.publish(TapEvent{Time: start, Direction: "outbound", Source: m.peerLabel, Destination: dest, Authority: r.Host,
+			Method: r.Method, Path: r.URL.Path, Status: rec.status, Latency: time.Since(start), TLS: true})
+	}
 }
 
 // done lets go of the pool that carried the response.

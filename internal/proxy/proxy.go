@@ -114,6 +114,8 @@ type Proxy struct {
 	connsWG   sync.WaitGroup
 	draining  atomic.Bool
 	logLimit  *logLimiter
+	// tap passes requests to live taps (trellis tap).
+	tap *tapHub
 }
 
 // New validates opts and builds a proxy; Run starts it.
@@ -143,6 +145,7 @@ func New(opts Options) (*Proxy, error) {
 		verifier:  peerVerifier{holder: opts.Identity, now: opts.Now},
 		workload:  policy.Workload{Namespace: cfg.Workload.Namespace, Name: cfg.Workload.Name, Labels: cfg.Workload.Labels},
 		logLimit:  newLogLimiter(time.Minute),
+		tap:       newTapHub(),
 		conns:     map[net.Conn]*connMeta{},
 		upstreams: map[net.Conn]struct{}{},
 	}

@@ -82,6 +82,8 @@ type Server struct {
 	owners      map[string]*stream // the stream that owns each instance
 	generation  uint64             // counts recomputations that changed a view
 	computedAt  time.Time
+	// tap holds the proxies' tap streams and the users' taps.
+	tap taps
 }
 
 // view is the configuration of every proxy of one workload. It is never

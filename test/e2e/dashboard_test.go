@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -65,6 +66,27 @@ func TestDashboard(t *testing.T) {
 	denial, err := chromedp.Run(browser, chromedp.Text(chromedp.CSS(`#denials tbody`)))
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The live tap: orders-api's proxies show checkout's next order.
+	if err := chromedp.Do(browser,
+		chromedp.SetValue(chromedp.CSS(`#tap-workload`), "shipping/orders-api"),
+		chromedp.Click(chromedp.CSS(`#tap-start`)),
+	); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the tap to start", func() bool {
+		state, err := chromedp.Run(browser, chromedp.Text(chromedp.CSS(`#tap-state`)))
+		return err == nil && strings.HasPrefix(state, "tapping 2 proxies")
+	})
+	if r := m.exec("default/checkout", "curl", "-sS", "-m", "5", "-X", "POST", "http://orders-api.shipping/v1/orders"); r.err != nil {
+		t.Fatalf("POST from checkout: %v %s", r.err, r.stderr)
+	}
+	if err := chromedp.Do(browser, chromedp.Query(chromedp.CSS(`#tap tbody tr.mtls`), chromedp.NodeVisible)); err != nil {
+		t.Fatalf("the tap shows no request: %v", err)
+	}
+	row, err := chromedp.Run(browser, chromedp.Text(chromedp.CSS(`#tap tbody tr`)))
+	if err != nil || !strings.Contains(row, "POST") || !strings.Contains(row, "/v1/orders") || !strings.Contains(row, "allow (shipping/allow-checkout-to-orders)") {
+		t.Fatalf("tap row %q, %v", row, err)
 	}
 	screenshot, err := chromedp.Run(browser, chromedp.FullScreenshot(100)) // 100: PNG
 	if err != nil {

@@ -173,6 +173,28 @@ func TestUpNoRootExample(t *testing.T) {
 	if r := run(t, m.dir, "", name, args...); !regexp.MustCompile(`default/checkout\s+shipping/orders-api\s+yes`).MatchString(r.stdout) {
 		t.Fatalf("trellis edges does not show checkout → orders-api over mTLS:\n%s%s", r.stdout, r.stderr)
 	}
+	// A live tap sees checkout's request, path without its query.
+	name, args = asUser(filepath.Join(m.bin, "trellis"), "tap", "-f", m.file, "shipping/orders-api", "--max", "1", "-o", "json")
+	tap := exec.Command(name, args...)
+	tap.Dir = m.dir
+	tapOut := &lockedBuffer{}
+	tap.Stdout, tap.Stderr = tapOut, tapOut
+	if err := tap.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tap.Process.Kill(); _ = tap.Wait() })
+	waitFor(t, 10*time.Second, "the tap to start", func() bool { return strings.Contains(tapOut.String(), "Tapping 1 proxies") })
+	m.exec("default/checkout", "curl", "-sS", "-m", "5", "http://orders-api.shipping/tapped?token=secret")
+	waitFor(t, 10*time.Second, "the tapped request", func() bool { return strings.Contains(tapOut.String(), `"path":"/tapped"`) })
+	for _, want := range []string{`"source":"spiffe://cluster.local/ns/default/sa/checkout-service"`, `"mtls":true`, `"decision":"allow"`, `"policy":"shipping/allow-checkout-to-orders"`} {
+		if !strings.Contains(tapOut.String(), want) {
+			t.Errorf("tap event lacks %s: %s", want, tapOut.String())
+		}
+	}
+	if strings.Contains(tapOut.String(), "secret") {
+		t.Errorf("the tap showed the query string: %s", tapOut.String())
+	}
+
 	// legacy's refused plaintext is what trellis check warns of; nothing
 	// fails in a healthy mesh.
 	name, args = asUser(filepath.Join(m.bin, "trellis"), "check", "-f", m.file)

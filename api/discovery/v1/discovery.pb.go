@@ -25,6 +25,361 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type TapMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Message:
+	//
+	//	*TapMessage_Hello
+	//	*TapMessage_Event
+	Message       isTapMessage_Message `protobuf_oneof:"message"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TapMessage) Reset() {
+	*x = TapMessage{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TapMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TapMessage) ProtoMessage() {}
+
+func (x *TapMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TapMessage.ProtoReflect.Descriptor instead.
+func (*TapMessage) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *TapMessage) GetMessage() isTapMessage_Message {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *TapMessage) GetHello() *TapHello {
+	if x != nil {
+		if x, ok := x.Message.(*TapMessage_Hello); ok {
+			return x.Hello
+		}
+	}
+	return nil
+}
+
+func (x *TapMessage) GetEvent() *TapEvent {
+	if x != nil {
+		if x, ok := x.Message.(*TapMessage_Event); ok {
+			return x.Event
+		}
+	}
+	return nil
+}
+
+type isTapMessage_Message interface {
+	isTapMessage_Message()
+}
+
+type TapMessage_Hello struct {
+	Hello *TapHello `protobuf:"bytes,1,opt,name=hello,proto3,oneof"`
+}
+
+type TapMessage_Event struct {
+	Event *TapEvent `protobuf:"bytes,2,opt,name=event,proto3,oneof"`
+}
+
+func (*TapMessage_Hello) isTapMessage_Message() {}
+
+func (*TapMessage_Event) isTapMessage_Message() {}
+
+type TapHello struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// workload and instance are those of the proxy's Hello on Stream.
+	Workload      string `protobuf:"bytes,1,opt,name=workload,proto3" json:"workload,omitempty"`
+	Instance      string `protobuf:"bytes,2,opt,name=instance,proto3" json:"instance,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TapHello) Reset() {
+	*x = TapHello{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TapHello) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TapHello) ProtoMessage() {}
+
+func (x *TapHello) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TapHello.ProtoReflect.Descriptor instead.
+func (*TapHello) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *TapHello) GetWorkload() string {
+	if x != nil {
+		return x.Workload
+	}
+	return ""
+}
+
+func (x *TapHello) GetInstance() string {
+	if x != nil {
+		return x.Instance
+	}
+	return ""
+}
+
+// TapRequest starts a tap (or, with stop, ends one).
+type TapRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Stop  bool                   `protobuf:"varint,2,opt,name=stop,proto3" json:"stop,omitempty"`
+	// method and path_prefix select requests; empty selects all.
+	Method        string `protobuf:"bytes,3,opt,name=method,proto3" json:"method,omitempty"`
+	PathPrefix    string `protobuf:"bytes,4,opt,name=path_prefix,json=pathPrefix,proto3" json:"path_prefix,omitempty"`
+	MaxPerSecond  uint32 `protobuf:"varint,5,opt,name=max_per_second,json=maxPerSecond,proto3" json:"max_per_second,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TapRequest) Reset() {
+	*x = TapRequest{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TapRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TapRequest) ProtoMessage() {}
+
+func (x *TapRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TapRequest.ProtoReflect.Descriptor instead.
+func (*TapRequest) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TapRequest) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *TapRequest) GetStop() bool {
+	if x != nil {
+		return x.Stop
+	}
+	return false
+}
+
+func (x *TapRequest) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *TapRequest) GetPathPrefix() string {
+	if x != nil {
+		return x.PathPrefix
+	}
+	return ""
+}
+
+func (x *TapRequest) GetMaxPerSecond() uint32 {
+	if x != nil {
+		return x.MaxPerSecond
+	}
+	return 0
+}
+
+// TapEvent describes one request, never its headers' values or body: the
+// path is sent without its query string, which may hold secrets.
+type TapEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TapId         uint64                 `protobuf:"varint,1,opt,name=tap_id,json=tapId,proto3" json:"tap_id,omitempty"`
+	UnixNanos     int64                  `protobuf:"varint,2,opt,name=unix_nanos,json=unixNanos,proto3" json:"unix_nanos,omitempty"`
+	Direction     string                 `protobuf:"bytes,3,opt,name=direction,proto3" json:"direction,omitempty"`     // "inbound" or "outbound"
+	Source        string                 `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`           // SPIFFE ID, or "unknown" for plaintext
+	Destination   string                 `protobuf:"bytes,5,opt,name=destination,proto3" json:"destination,omitempty"` // SPIFFE ID, "passthrough" or "unreachable"
+	Authority     string                 `protobuf:"bytes,6,opt,name=authority,proto3" json:"authority,omitempty"`
+	Method        string                 `protobuf:"bytes,7,opt,name=method,proto3" json:"method,omitempty"`
+	Path          string                 `protobuf:"bytes,8,opt,name=path,proto3" json:"path,omitempty"`
+	Status        uint32                 `protobuf:"varint,9,opt,name=status,proto3" json:"status,omitempty"`
+	LatencyMicros uint32                 `protobuf:"varint,10,opt,name=latency_micros,json=latencyMicros,proto3" json:"latency_micros,omitempty"`
+	Tls           bool                   `protobuf:"varint,11,opt,name=tls,proto3" json:"tls,omitempty"`
+	Decision      string                 `protobuf:"bytes,12,opt,name=decision,proto3" json:"decision,omitempty"` // "allow", "deny", or "" (outbound)
+	Policy        string                 `protobuf:"bytes,13,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TapEvent) Reset() {
+	*x = TapEvent{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TapEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TapEvent) ProtoMessage() {}
+
+func (x *TapEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TapEvent.ProtoReflect.Descriptor instead.
+func (*TapEvent) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *TapEvent) GetTapId() uint64 {
+	if x != nil {
+		return x.TapId
+	}
+	return 0
+}
+
+func (x *TapEvent) GetUnixNanos() int64 {
+	if x != nil {
+		return x.UnixNanos
+	}
+	return 0
+}
+
+func (x *TapEvent) GetDirection() string {
+	if x != nil {
+		return x.Direction
+	}
+	return ""
+}
+
+func (x *TapEvent) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *TapEvent) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *TapEvent) GetAuthority() string {
+	if x != nil {
+		return x.Authority
+	}
+	return ""
+}
+
+func (x *TapEvent) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *TapEvent) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *TapEvent) GetStatus() uint32 {
+	if x != nil {
+		return x.Status
+	}
+	return 0
+}
+
+func (x *TapEvent) GetLatencyMicros() uint32 {
+	if x != nil {
+		return x.LatencyMicros
+	}
+	return 0
+}
+
+func (x *TapEvent) GetTls() bool {
+	if x != nil {
+		return x.Tls
+	}
+	return false
+}
+
+func (x *TapEvent) GetDecision() string {
+	if x != nil {
+		return x.Decision
+	}
+	return ""
+}
+
+func (x *TapEvent) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
 type ProxyMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Message:
@@ -40,7 +395,7 @@ type ProxyMessage struct {
 
 func (x *ProxyMessage) Reset() {
 	*x = ProxyMessage{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[0]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -52,7 +407,7 @@ func (x *ProxyMessage) String() string {
 func (*ProxyMessage) ProtoMessage() {}
 
 func (x *ProxyMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[0]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -65,7 +420,7 @@ func (x *ProxyMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProxyMessage.ProtoReflect.Descriptor instead.
 func (*ProxyMessage) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{0}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ProxyMessage) GetMessage() isProxyMessage_Message {
@@ -165,7 +520,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[1]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -177,7 +532,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[1]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -190,7 +545,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{1}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Hello) GetWorkload() string {
@@ -239,7 +594,7 @@ type PortAddress struct {
 
 func (x *PortAddress) Reset() {
 	*x = PortAddress{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[2]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -251,7 +606,7 @@ func (x *PortAddress) String() string {
 func (*PortAddress) ProtoMessage() {}
 
 func (x *PortAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[2]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -264,7 +619,7 @@ func (x *PortAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortAddress.ProtoReflect.Descriptor instead.
 func (*PortAddress) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{2}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PortAddress) GetPort() uint32 {
@@ -294,7 +649,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[3]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -306,7 +661,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[3]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -319,7 +674,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{3}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Ack) GetVersion() string {
@@ -344,7 +699,7 @@ type Goodbye struct {
 
 func (x *Goodbye) Reset() {
 	*x = Goodbye{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[4]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -356,7 +711,7 @@ func (x *Goodbye) String() string {
 func (*Goodbye) ProtoMessage() {}
 
 func (x *Goodbye) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[4]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -369,7 +724,7 @@ func (x *Goodbye) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Goodbye.ProtoReflect.Descriptor instead.
 func (*Goodbye) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{4}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{8}
 }
 
 // Heartbeat is sent periodically so the control plane can show when each
@@ -384,7 +739,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[5]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -396,7 +751,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[5]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -409,7 +764,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{5}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{9}
 }
 
 type Update struct {
@@ -444,7 +799,7 @@ type Update struct {
 
 func (x *Update) Reset() {
 	*x = Update{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[6]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -456,7 +811,7 @@ func (x *Update) String() string {
 func (*Update) ProtoMessage() {}
 
 func (x *Update) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[6]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -469,7 +824,7 @@ func (x *Update) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Update.ProtoReflect.Descriptor instead.
 func (*Update) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{6}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Update) GetVersion() string {
@@ -531,7 +886,7 @@ type DestinationKey struct {
 
 func (x *DestinationKey) Reset() {
 	*x = DestinationKey{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -543,7 +898,7 @@ func (x *DestinationKey) String() string {
 func (*DestinationKey) ProtoMessage() {}
 
 func (x *DestinationKey) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[7]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -556,7 +911,7 @@ func (x *DestinationKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestinationKey.ProtoReflect.Descriptor instead.
 func (*DestinationKey) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{7}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DestinationKey) GetService() string {
@@ -585,7 +940,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -597,7 +952,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[8]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -610,7 +965,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{8}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Workload) GetNamespace() string {
@@ -661,7 +1016,7 @@ type Destination struct {
 
 func (x *Destination) Reset() {
 	*x = Destination{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -673,7 +1028,7 @@ func (x *Destination) String() string {
 func (*Destination) ProtoMessage() {}
 
 func (x *Destination) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[9]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -686,7 +1041,7 @@ func (x *Destination) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Destination.ProtoReflect.Descriptor instead.
 func (*Destination) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{9}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Destination) GetService() string {
@@ -734,7 +1089,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -746,7 +1101,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[10]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -759,7 +1114,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{10}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Endpoint) GetAddress() string {
@@ -794,7 +1149,7 @@ type Metadata struct {
 
 func (x *Metadata) Reset() {
 	*x = Metadata{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -806,7 +1161,7 @@ func (x *Metadata) String() string {
 func (*Metadata) ProtoMessage() {}
 
 func (x *Metadata) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -819,7 +1174,7 @@ func (x *Metadata) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metadata.ProtoReflect.Descriptor instead.
 func (*Metadata) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{11}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Metadata) GetName() string {
@@ -880,7 +1235,7 @@ type PeerAuthentication struct {
 
 func (x *PeerAuthentication) Reset() {
 	*x = PeerAuthentication{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +1247,7 @@ func (x *PeerAuthentication) String() string {
 func (*PeerAuthentication) ProtoMessage() {}
 
 func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +1260,7 @@ func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerAuthentication.ProtoReflect.Descriptor instead.
 func (*PeerAuthentication) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{12}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PeerAuthentication) GetMetadata() *Metadata {
@@ -945,7 +1300,7 @@ type Selector struct {
 
 func (x *Selector) Reset() {
 	*x = Selector{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -957,7 +1312,7 @@ func (x *Selector) String() string {
 func (*Selector) ProtoMessage() {}
 
 func (x *Selector) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -970,7 +1325,7 @@ func (x *Selector) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Selector.ProtoReflect.Descriptor instead.
 func (*Selector) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Selector) GetMatchLabels() map[string]string {
@@ -993,7 +1348,7 @@ type AuthorizationPolicy struct {
 
 func (x *AuthorizationPolicy) Reset() {
 	*x = AuthorizationPolicy{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1005,7 +1360,7 @@ func (x *AuthorizationPolicy) String() string {
 func (*AuthorizationPolicy) ProtoMessage() {}
 
 func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1018,7 +1373,7 @@ func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationPolicy.ProtoReflect.Descriptor instead.
 func (*AuthorizationPolicy) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AuthorizationPolicy) GetMetadata() *Metadata {
@@ -1060,7 +1415,7 @@ type Rule struct {
 
 func (x *Rule) Reset() {
 	*x = Rule{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1072,7 +1427,7 @@ func (x *Rule) String() string {
 func (*Rule) ProtoMessage() {}
 
 func (x *Rule) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1085,7 +1440,7 @@ func (x *Rule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rule.ProtoReflect.Descriptor instead.
 func (*Rule) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Rule) GetFrom() []*Source {
@@ -1123,7 +1478,7 @@ type Source struct {
 
 func (x *Source) Reset() {
 	*x = Source{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1490,7 @@ func (x *Source) String() string {
 func (*Source) ProtoMessage() {}
 
 func (x *Source) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1503,7 @@ func (x *Source) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Source.ProtoReflect.Descriptor instead.
 func (*Source) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Source) GetPrincipals() []string {
@@ -1209,7 +1564,7 @@ type Operation struct {
 
 func (x *Operation) Reset() {
 	*x = Operation{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1221,7 +1576,7 @@ func (x *Operation) String() string {
 func (*Operation) ProtoMessage() {}
 
 func (x *Operation) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1234,7 +1589,7 @@ func (x *Operation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Operation.ProtoReflect.Descriptor instead.
 func (*Operation) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Operation) GetHosts() []string {
@@ -1304,7 +1659,7 @@ type Condition struct {
 
 func (x *Condition) Reset() {
 	*x = Condition{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1316,7 +1671,7 @@ func (x *Condition) String() string {
 func (*Condition) ProtoMessage() {}
 
 func (x *Condition) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1329,7 +1684,7 @@ func (x *Condition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Condition.ProtoReflect.Descriptor instead.
 func (*Condition) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Condition) GetKey() string {
@@ -1357,7 +1712,39 @@ var File_discovery_v1_discovery_proto protoreflect.FileDescriptor
 
 const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\n" +
-	"\x1cdiscovery/v1/discovery.proto\x12\x14trellis.discovery.v1\"\xf9\x01\n" +
+	"\x1cdiscovery/v1/discovery.proto\x12\x14trellis.discovery.v1\"\x87\x01\n" +
+	"\n" +
+	"TapMessage\x126\n" +
+	"\x05hello\x18\x01 \x01(\v2\x1e.trellis.discovery.v1.TapHelloH\x00R\x05hello\x126\n" +
+	"\x05event\x18\x02 \x01(\v2\x1e.trellis.discovery.v1.TapEventH\x00R\x05eventB\t\n" +
+	"\amessage\"B\n" +
+	"\bTapHello\x12\x1a\n" +
+	"\bworkload\x18\x01 \x01(\tR\bworkload\x12\x1a\n" +
+	"\binstance\x18\x02 \x01(\tR\binstance\"\x8f\x01\n" +
+	"\n" +
+	"TapRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
+	"\x04stop\x18\x02 \x01(\bR\x04stop\x12\x16\n" +
+	"\x06method\x18\x03 \x01(\tR\x06method\x12\x1f\n" +
+	"\vpath_prefix\x18\x04 \x01(\tR\n" +
+	"pathPrefix\x12$\n" +
+	"\x0emax_per_second\x18\x05 \x01(\rR\fmaxPerSecond\"\xe7\x02\n" +
+	"\bTapEvent\x12\x15\n" +
+	"\x06tap_id\x18\x01 \x01(\x04R\x05tapId\x12\x1d\n" +
+	"\n" +
+	"unix_nanos\x18\x02 \x01(\x03R\tunixNanos\x12\x1c\n" +
+	"\tdirection\x18\x03 \x01(\tR\tdirection\x12\x16\n" +
+	"\x06source\x18\x04 \x01(\tR\x06source\x12 \n" +
+	"\vdestination\x18\x05 \x01(\tR\vdestination\x12\x1c\n" +
+	"\tauthority\x18\x06 \x01(\tR\tauthority\x12\x16\n" +
+	"\x06method\x18\a \x01(\tR\x06method\x12\x12\n" +
+	"\x04path\x18\b \x01(\tR\x04path\x12\x16\n" +
+	"\x06status\x18\t \x01(\rR\x06status\x12%\n" +
+	"\x0elatency_micros\x18\n" +
+	" \x01(\rR\rlatencyMicros\x12\x10\n" +
+	"\x03tls\x18\v \x01(\bR\x03tls\x12\x1a\n" +
+	"\bdecision\x18\f \x01(\tR\bdecision\x12\x16\n" +
+	"\x06policy\x18\r \x01(\tR\x06policy\"\xf9\x01\n" +
 	"\fProxyMessage\x123\n" +
 	"\x05hello\x18\x01 \x01(\v2\x1b.trellis.discovery.v1.HelloH\x00R\x05hello\x12-\n" +
 	"\x03ack\x18\x02 \x01(\v2\x19.trellis.discovery.v1.AckH\x00R\x03ack\x129\n" +
@@ -1466,9 +1853,10 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06values\x18\x02 \x03(\tR\x06values\x12\x1d\n" +
 	"\n" +
-	"not_values\x18\x03 \x03(\tR\tnotValues2[\n" +
+	"not_values\x18\x03 \x03(\tR\tnotValues2\xaa\x01\n" +
 	"\tDiscovery\x12N\n" +
-	"\x06Stream\x12\".trellis.discovery.v1.ProxyMessage\x1a\x1c.trellis.discovery.v1.Update(\x010\x01B>Z<github.com/trellis-mesh/trellis/api/discovery/v1;discoveryv1b\x06proto3"
+	"\x06Stream\x12\".trellis.discovery.v1.ProxyMessage\x1a\x1c.trellis.discovery.v1.Update(\x010\x01\x12M\n" +
+	"\x03Tap\x12 .trellis.discovery.v1.TapMessage\x1a .trellis.discovery.v1.TapRequest(\x010\x01B>Z<github.com/trellis-mesh/trellis/api/discovery/v1;discoveryv1b\x06proto3"
 
 var (
 	file_discovery_v1_discovery_proto_rawDescOnce sync.Once
@@ -1482,65 +1870,73 @@ func file_discovery_v1_discovery_proto_rawDescGZIP() []byte {
 	return file_discovery_v1_discovery_proto_rawDescData
 }
 
-var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_discovery_v1_discovery_proto_goTypes = []any{
-	(*ProxyMessage)(nil),        // 0: trellis.discovery.v1.ProxyMessage
-	(*Hello)(nil),               // 1: trellis.discovery.v1.Hello
-	(*PortAddress)(nil),         // 2: trellis.discovery.v1.PortAddress
-	(*Ack)(nil),                 // 3: trellis.discovery.v1.Ack
-	(*Goodbye)(nil),             // 4: trellis.discovery.v1.Goodbye
-	(*Heartbeat)(nil),           // 5: trellis.discovery.v1.Heartbeat
-	(*Update)(nil),              // 6: trellis.discovery.v1.Update
-	(*DestinationKey)(nil),      // 7: trellis.discovery.v1.DestinationKey
-	(*Workload)(nil),            // 8: trellis.discovery.v1.Workload
-	(*Destination)(nil),         // 9: trellis.discovery.v1.Destination
-	(*Endpoint)(nil),            // 10: trellis.discovery.v1.Endpoint
-	(*Metadata)(nil),            // 11: trellis.discovery.v1.Metadata
-	(*PeerAuthentication)(nil),  // 12: trellis.discovery.v1.PeerAuthentication
-	(*Selector)(nil),            // 13: trellis.discovery.v1.Selector
-	(*AuthorizationPolicy)(nil), // 14: trellis.discovery.v1.AuthorizationPolicy
-	(*Rule)(nil),                // 15: trellis.discovery.v1.Rule
-	(*Source)(nil),              // 16: trellis.discovery.v1.Source
-	(*Operation)(nil),           // 17: trellis.discovery.v1.Operation
-	(*Condition)(nil),           // 18: trellis.discovery.v1.Condition
-	nil,                         // 19: trellis.discovery.v1.Workload.LabelsEntry
-	nil,                         // 20: trellis.discovery.v1.Metadata.LabelsEntry
-	nil,                         // 21: trellis.discovery.v1.Metadata.AnnotationsEntry
-	nil,                         // 22: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	nil,                         // 23: trellis.discovery.v1.Selector.MatchLabelsEntry
+	(*TapMessage)(nil),          // 0: trellis.discovery.v1.TapMessage
+	(*TapHello)(nil),            // 1: trellis.discovery.v1.TapHello
+	(*TapRequest)(nil),          // 2: trellis.discovery.v1.TapRequest
+	(*TapEvent)(nil),            // 3: trellis.discovery.v1.TapEvent
+	(*ProxyMessage)(nil),        // 4: trellis.discovery.v1.ProxyMessage
+	(*Hello)(nil),               // 5: trellis.discovery.v1.Hello
+	(*PortAddress)(nil),         // 6: trellis.discovery.v1.PortAddress
+	(*Ack)(nil),                 // 7: trellis.discovery.v1.Ack
+	(*Goodbye)(nil),             // 8: trellis.discovery.v1.Goodbye
+	(*Heartbeat)(nil),           // 9: trellis.discovery.v1.Heartbeat
+	(*Update)(nil),              // 10: trellis.discovery.v1.Update
+	(*DestinationKey)(nil),      // 11: trellis.discovery.v1.DestinationKey
+	(*Workload)(nil),            // 12: trellis.discovery.v1.Workload
+	(*Destination)(nil),         // 13: trellis.discovery.v1.Destination
+	(*Endpoint)(nil),            // 14: trellis.discovery.v1.Endpoint
+	(*Metadata)(nil),            // 15: trellis.discovery.v1.Metadata
+	(*PeerAuthentication)(nil),  // 16: trellis.discovery.v1.PeerAuthentication
+	(*Selector)(nil),            // 17: trellis.discovery.v1.Selector
+	(*AuthorizationPolicy)(nil), // 18: trellis.discovery.v1.AuthorizationPolicy
+	(*Rule)(nil),                // 19: trellis.discovery.v1.Rule
+	(*Source)(nil),              // 20: trellis.discovery.v1.Source
+	(*Operation)(nil),           // 21: trellis.discovery.v1.Operation
+	(*Condition)(nil),           // 22: trellis.discovery.v1.Condition
+	nil,                         // 23: trellis.discovery.v1.Workload.LabelsEntry
+	nil,                         // 24: trellis.discovery.v1.Metadata.LabelsEntry
+	nil,                         // 25: trellis.discovery.v1.Metadata.AnnotationsEntry
+	nil,                         // 26: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	nil,                         // 27: trellis.discovery.v1.Selector.MatchLabelsEntry
 }
 var file_discovery_v1_discovery_proto_depIdxs = []int32{
-	1,  // 0: trellis.discovery.v1.ProxyMessage.hello:type_name -> trellis.discovery.v1.Hello
-	3,  // 1: trellis.discovery.v1.ProxyMessage.ack:type_name -> trellis.discovery.v1.Ack
-	4,  // 2: trellis.discovery.v1.ProxyMessage.goodbye:type_name -> trellis.discovery.v1.Goodbye
-	5,  // 3: trellis.discovery.v1.ProxyMessage.heartbeat:type_name -> trellis.discovery.v1.Heartbeat
-	2,  // 4: trellis.discovery.v1.Hello.ports:type_name -> trellis.discovery.v1.PortAddress
-	8,  // 5: trellis.discovery.v1.Update.workload:type_name -> trellis.discovery.v1.Workload
-	12, // 6: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
-	14, // 7: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
-	9,  // 8: trellis.discovery.v1.Update.destinations:type_name -> trellis.discovery.v1.Destination
-	7,  // 9: trellis.discovery.v1.Update.removed_destinations:type_name -> trellis.discovery.v1.DestinationKey
-	19, // 10: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
-	10, // 11: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
-	20, // 12: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
-	21, // 13: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
-	11, // 14: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
-	13, // 15: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
-	22, // 16: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	23, // 17: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
-	11, // 18: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
-	13, // 19: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
-	15, // 20: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
-	16, // 21: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
-	17, // 22: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
-	18, // 23: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
-	0,  // 24: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
-	6,  // 25: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
-	25, // [25:26] is the sub-list for method output_type
-	24, // [24:25] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	1,  // 0: trellis.discovery.v1.TapMessage.hello:type_name -> trellis.discovery.v1.TapHello
+	3,  // 1: trellis.discovery.v1.TapMessage.event:type_name -> trellis.discovery.v1.TapEvent
+	5,  // 2: trellis.discovery.v1.ProxyMessage.hello:type_name -> trellis.discovery.v1.Hello
+	7,  // 3: trellis.discovery.v1.ProxyMessage.ack:type_name -> trellis.discovery.v1.Ack
+	8,  // 4: trellis.discovery.v1.ProxyMessage.goodbye:type_name -> trellis.discovery.v1.Goodbye
+	9,  // 5: trellis.discovery.v1.ProxyMessage.heartbeat:type_name -> trellis.discovery.v1.Heartbeat
+	6,  // 6: trellis.discovery.v1.Hello.ports:type_name -> trellis.discovery.v1.PortAddress
+	12, // 7: trellis.discovery.v1.Update.workload:type_name -> trellis.discovery.v1.Workload
+	16, // 8: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
+	18, // 9: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
+	13, // 10: trellis.discovery.v1.Update.destinations:type_name -> trellis.discovery.v1.Destination
+	11, // 11: trellis.discovery.v1.Update.removed_destinations:type_name -> trellis.discovery.v1.DestinationKey
+	23, // 12: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
+	14, // 13: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
+	24, // 14: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
+	25, // 15: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
+	15, // 16: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
+	17, // 17: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
+	26, // 18: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	27, // 19: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
+	15, // 20: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
+	17, // 21: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
+	19, // 22: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
+	20, // 23: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
+	21, // 24: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
+	22, // 25: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
+	4,  // 26: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
+	0,  // 27: trellis.discovery.v1.Discovery.Tap:input_type -> trellis.discovery.v1.TapMessage
+	10, // 28: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
+	2,  // 29: trellis.discovery.v1.Discovery.Tap:output_type -> trellis.discovery.v1.TapRequest
+	28, // [28:30] is the sub-list for method output_type
+	26, // [26:28] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_discovery_v1_discovery_proto_init() }
@@ -1549,6 +1945,10 @@ func file_discovery_v1_discovery_proto_init() {
 		return
 	}
 	file_discovery_v1_discovery_proto_msgTypes[0].OneofWrappers = []any{
+		(*TapMessage_Hello)(nil),
+		(*TapMessage_Event)(nil),
+	}
+	file_discovery_v1_discovery_proto_msgTypes[4].OneofWrappers = []any{
 		(*ProxyMessage_Hello)(nil),
 		(*ProxyMessage_Ack)(nil),
 		(*ProxyMessage_Goodbye)(nil),
@@ -1560,7 +1960,7 @@ func file_discovery_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_discovery_v1_discovery_proto_rawDesc), len(file_discovery_v1_discovery_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,6 +24,7 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	Discovery_Stream_FullMethodName = "/trellis.discovery.v1.Discovery/Stream"
+	Discovery_Tap_FullMethodName    = "/trellis.discovery.v1.Discovery/Tap"
 )
 
 // DiscoveryClient is the client API for Discovery service.
@@ -37,6 +38,13 @@ type DiscoveryClient interface {
 	// Goodbye before it shuts down so that its endpoints are removed at once
 	// rather than after the grace period.
 	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ProxyMessage, Update], error)
+	// Tap carries live request events for `trellis tap` and the dashboard.
+	// The proxy opens it beside its Stream, with the same identity, names
+	// its instance in a TapHello and keeps it open; it costs nothing until
+	// the control plane sends a TapRequest, after which the proxy sends a
+	// TapEvent for each request that matches, at most max_per_second a
+	// second, until the tap is stopped.
+	Tap(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TapMessage, TapRequest], error)
 }
 
 type discoveryClient struct {
@@ -60,6 +68,19 @@ func (c *discoveryClient) Stream(ctx context.Context, opts ...grpc.CallOption) (
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Discovery_StreamClient = grpc.BidiStreamingClient[ProxyMessage, Update]
 
+func (c *discoveryClient) Tap(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TapMessage, TapRequest], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Discovery_ServiceDesc.Streams[1], Discovery_Tap_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[TapMessage, TapRequest]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Discovery_TapClient = grpc.BidiStreamingClient[TapMessage, TapRequest]
+
 // DiscoveryServer is the server API for Discovery service.
 // All implementations must embed UnimplementedDiscoveryServer
 // for forward compatibility.
@@ -71,6 +92,13 @@ type DiscoveryServer interface {
 	// Goodbye before it shuts down so that its endpoints are removed at once
 	// rather than after the grace period.
 	Stream(grpc.BidiStreamingServer[ProxyMessage, Update]) error
+	// Tap carries live request events for `trellis tap` and the dashboard.
+	// The proxy opens it beside its Stream, with the same identity, names
+	// its instance in a TapHello and keeps it open; it costs nothing until
+	// the control plane sends a TapRequest, after which the proxy sends a
+	// TapEvent for each request that matches, at most max_per_second a
+	// second, until the tap is stopped.
+	Tap(grpc.BidiStreamingServer[TapMessage, TapRequest]) error
 	mustEmbedUnimplementedDiscoveryServer()
 }
 
@@ -83,6 +111,9 @@ type UnimplementedDiscoveryServer struct{}
 
 func (UnimplementedDiscoveryServer) Stream(grpc.BidiStreamingServer[ProxyMessage, Update]) error {
 	return status.Error(codes.Unimplemented, "method Stream not implemented")
+}
+func (UnimplementedDiscoveryServer) Tap(grpc.BidiStreamingServer[TapMessage, TapRequest]) error {
+	return status.Error(codes.Unimplemented, "method Tap not implemented")
 }
 func (UnimplementedDiscoveryServer) mustEmbedUnimplementedDiscoveryServer() {}
 func (UnimplementedDiscoveryServer) testEmbeddedByValue()                   {}
@@ -112,6 +143,13 @@ func _Discovery_Stream_Handler(srv interface{}, stream grpc.ServerStream) error 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Discovery_StreamServer = grpc.BidiStreamingServer[ProxyMessage, Update]
 
+func _Discovery_Tap_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(DiscoveryServer).Tap(&grpc.GenericServerStream[TapMessage, TapRequest]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Discovery_TapServer = grpc.BidiStreamingServer[TapMessage, TapRequest]
+
 // Discovery_ServiceDesc is the grpc.ServiceDesc for Discovery service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -123,6 +161,12 @@ var Discovery_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Stream",
 			Handler:       _Discovery_Stream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "Tap",
+			Handler:       _Discovery_Tap_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

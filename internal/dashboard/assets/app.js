@@ -133,6 +133,7 @@ function render(snap) {
   const workloads = traffic.workloads || [];
   const edges = traffic.edges || [];
   drawTopology(workloads, edges);
+  tapOptions(workloads);
 
   for (const w of workloads) {
     const h = history.get(w.workload) || [];
@@ -180,6 +181,60 @@ function render(snap) {
   fill("ca", [...(ca.roots || []).map((r) => ["root", r]), ["intermediate", ca.intermediate || {}]].map(([kind, c]) =>
     el("tr", {}, td(kind), td(c.subject || ""), td("expires in " + fmt.until(c.notAfter)))));
 }
+
+// The live tap: one stream of events of the chosen workload, newest
+// first, at most TAP_ROWS kept.
+const TAP_ROWS = 200;
+let tapSource = null;
+
+function tapOptions(workloads) {
+  const select = document.getElementById("tap-workload");
+  const chosen = select.value;
+  const names = workloads.filter((w) => w.meshed).map((w) => w.workload);
+  if ([...select.options].map((o) => o.value).join() === names.join()) return;
+  select.replaceChildren(...names.map((n) => el("option", { value: n }, n)));
+  if (names.includes(chosen)) select.value = chosen;
+}
+
+function stopTap(state) {
+  if (tapSource) tapSource.close();
+  tapSource = null;
+  document.getElementById("tap-start").disabled = false;
+  document.getElementById("tap-stop").disabled = true;
+  document.getElementById("tap-state").textContent = state;
+}
+
+function startTap(ev) {
+  ev.preventDefault();
+  stopTap("");
+  const q = new URLSearchParams({ workload: document.getElementById("tap-workload").value, max: "1000" });
+  const method = document.getElementById("tap-method").value.trim();
+  const path = document.getElementById("tap-path").value.trim();
+  if (method) q.set("method", method);
+  if (path) q.set("path", path);
+  const body = document.querySelector("#tap tbody");
+  body.replaceChildren();
+  tapSource = new EventSource("../api/v1/tap?" + q);
+  document.getElementById("tap-start").disabled = true;
+  document.getElementById("tap-stop").disabled = false;
+  tapSource.addEventListener("started", (e) => {
+    document.getElementById("tap-state").textContent = `tapping ${JSON.parse(e.data).proxies} proxies…`;
+  });
+  tapSource.addEventListener("tap", (e) => {
+    const t = JSON.parse(e.data);
+    body.prepend(el("tr", { class: t.mtls ? "mtls" : "plaintext" },
+      td(new Date(t.time).toLocaleTimeString()), td(t.instance), td(t.direction), td(t.source), td(t.destination),
+      td(t.method), td(t.path), td(String(t.status), t.status >= 500 ? "no" : t.status === 403 ? "warn" : ""),
+      td(t.latencyMs.toFixed(1) + " ms", "num"), td(t.mtls ? "yes" : "no", t.mtls ? "yes" : "no"),
+      td(t.decision ? t.decision + (t.policy ? " (" + t.policy + ")" : "") : "")));
+    while (body.children.length > TAP_ROWS) body.lastChild.remove();
+  });
+  // The tap ends on its own after max events; the browser would reconnect.
+  tapSource.onerror = () => stopTap("stopped");
+}
+
+document.getElementById("tap-form").addEventListener("submit", startTap);
+document.getElementById("tap-stop").addEventListener("click", () => stopTap("stopped"));
 
 function connect() {
   const pill = document.getElementById("connection");
