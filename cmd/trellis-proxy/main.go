@@ -357,7 +357,7 @@ func newFollower(cfg config, pcfg *proxyconfig.Config, holder *identity.Holder, 
 		Addr: cfg.identityAddr, ServerID: meshid.ControlPlane(td), Holder: holder,
 		Workload: pcfg.Workload.Name, Instance: instance, Ports: ports, StatsAddress: stats, Log: log.With("component", "discovery"),
 		DialOptions: controlPlaneDial(pcfg),
-		Tapper: px,
+		Tapper:      px,
 		Apply: func(u *discoveryv1.Update) error {
 			pu, err := discovery.ProxyUpdate(u)
 			if err != nil {
