@@ -404,3 +404,64 @@ at most --rate events a second; the tap ends after --max events or Ctrl-C.`,
 	cmd.Flags().IntVar(&rate, "rate", 0, "at most this many events a second from each proxy (default 100)")
 	return cmd
 }
+
+func newAuthzCommand() *cobra.Command {
+	var f trafficFlags
+	cmd := &cobra.Command{
+		Use:   "authz NAMESPACE/NAME",
+		Short: "How many requests each policy rule allowed and denied, dry-run policies included",
+		Long: `Show, for a workload, how many requests and TCP connections each
+authorization policy rule allowed and denied over the window, as its proxies
+counted them; dry-run policies' rows count what they would have decided
+(nothing they enforce). A row without policy counts the decisions no policy
+made: allowed with no ALLOW policy in force, or denied because none matched.`,
+		Example: `  trellis authz -f examples/zero-trust/mesh.yaml shipping/orders-api
+  trellis authz -f examples/zero-trust/mesh.yaml shipping/orders-api --window 10m -o json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			t, err := f.fetch(cmd)
+			if err != nil {
+				return err
+			}
+			for _, w := range t.Workloads {
+				if w.Workload != args[0] {
+					continue
+				}
+				if !w.Meshed {
+					return fmt.Errorf("%s has no sidecar: nothing authorizes its requests", args[0])
+				}
+				if f.output == "json" {
+					return writeJSONTo(cmd.OutOrStdout(), w.Rules)
+				}
+				out := cmd.OutOrStdout()
+				if len(w.Rules) == 0 {
+					fmt.Fprintf(out, "No decisions in the last %s.\n", t.Window)
+					return nil
+				}
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "POLICY\tRULE\tMODE\tALLOWED\tDENIED")
+				for _, r := range w.Rules {
+					policy, rule, mode := r.Policy, r.Rule, "enforced"
+					if policy == "" {
+						policy, rule = "(no policy decided)", "-"
+					}
+					if rule == "" {
+						rule = "-"
+					}
+					if r.DryRun {
+						mode = "dry-run (would be)"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%.0f\t%.0f\n", policy, rule, mode, r.Allowed, r.Denied)
+				}
+				tw.Flush()
+				fmt.Fprintf(out, "\nRequests and TCP connections over the last %s; rules are numbered from 0 as written.\n", t.Window)
+				printScrapeErrors(out, t)
+				return nil
+			}
+			return fmt.Errorf("no workload %s in the mesh", args[0])
+		},
+	}
+	f.add(cmd)
+	cmd.Flags().Lookup("namespace").Hidden = true
+	return cmd
+}

@@ -38,6 +38,9 @@ type WorkloadTraffic struct {
 	// Refused counts, by reason, connections refused before any request,
 	// per second: "plaintext on a STRICT port" is a caller STRICT cuts off.
 	Refused map[string]float64 `json:"refusedPerSecond,omitempty"`
+	// Rules count authorization's decisions by policy rule over the
+	// window, dry-run policies' would-be decisions apart.
+	Rules []telemetry.RuleDecisions `json:"rules,omitempty"`
 }
 
 // EdgeTraffic is the traffic from a caller to a callee.
@@ -135,7 +138,7 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 		measured[w.Workload] = w
 	}
 	for _, w := range snap.Declarations.Workloads {
-		out.Workloads = append(out.Workloads, WorkloadTraffic{Workload: w.Ref(), Meshed: true, Proxies: connected[w.Ref()], Golden: measured[w.Ref()].Golden, Refused: measured[w.Ref()].Refused})
+		out.Workloads = append(out.Workloads, WorkloadTraffic{Workload: w.Ref(), Meshed: true, Proxies: connected[w.Ref()], Golden: measured[w.Ref()].Golden, Refused: measured[w.Ref()].Refused, Rules: measured[w.Ref()].Rules})
 	}
 	for _, w := range cp.cfg.UnmeshedWorkloads {
 		out.Workloads = append(out.Workloads, WorkloadTraffic{Workload: w.Namespace + "/" + w.Name})

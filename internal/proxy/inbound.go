@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -266,7 +267,7 @@ func (p *Proxy) serveInboundTCP(pc net.Conn, m *connMeta) {
 	req := authz.Request{HTTP: false, Port: m.appPort, Principal: m.peer, Namespace: m.peerNS, IP: m.peerIP}
 	res := p.policies.Load().authz.Evaluate(&req)
 	decision, policyRef := decisionOf(res)
-	p.reportShadow(res, m)
+	p.reportDecision(res, m)
 	if p.metrics != nil {
 		p.metrics.connections.WithLabelValues("inbound", m.peerLabel, p.selfLabel(), m.tlsLabel, decision, policyRef).Inc()
 	}
@@ -392,7 +393,7 @@ func (p *Proxy) serveInboundHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	res := st.authz.Evaluate(&req)
 	decision, policyRef = decisionOf(res)
-	p.reportShadow(res, m)
+	p.reportDecision(res, m)
 	if !res.Allowed {
 		denied(rec, res, m)
 		return
@@ -408,10 +409,17 @@ func (p *Proxy) serveInboundHTTP(w http.ResponseWriter, r *http.Request) {
 	forward(rec, r, "http", m.appAddr, transport, p.log, "the application")
 }
 
-// reportShadow records what dry-run policies would have decided and which
-// AUDIT policy matched: a metric for every request, and a log line per
-// policy and minute, so a policy can be tried before it is enforced.
-func (p *Proxy) reportShadow(res authz.Result, m *connMeta) {
+// reportDecision counts the decision by the policy rule that made it, and
+// records what dry-run policies would have decided and which AUDIT policy
+// matched: metrics for every request, and a log line per policy and
+// minute, so a policy can be tried before it is enforced.
+func (p *Proxy) reportDecision(res authz.Result, m *connMeta) {
+	if p.metrics != nil {
+		p.metrics.rules.WithLabelValues(ruleLabels(res.Policy, res.Rule, res.Allowed, false)...).Inc()
+		if res.DryRun.Evaluated {
+			p.metrics.rules.WithLabelValues(ruleLabels(res.DryRun.Policy, res.DryRun.Rule, res.DryRun.Allowed, true)...).Inc()
+		}
+	}
 	if res.DryRun.Evaluated && res.DryRun.Allowed != res.Allowed {
 		would := "allow"
 		if !res.DryRun.Allowed {
@@ -431,6 +439,24 @@ func (p *Proxy) reportShadow(res authz.Result, m *connMeta) {
 	if res.Audit != nil && p.logLimit.allow("audit/"+res.Audit.Ref) {
 		p.log.Info("AUDIT policy matched", "policy", res.Audit.Ref, "rule", res.AuditRule, "peer", m.peerLabel, "port", m.appPort)
 	}
+}
+
+// ruleLabels are the labels of trellis_authz_decisions_total: the policy
+// and rule (empty when none decided), the decision, and whether it is a
+// dry-run's would-be decision.
+func ruleLabels(pol *authz.Policy, rule int, allowed, dryRun bool) []string {
+	ref, r := "", ""
+	if pol != nil {
+		ref = pol.Ref
+		if rule >= 0 {
+			r = strconv.Itoa(rule)
+		}
+	}
+	decision := "deny"
+	if allowed {
+		decision = "allow"
+	}
+	return []string{ref, r, decision, strconv.FormatBool(dryRun)}
 }
 
 // denied answers a request authorization refused: 403, the policy in a

@@ -15,6 +15,7 @@ type Metrics struct {
 	bytes       *prometheus.CounterVec
 	refused     *prometheus.CounterVec
 	dryRun      *prometheus.CounterVec
+	rules       *prometheus.CounterVec
 }
 
 // Label names.
@@ -64,7 +65,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Requests and connections whose decision a dry-run policy would have changed, by policy and would-be decision.",
 		}, []string{"policy", "would_be"}),
 	}
-	reg.MustRegister(m.requests, m.duration, m.connections, m.open, m.bytes, m.refused, m.dryRun)
+	m.rules = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "trellis_authz_decisions_total",
+		Help: "Authorization decisions by the policy and rule that made them (empty: none did); dry_run=\"true\" counts what dry-run policies would have decided.",
+	}, []string{"policy", "rule", "decision", "dry_run"})
+	reg.MustRegister(m.requests, m.duration, m.connections, m.open, m.bytes, m.refused, m.dryRun, m.rules)
 	return m
 }
 

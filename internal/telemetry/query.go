@@ -17,6 +17,7 @@ type traffic struct {
 	conns    map[connKey]float64
 	open     map[Edge]float64
 	refused  map[refusedKey]float64
+	rules    map[ruleKey]float64
 }
 
 // traffic returns the proxy's traffic over the window d before now: from
@@ -59,6 +60,10 @@ func (h *history) traffic(now time.Time, d time.Duration) (t *traffic, ok bool) 
 		conns: map[connKey]float64{}, open: last.open, refused: map[refusedKey]float64{}}
 	for k, v := range last.refused {
 		t.refused[k] = max(0, v-base.refused[k])
+	}
+	t.rules = map[ruleKey]float64{}
+	for k, v := range last.rules {
+		t.rules[k] = max(0, v-base.rules[k])
 	}
 	for k, v := range last.requests {
 		t.requests[k] = max(0, v-base.requests[k])
@@ -181,6 +186,20 @@ type WorkloadTraffic struct {
 	// before any request (plaintext on a STRICT port, a bad certificate…),
 	// per second.
 	Refused map[string]float64 `json:"refusedPerSecond,omitempty"`
+	// Rules count authorization's decisions over the window by the policy
+	// rule that made them, dry-run policies' would-be decisions apart.
+	Rules []RuleDecisions `json:"rules,omitempty"`
+}
+
+// RuleDecisions is how many requests and connections one policy rule
+// allowed and denied over a window. Policy and Rule are empty for the
+// decisions no policy made (no ALLOW policy in force, or none matched).
+type RuleDecisions struct {
+	Policy  string  `json:"policy"`
+	Rule    string  `json:"rule"`
+	DryRun  bool    `json:"dryRun"`
+	Allowed float64 `json:"allowed"`
+	Denied  float64 `json:"denied"`
 }
 
 // EdgeTraffic is the traffic of one caller → callee pair. Inbound edges
@@ -219,6 +238,7 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 		proxies int
 		seconds float64
 		refused map[string]float64
+		rules   map[ruleKey]float64
 	}
 	workloads := map[string]*wacc{}
 	type ekey struct {
@@ -235,6 +255,14 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 		}
 		w.proxies++
 		w.seconds = max(w.seconds, t.seconds)
+		for k, n := range t.rules {
+			if n > 0 {
+				if w.rules == nil {
+					w.rules = map[ruleKey]float64{}
+				}
+				w.rules[k] += n
+			}
+		}
 		for k, n := range t.refused {
 			if k.direction == "inbound" && n > 0 {
 				if w.refused == nil {
@@ -303,7 +331,7 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 	var wl []WorkloadTraffic
 	for _, name := range slices.Sorted(maps.Keys(workloads)) {
 		w := workloads[name]
-		wl = append(wl, WorkloadTraffic{Workload: name, Proxies: w.proxies, Seconds: w.seconds, Golden: w.result(1), Refused: w.refused})
+		wl = append(wl, WorkloadTraffic{Workload: name, Proxies: w.proxies, Seconds: w.seconds, Golden: w.result(1), Refused: w.refused, Rules: ruleList(w.rules)})
 	}
 	var el []EdgeTraffic
 	for k, a := range edges {
@@ -318,4 +346,44 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 			cmp.Compare(a.DestinationWorkload, b.DestinationWorkload), cmp.Compare(a.SourceWorkload, b.SourceWorkload), cmp.Compare(a.MeasuredBy, b.MeasuredBy))
 	})
 	return wl, el
+}
+
+// ruleList turns decision counts into rows, one per policy rule.
+func ruleList(counts map[ruleKey]float64) []RuleDecisions {
+	type row struct {
+		policy, rule string
+		dryRun       bool
+	}
+	rows := map[row]*RuleDecisions{}
+	for k, n := range counts {
+		r := row{k.policy, k.rule, k.dryRun}
+		d := rows[r]
+		if d == nil {
+			d = &RuleDecisions{Policy: k.policy, Rule: k.rule, DryRun: k.dryRun}
+			rows[r] = d
+		}
+		if k.decision == "allow" {
+			d.Allowed += n
+		} else {
+			d.Denied += n
+		}
+	}
+	out := make([]RuleDecisions, 0, len(rows))
+	for _, d := range rows {
+		out = append(out, *d)
+	}
+	slices.SortFunc(out, func(a, b RuleDecisions) int {
+		return cmp.Or(cmp.Compare(a.Policy, b.Policy), cmp.Compare(len(a.Rule), len(b.Rule)), cmp.Compare(a.Rule, b.Rule), boolCompare(a.DryRun, b.DryRun))
+	})
+	return out
+}
+
+func boolCompare(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
 }

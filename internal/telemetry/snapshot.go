@@ -26,6 +26,7 @@ const (
 	metricConnections = "trellis_tcp_connections_total"
 	metricOpen        = "trellis_tcp_open_connections"
 	metricRefused     = "trellis_refused_connections_total"
+	metricRules       = "trellis_authz_decisions_total"
 	metricStart       = "process_start_time_seconds"
 )
 
@@ -76,6 +77,13 @@ type snapshot struct {
 	conns    map[connKey]float64
 	open     map[Edge]float64
 	refused  map[refusedKey]float64
+	rules    map[ruleKey]float64
+}
+
+// ruleKey is one series of trellis_authz_decisions_total.
+type ruleKey struct {
+	policy, rule, decision string
+	dryRun                 bool
 }
 
 // refusedKey is one series of trellis_refused_connections_total.
@@ -97,11 +105,11 @@ func parseSnapshot(r io.Reader, at time.Time) (*snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &snapshot{at: at, requests: map[requestKey]float64{}, latency: map[Edge]histogram{}, conns: map[connKey]float64{}, open: map[Edge]float64{}, refused: map[refusedKey]float64{}}
+	s := &snapshot{at: at, requests: map[requestKey]float64{}, latency: map[Edge]histogram{}, conns: map[connKey]float64{}, open: map[Edge]float64{}, refused: map[refusedKey]float64{}, rules: map[ruleKey]float64{}}
 	series := 0
 	for name, f := range families {
 		switch name {
-		case metricRequests, metricDuration, metricConnections, metricOpen, metricRefused, metricStart:
+		case metricRequests, metricDuration, metricConnections, metricOpen, metricRefused, metricRules, metricStart:
 		default:
 			continue
 		}
@@ -124,6 +132,10 @@ func parseSnapshot(r io.Reader, at time.Time) (*snapshot, error) {
 			case metricConnections:
 				if v, ok := value(m.GetCounter().GetValue()); ok {
 					s.conns[connKey{e, l["decision"], l["policy"]}] += v
+				}
+			case metricRules:
+				if v, ok := value(m.GetCounter().GetValue()); ok {
+					s.rules[ruleKey{l["policy"], l["rule"], l["decision"], l["dry_run"] == "true"}] += v
 				}
 			case metricRefused:
 				if v, ok := value(m.GetCounter().GetValue()); ok {

@@ -76,6 +76,23 @@ func TestParseSnapshot(t *testing.T) {
 	}
 }
 
+// TestRuleDecisions: decisions by policy rule become one row per rule,
+// enforced before dry-run, the decisions no policy made first.
+func TestRuleDecisions(t *testing.T) {
+	text := `# TYPE trellis_authz_decisions_total counter
+trellis_authz_decisions_total{decision="allow",dry_run="false",policy="ns/p",rule="10"} 4
+trellis_authz_decisions_total{decision="allow",dry_run="false",policy="ns/p",rule="2"} 3
+trellis_authz_decisions_total{decision="deny",dry_run="true",policy="ns/p",rule="2"} 1
+trellis_authz_decisions_total{decision="deny",dry_run="false",policy="",rule=""} 5
+`
+	s := mustParse(t, text, time.Unix(0, 0))
+	got := fmt.Sprint(ruleList(s.rules))
+	want := "[{  false 0 5} {ns/p 2 false 3 0} {ns/p 2 true 0 1} {ns/p 10 false 4 0}]"
+	if got != want {
+		t.Fatalf("rows = %s, want %s", got, want)
+	}
+}
+
 func TestParseSnapshotRefusesBadInput(t *testing.T) {
 	for name, text := range map[string]string{
 		"not metrics": "<html>\n",

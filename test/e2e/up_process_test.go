@@ -195,6 +195,12 @@ func TestUpNoRootExample(t *testing.T) {
 		t.Errorf("the tap showed the query string: %s", tapOut.String())
 	}
 
+	// Which rule allowed checkout's requests.
+	name, args = asUser(filepath.Join(m.bin, "trellis"), "authz", "-f", m.file, "shipping/orders-api")
+	if r := run(t, m.dir, "", name, args...); !regexp.MustCompile(`shipping/allow-checkout-to-orders\s+0\s+enforced\s+[1-9]`).MatchString(r.stdout) {
+		t.Fatalf("trellis authz does not count the allowing rule:\n%s%s", r.stdout, r.stderr)
+	}
+
 	// legacy's refused plaintext is what trellis check warns of; nothing
 	// fails in a healthy mesh.
 	name, args = asUser(filepath.Join(m.bin, "trellis"), "check", "-f", m.file)
