@@ -201,6 +201,22 @@ func TestUpNoRootExample(t *testing.T) {
 		t.Fatalf("trellis authz does not count the allowing rule:\n%s%s", r.stdout, r.stderr)
 	}
 
+	// A real Prometheus scrapes the same stats listeners.
+	var status struct{ Proxies []struct{ Stats string } }
+	name, args = asUser(filepath.Join(m.bin, "trellis"), "status", "-f", m.file, "-o", "json")
+	if err := json.Unmarshal([]byte(run(t, m.dir, "", name, args...).stdout), &status); err != nil || len(status.Proxies) != 3 {
+		t.Fatalf("trellis status: %v %+v", err, status)
+	}
+	var statsAddrs []string
+	for _, p := range status.Proxies {
+		statsAddrs = append(statsAddrs, p.Stats)
+	}
+	scrapeWithPrometheus(t, m.dir, statsAddrs, "spiffe://cluster.local/ns/shipping/sa/orders-api", func() {
+		for range 3 {
+			m.exec("default/checkout", "curl", "-sS", "-m", "5", "http://orders-api.shipping/")
+		}
+	})
+
 	// legacy's refused plaintext is what trellis check warns of; nothing
 	// fails in a healthy mesh.
 	name, args = asUser(filepath.Join(m.bin, "trellis"), "check", "-f", m.file)
