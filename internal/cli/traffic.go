@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -294,10 +295,12 @@ func newDashboardCommand() *cobra.Command {
 		Short: "Serve the web dashboard on this machine's loopback and print its address",
 		Long: `Serve the dashboard the control plane embeds — the topology with mTLS and
 plaintext edges, golden metrics with charts, policies and their decisions,
-identities and certificate expiry, updated live — on a loopback address, and
-print it. The control plane's admin API needs a credential and its own TLS
-trust; this command holds both and forwards only what the dashboard reads,
-so the browser needs neither. Ctrl-C stops it.`,
+identities and certificate expiry, a live tap, updated live — on a loopback
+address, and print a link to it. The control plane's admin API needs a
+credential and its own TLS trust; this command holds both and forwards only
+what the dashboard reads, so the browser needs neither. The link carries a
+key of this run's: other local users, and other sites open in the browser,
+get nothing. Ctrl-C stops it.`,
 		Example: `  trellis dashboard -f examples/zero-trust/mesh.yaml
   trellis dashboard --state-dir /var/lib/trellis --listen 127.0.0.1:50750`,
 		Args: cobra.NoArgs,
@@ -317,8 +320,9 @@ so the browser needs neither. Ctrl-C stops it.`,
 			if err != nil {
 				return err
 			}
-			srv := &http.Server{Handler: client.Forwarder(), ReadHeaderTimeout: 5 * time.Second}
-			fmt.Fprintf(cmd.OutOrStdout(), "Dashboard: http://%s/dashboard/  (Ctrl-C stops it)\n", l.Addr())
+			key := rand.Text() // the printed link's, so that other local users cannot browse the mesh
+			srv := &http.Server{Handler: client.Forwarder(key), ReadHeaderTimeout: 5 * time.Second}
+			fmt.Fprintf(cmd.OutOrStdout(), "Dashboard: http://%s/?key=%s  (Ctrl-C stops it)\n", l.Addr(), key)
 			go func() {
 				<-cmd.Context().Done()
 				ctx, cancel := context.WithTimeout(context.Background(), time.Second)

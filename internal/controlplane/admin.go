@@ -104,6 +104,30 @@ func (cp *ControlPlane) adminHandler() http.Handler {
 	return mux
 }
 
+// eventStream writes server-sent events. Each write must finish within
+// eventWriteTimeout: a client that stops reading is dropped rather than
+// holding its handler (and shutdown) forever.
+type eventStream struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+const eventWriteTimeout = 10 * time.Second
+
+func newEventStream(w http.ResponseWriter) *eventStream {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	return &eventStream{w: w, rc: http.NewResponseController(w)}
+}
+
+func (s *eventStream) send(event string, data []byte) error {
+	_ = s.rc.SetWriteDeadline(time.Now().Add(eventWriteTimeout))
+	if _, err := fmt.Fprintf(s.w, "event: %s\ndata: %s\n\n", event, data); err != nil {
+		return err
+	}
+	return s.rc.Flush()
+}
+
 // EventInterval is how often /api/v1/events sends a snapshot.
 const EventInterval = 2 * time.Second
 
@@ -114,22 +138,16 @@ type Snapshot struct {
 }
 
 func (cp *ControlPlane) serveEvents(w http.ResponseWriter, r *http.Request) {
-	rc := http.NewResponseController(w)
-	w.Header().Set("Content-Type", "text/event-stream")
-	w.Header().Set("Cache-Control", "no-cache")
-	// A stream outlives the server's write timeout, if it has one.
-	_ = rc.SetWriteDeadline(time.Time{})
+	sse := newEventStream(w)
 	t := time.NewTicker(EventInterval)
 	defer t.Stop()
 	for {
 		data, err := json.Marshal(Snapshot{Status: cp.Status(), Traffic: cp.Traffic(r.Context(), time.Minute)})
 		if err != nil {
+			cp.log.Error("encoding a dashboard snapshot", "err", err)
 			return
 		}
-		if _, err := fmt.Fprintf(w, "event: snapshot\ndata: %s\n\n", data); err != nil {
-			return
-		}
-		if err := rc.Flush(); err != nil {
+		if sse.send("snapshot", data) != nil {
 			return
 		}
 		select {

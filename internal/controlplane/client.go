@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"crypto/subtle"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -150,22 +151,26 @@ func (c *Client) do(ctx context.Context, method, path string, v any) error {
 }
 
 // Forwarder returns a handler that forwards the read-only parts of the
-// admin API the dashboard uses (GET /dashboard/, /api/v1/status, traffic
-// and events) with c's credential and TLS verification, for `trellis
-// dashboard` to serve on loopback so that a browser needs neither.
-// Requests must name a loopback host (against DNS rebinding) and cannot
-// change anything.
-func (c *Client) Forwarder() http.Handler {
+// admin API the dashboard uses (GET /dashboard/, /api/v1/status, traffic,
+// events and tap) with c's credential and TLS verification, for `trellis
+// dashboard` to serve on loopback so that a browser needs neither. It
+// answers only a browser that came through the link with key (which sets
+// a cookie), only requests of the dashboard's own pages (not another
+// site's, by Sec-Fetch-Site and Origin), and only loopback host names
+// (against DNS rebinding).
+func (c *Client) Forwarder(key string) http.Handler {
 	target, _ := url.Parse(c.base) // built by Dial
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
 			pr.Out.Host = target.Host
+			pr.Out.Header.Del("Cookie")
 			pr.Out.Header.Set("Authorization", "Bearer "+c.token)
 		},
 		Transport:     c.http.Transport,
-		FlushInterval: -1, // the event stream
+		FlushInterval: -1, // the event streams
 	}
+	const cookie = "trellis-dashboard"
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		host, _, err := net.SplitHostPort(r.Host)
 		if err != nil {
@@ -175,9 +180,32 @@ func (c *Client) Forwarder() http.Handler {
 			http.Error(w, "the dashboard answers on loopback addresses only", http.StatusForbidden)
 			return
 		}
-		switch {
-		case r.Method != http.MethodGet:
+		if site := r.Header.Get("Sec-Fetch-Site"); site != "" && site != "same-origin" && site != "none" {
+			http.Error(w, "the dashboard answers its own pages only", http.StatusForbidden)
+			return
+		}
+		if origin := r.Header.Get("Origin"); origin != "" && origin != "http://"+r.Host {
+			http.Error(w, "the dashboard answers its own pages only", http.StatusForbidden)
+			return
+		}
+		if r.Method != http.MethodGet {
 			http.Error(w, "the dashboard is read-only", http.StatusMethodNotAllowed)
+			return
+		}
+		if k := r.URL.Query().Get("key"); k != "" {
+			if subtle.ConstantTimeCompare([]byte(k), []byte(key)) != 1 {
+				http.Error(w, "this link is not the one trellis dashboard printed", http.StatusForbidden)
+				return
+			}
+			http.SetCookie(w, &http.Cookie{Name: cookie, Value: key, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode})
+			http.Redirect(w, r, "/dashboard/", http.StatusFound)
+			return
+		}
+		if ck, err := r.Cookie(cookie); err != nil || subtle.ConstantTimeCompare([]byte(ck.Value), []byte(key)) != 1 {
+			http.Error(w, "open the dashboard with the link trellis dashboard printed", http.StatusForbidden)
+			return
+		}
+		switch {
 		case r.URL.Path == "/":
 			http.Redirect(w, r, "/dashboard/", http.StatusFound)
 		case strings.HasPrefix(r.URL.Path, "/dashboard/"), r.URL.Path == "/api/v1/status", r.URL.Path == "/api/v1/traffic", r.URL.Path == "/api/v1/events", r.URL.Path == "/api/v1/tap":

@@ -315,7 +315,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 		close(cp.closing) // event streams end
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		_ = admin.Shutdown(shutdownCtx)
+		if admin.Shutdown(shutdownCtx) != nil {
+			admin.Close() // streams that did not end in time
+		}
 		_ = os.Remove(filepath.Join(cp.cfg.StateDir, EndpointsFile))
 		return nil
 	})

@@ -101,12 +101,10 @@ func (cp *ControlPlane) serveTap(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
-	rc := http.NewResponseController(w)
-	w.Header().Set("Content-Type", "text/event-stream")
-	w.Header().Set("Cache-Control", "no-cache")
-	_ = rc.SetWriteDeadline(time.Time{})
-	fmt.Fprintf(w, "event: started\ndata: {\"proxies\": %d}\n\n", proxies)
-	_ = rc.Flush()
+	sse := newEventStream(w)
+	if sse.send("started", fmt.Appendf(nil, `{"proxies": %d}`, proxies)) != nil {
+		return
+	}
 	limit := req.Max
 	if limit == 0 {
 		limit = maxTapEvents
@@ -125,10 +123,7 @@ func (cp *ControlPlane) serveTap(w http.ResponseWriter, r *http.Request) {
 				Status: int(ev.GetStatus()), LatencyMs: float64(ev.GetLatencyMicros()) / 1000, MTLS: ev.GetTls(),
 				Decision: ev.GetDecision(), Policy: ev.GetPolicy(),
 			})
-			if _, err := fmt.Fprintf(w, "event: tap\ndata: %s\n\n", data); err != nil {
-				return
-			}
-			if err := rc.Flush(); err != nil {
+			if sse.send("tap", data) != nil {
 				return
 			}
 			sent++

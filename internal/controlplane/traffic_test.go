@@ -137,3 +137,53 @@ func TestTapStreams(t *testing.T) {
 		t.Fatalf("after the tap ended: %v %v, want a stop", req, err)
 	}
 }
+
+// TestForwarder: the dashboard's loopback forwarder answers the browser
+// that came with the printed key, the dashboard's own pages only, reads
+// only, and adds the credential itself.
+func TestForwarder(t *testing.T) {
+	m := startMesh(t, "")
+	c, err := Dial(m.cfg.StateDir, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(c.Forwarder("k3y"))
+	defer srv.Close()
+	do := func(method, path string, h map[string]string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest(method, srv.URL+path, nil)
+		for k, v := range h {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultTransport.RoundTrip(req) // no redirects followed
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp
+	}
+	login := do("GET", "/?key=k3y", nil)
+	cookie := login.Header.Get("Set-Cookie")
+	if login.StatusCode != http.StatusFound || !strings.Contains(cookie, "HttpOnly") || !strings.Contains(cookie, "SameSite=Strict") {
+		t.Fatalf("login: %d %q", login.StatusCode, cookie)
+	}
+	withCookie := map[string]string{"Cookie": "trellis-dashboard=k3y"}
+	for _, tc := range []struct {
+		method, path string
+		h            map[string]string
+		want         int
+	}{
+		{"GET", "/api/v1/status", withCookie, http.StatusOK},
+		{"GET", "/dashboard/", withCookie, http.StatusOK},
+		{"GET", "/api/v1/status", nil, http.StatusForbidden},
+		{"GET", "/?key=wrong", nil, http.StatusForbidden},
+		{"GET", "/api/v1/status", map[string]string{"Cookie": "trellis-dashboard=k3y", "Sec-Fetch-Site": "cross-site"}, http.StatusForbidden},
+		{"GET", "/api/v1/status", map[string]string{"Cookie": "trellis-dashboard=k3y", "Origin": "http://evil.example"}, http.StatusForbidden},
+		{"POST", "/api/v1/sync", withCookie, http.StatusMethodNotAllowed},
+		{"GET", "/api/v1/sync", withCookie, http.StatusNotFound},
+	} {
+		if got := do(tc.method, tc.path, tc.h).StatusCode; got != tc.want {
+			t.Errorf("%s %s %v = %d, want %d", tc.method, tc.path, tc.h, got, tc.want)
+		}
+	}
+}

@@ -132,7 +132,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	w, ports, err := s.claim(id, hello)
+	w, ports, err := s.claim(id, hello, peerAddr)
 	if err != nil {
 		s.cfg.Log.Warn("proxy registration refused", "id", id, "peer", peerAddr, "workload", hello.GetWorkload(), "err", err)
 		if errors.Is(err, registry.ErrNotAllowed) {
@@ -293,7 +293,7 @@ func (s *Server) send(ss discoveryv1.Discovery_StreamServer, st *stream, v *view
 
 // claim checks the Hello against the proxy's identity and the declared
 // workload, and returns the workload and its port addresses.
-func (s *Server) claim(id spiffeid.ID, h *discoveryv1.Hello) (registry.Workload, map[uint32]string, error) {
+func (s *Server) claim(id spiffeid.ID, h *discoveryv1.Hello, peerAddr string) (registry.Workload, map[uint32]string, error) {
 	w, err := s.cfg.Registry.Claim(id, h.GetWorkload())
 	if err != nil {
 		return w, nil, err
@@ -323,6 +323,11 @@ func (s *Server) claim(id spiffeid.ID, h *discoveryv1.Hello) (registry.Workload,
 		ap, err := netip.ParseAddrPort(a)
 		if err != nil || ap.Port() == 0 || ap.Addr().IsUnspecified() || ap.Addr().IsMulticast() {
 			return w, nil, fmt.Errorf("hello.statsAddress: %q is not ip:port the control plane can connect to", a)
+		}
+		// The control plane fetches it: it must be the proxy's own host,
+		// not an address the proxy would have the control plane visit.
+		if peer, err := netip.ParseAddrPort(peerAddr); err != nil || peer.Addr().Unmap() != ap.Addr().Unmap() {
+			return w, nil, fmt.Errorf("hello.statsAddress: %s is not on the proxy's own address %s", a, peerAddr)
 		}
 	}
 	return w, ports, nil

@@ -90,15 +90,32 @@ func (c *Collector) Run(ctx context.Context) error {
 	}
 }
 
+// freshWait bounds how long a query waits for a fresh scrape before it
+// answers from the history (slow or unreachable proxies must not make
+// every query time out).
+const freshWait = 1500 * time.Millisecond
+
 // Fresh scrapes now, so that a query right after some traffic sees it,
 // unless the last scrape ended less than maxAge ago and covered the same
-// proxies.
+// proxies. It waits for the scrape at most freshWait (or until ctx ends);
+// the scrape itself is the collector's, not ended by the caller leaving.
 func (c *Collector) Fresh(ctx context.Context, maxAge time.Duration) {
-	c.mu.Lock()
-	recent := c.cfg.Now().Sub(c.last) < maxAge && slices.Equal(c.lastTargets, instances(c.cfg.Targets()))
-	c.mu.Unlock()
-	if !recent {
-		c.Scrape(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.scrapeMu.Lock()
+		defer c.scrapeMu.Unlock()
+		c.mu.Lock()
+		recent := c.cfg.Now().Sub(c.last) < maxAge && slices.Equal(c.lastTargets, instances(c.cfg.Targets()))
+		c.mu.Unlock()
+		if !recent {
+			c.scrapeLocked(context.Background())
+		}
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	case <-time.After(freshWait):
 	}
 }
 
@@ -116,6 +133,10 @@ func instances(ts []Target) []string {
 func (c *Collector) Scrape(ctx context.Context) {
 	c.scrapeMu.Lock()
 	defer c.scrapeMu.Unlock()
+	c.scrapeLocked(ctx)
+}
+
+func (c *Collector) scrapeLocked(ctx context.Context) {
 	targets := c.cfg.Targets()
 	type result struct {
 		t    Target
@@ -148,6 +169,9 @@ func (c *Collector) Scrape(ctx context.Context) {
 			c.hist[r.t.Instance] = h
 		}
 		if r.err != nil {
+			if ctx.Err() != nil {
+				continue // the scrape was called off, not the proxy's fault
+			}
 			if h.err != r.err.Error() {
 				c.cfg.Log.Warn("scraping a proxy's metrics failed", "instance", r.t.Instance, "addr", r.t.Addr, "err", r.err)
 			}
@@ -155,7 +179,14 @@ func (c *Collector) Scrape(ctx context.Context) {
 			continue
 		}
 		h.err = ""
-		h.snaps = append(h.snaps, r.snap)
+		// Snapshots closer together than Interval (queries scrape on
+		// demand) replace the newest rather than pile up: the history
+		// stays about Retain/Interval long, its baselines as old.
+		if n := len(h.snaps); n >= 2 && r.snap.at.Sub(h.snaps[n-2].at) < c.cfg.Interval && r.snap.start == h.snaps[n-1].start {
+			h.snaps[n-1] = r.snap
+		} else {
+			h.snaps = append(h.snaps, r.snap)
+		}
 		// Keep one snapshot older than Retain: the baseline of the
 		// longest window.
 		cut := 0
@@ -169,8 +200,10 @@ func (c *Collector) Scrape(ctx context.Context) {
 			delete(c.hist, k)
 		}
 	}
-	c.last = now
-	c.lastTargets = instances(targets)
+	if ctx.Err() == nil {
+		c.last = now
+		c.lastTargets = instances(targets)
+	}
 }
 
 func (c *Collector) scrape(ctx context.Context, t Target) (*snapshot, error) {

@@ -8,10 +8,14 @@
 package telemetry
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -93,15 +97,16 @@ type refusedKey struct {
 
 // parseSnapshot reads a proxy's metrics (Prometheus text format), keeping
 // the series telemetry uses. The input is a proxy's and is checked, not
-// trusted: its size, series and buckets are bounded and every value must
-// be a finite, non-negative number.
+// trusted: its size, lines and buckets are bounded, only the families
+// telemetry reads are parsed at all, and every value must be a finite,
+// non-negative number no larger than maxValue.
 func parseSnapshot(r io.Reader, at time.Time) (*snapshot, error) {
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	lr := &io.LimitedReader{R: r, N: maxScrapeBytes + 1}
-	families, err := parser.TextToMetricFamilies(lr)
-	if lr.N <= 0 {
-		return nil, fmt.Errorf("metrics larger than %d bytes", maxScrapeBytes)
+	kept, err := ourLines(r)
+	if err != nil {
+		return nil, err
 	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(kept))
 	if err != nil {
 		return nil, err
 	}
@@ -163,9 +168,66 @@ func labelMap(m *dto.Metric) map[string]string {
 	return out
 }
 
+// maxValue bounds a sample: counts beyond 2^53 lose integer precision,
+// and sums of them must stay finite.
+const maxValue = 1 << 53
+
+// maxLatency bounds a histogram's finite bucket bounds, in seconds.
+const maxLatency = 1e6
+
 // value accepts a sample that can be a counter's or gauge's reading.
 func value(v float64) (float64, bool) {
-	return v, !math.IsNaN(v) && !math.IsInf(v, 0) && v >= 0
+	return v, !math.IsNaN(v) && v >= 0 && v <= maxValue
+}
+
+// ourLines reads at most maxScrapeBytes and keeps the lines of the
+// families telemetry reads (samples, and their TYPE and HELP comments), so
+// that whatever else a proxy exposes costs nothing to parse.
+func ourLines(r io.Reader) ([]byte, error) {
+	data, err := io.ReadAll(io.LimitReader(r, maxScrapeBytes+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > maxScrapeBytes {
+		return nil, fmt.Errorf("metrics larger than %d bytes", maxScrapeBytes)
+	}
+	var out bytes.Buffer
+	lines := 0
+	for line := range bytes.Lines(data) {
+		name := line
+		if f := bytes.Fields(line); len(f) >= 3 && f[0][0] == '#' && (bytes.Equal(f[1], []byte("TYPE")) || bytes.Equal(f[1], []byte("HELP"))) {
+			name = f[2]
+		} else if len(line) > 0 && line[0] == '#' {
+			continue
+		}
+		if i := bytes.IndexAny(name, "{ \t\n"); i >= 0 {
+			name = name[:i]
+		}
+		if !ours(string(name)) {
+			continue
+		}
+		if lines++; lines > maxSeries {
+			return nil, fmt.Errorf("more than %d lines of trellis metrics", maxSeries)
+		}
+		out.Write(line)
+		if line[len(line)-1] != '\n' {
+			out.WriteByte('\n')
+		}
+	}
+	if lines == 0 && len(data) > 0 {
+		return nil, errors.New("no Trellis metrics in the response: is this a trellis-proxy stats listener?")
+	}
+	return out.Bytes(), nil
+}
+
+// ours reports whether a sample name is of a family telemetry reads (a
+// histogram's samples carry suffixes).
+func ours(name string) bool {
+	switch strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_bucket"), "_sum"), "_count") {
+	case metricRequests, metricDuration, metricConnections, metricOpen, metricRefused, metricRules, metricStart:
+		return true
+	}
+	return false
 }
 
 // parseHistogram keeps a histogram whose buckets ascend and whose counts
@@ -178,14 +240,16 @@ func parseHistogram(h *dto.Histogram) (histogram, bool) {
 	out := histogram{bounds: make([]float64, 0, len(b)+1), counts: make([]float64, 0, len(b)+1)}
 	for i, bk := range b {
 		ub, c := bk.GetUpperBound(), float64(bk.GetCumulativeCount())
-		if math.IsNaN(ub) || i > 0 && (ub <= out.bounds[i-1] || c < out.counts[i-1]) {
+		// Latencies: bounds above zero, finite but for a last +Inf.
+		if math.IsNaN(ub) || ub <= 0 || ub > maxLatency && !(math.IsInf(ub, 1) && i == len(b)-1) || c > maxValue ||
+			i > 0 && (ub <= out.bounds[i-1] || c < out.counts[i-1]) {
 			return histogram{}, false
 		}
 		out.bounds = append(out.bounds, ub)
 		out.counts = append(out.counts, c)
 	}
 	if total := float64(h.GetSampleCount()); !math.IsInf(out.bounds[len(out.bounds)-1], 1) {
-		if total < out.counts[len(out.counts)-1] {
+		if total < out.counts[len(out.counts)-1] || total > maxValue {
 			return histogram{}, false
 		}
 		out.bounds = append(out.bounds, math.Inf(1))
@@ -213,7 +277,7 @@ func (h *histogram) add(o histogram) {
 		*h = histogram{bounds: o.bounds, counts: append([]float64(nil), o.counts...)}
 		return
 	}
-	if len(o.counts) != len(h.counts) {
+	if !slices.Equal(o.bounds, h.bounds) {
 		return // another bucket layout: a proxy of another version
 	}
 	for i := range h.counts {

@@ -2,6 +2,7 @@ package telemetry
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math"
 	"net/http"
@@ -250,6 +251,8 @@ func TestCollectorWindow(t *testing.T) {
 func FuzzParseSnapshot(f *testing.F) {
 	f.Add(exposition(1, 1, 2, 3, 4, 5, 6))
 	f.Add("# TYPE trellis_request_duration_seconds histogram\ntrellis_request_duration_seconds_bucket{le=\"1\"} 5\ntrellis_request_duration_seconds_bucket{le=\"0.5\"} 7\n")
+	f.Add("# TYPE trellis_request_duration_seconds histogram\ntrellis_request_duration_seconds_bucket{le=\"-Inf\"} 1\ntrellis_request_duration_seconds_bucket{le=\"+Inf\"} 2\n" +
+		"# TYPE trellis_requests_total counter\ntrellis_requests_total{direction=\"inbound\"} 1e308\ntrellis_requests_total{direction=\"inbound\",tls=\"true\"} 1e308\n")
 	f.Fuzz(func(t *testing.T, text string) {
 		s, err := parseSnapshot(strings.NewReader(text), time.Unix(0, 0))
 		if err != nil {
@@ -261,14 +264,22 @@ func FuzzParseSnapshot(f *testing.F) {
 					t.Fatalf("a histogram out of order was kept: %v", h)
 				}
 			}
-			if q, ok := h.quantile(0.99); ok && (math.IsNaN(q) || q < 0) {
+			if q, ok := h.quantile(0.99); ok && (math.IsNaN(q) || math.IsInf(q, 0) || q < 0 || q > maxLatency) {
 				t.Fatalf("quantile %v of %v", q, h)
 			}
 		}
 		for _, v := range s.requests {
-			if v < 0 || math.IsNaN(v) {
+			if v < 0 || math.IsNaN(v) || v > maxValue {
 				t.Fatalf("a request count of %v", v)
 			}
+		}
+		// Whatever the input, the figures are JSON numbers.
+		c := New(Config{Targets: func() []Target { return nil }})
+		c.hist["x"] = &history{target: Target{Instance: "x", Workload: "n/w"}, snaps: []*snapshot{s}}
+		s.start = 1
+		wl, el := c.Window(time.Unix(30, 0), time.Minute)
+		if _, err := json.Marshal([]any{wl, el}); err != nil {
+			t.Fatalf("the figures do not encode: %v", err)
 		}
 	})
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -33,8 +34,20 @@ func TestDashboard(t *testing.T) {
 	m.exec("default/legacy", "curl", "-sS", "--connect-timeout", "2", "-m", "5", "http://orders-api.shipping/v1/orders")
 
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	background(t, dir, "Dashboard: http://"+listen+"/dashboard/", trellisBin, "dashboard", "-f", m.file, "--listen", listen)
-	url := "http://" + listen + "/dashboard/"
+	dash := background(t, dir, "Dashboard: http://"+listen+"/?key=", trellisBin, "dashboard", "-f", m.file, "--listen", listen)
+	url := strings.Fields(strings.TrimPrefix(dash.ready, "Dashboard: "))[0]
+	// Without the printed link's key, or from another site, nothing.
+	for _, h := range []map[string]string{{}, {"Cookie": "trellis-dashboard=guess"}} {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+listen+"/api/v1/status", nil)
+		for k, v := range h {
+			req.Header.Set(k, v)
+		}
+		if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusForbidden {
+			t.Fatalf("the dashboard answered without its key (%v): %v", h, err)
+		} else {
+			resp.Body.Close()
+		}
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

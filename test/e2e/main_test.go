@@ -97,6 +97,8 @@ func trellisFails(t *testing.T, dir string, args ...string) string {
 type proc struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
+	// ready is the line of output that said it was ready.
+	ready string
 }
 
 // background starts a long-running process, waits until a line of its
@@ -116,26 +118,27 @@ func background(t *testing.T, dir, ready string, name string, args ...string) *p
 		_ = cmd.Process.Kill()
 		<-exited
 	})
-	found := make(chan struct{})
+	found := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(pr)
 		signalled := false
 		for sc.Scan() {
 			t.Logf("%s: %s", filepath.Base(name), sc.Text())
 			if !signalled && strings.Contains(sc.Text(), ready) {
-				close(found)
+				found <- sc.Text()
 				signalled = true
 			}
 		}
 	}()
+	var line string
 	select {
-	case <-found:
+	case line = <-found:
 	case <-exited:
 		t.Fatalf("%s exited before printing %q", name, ready)
 	case <-time.After(20 * time.Second):
 		t.Fatalf("%s did not print %q within 20s", name, ready)
 	}
-	return &proc{cmd: cmd, exited: exited}
+	return &proc{cmd: cmd, exited: exited, ready: line}
 }
 
 // freePort returns a loopback port that was free a moment ago.
