@@ -170,6 +170,7 @@ func (m *testMesh) svidTTL(ns, sa string, ttl time.Duration) *identity.Holder {
 type fakeProxy struct {
 	t        *testing.T
 	instance string // namespace/workload/instance, as in the status
+	conn     *grpc.ClientConn
 	stream   discoveryv1.Discovery_StreamClient
 	updates  chan *discoveryv1.Update // merged: whole configurations
 	raw      chan *discoveryv1.Update // as received
@@ -198,7 +199,7 @@ func (m *testMesh) dial(ns, sa string, hello *discoveryv1.Hello) (*fakeProxy, er
 	if err := stream.Send(&discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: hello}}); err != nil {
 		return nil, err
 	}
-	fp := &fakeProxy{t: m.t, instance: ns + "/" + hello.GetWorkload() + "/" + hello.GetInstance(), stream: stream, updates: make(chan *discoveryv1.Update, 100), raw: make(chan *discoveryv1.Update, 100), errs: make(chan error, 1)}
+	fp := &fakeProxy{t: m.t, conn: conn, instance: ns + "/" + hello.GetWorkload() + "/" + hello.GetInstance(), stream: stream, updates: make(chan *discoveryv1.Update, 100), raw: make(chan *discoveryv1.Update, 100), errs: make(chan error, 1)}
 	go func() {
 		// Like a proxy, keep the destinations and merge incremental
 		// updates into them; tests see whole updates (and raw ones).

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -90,9 +91,8 @@ func TestTapStreams(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.settle(orders)
-	open := func(ns, sa, workload, instance string) discoveryv1.Discovery_TapClient {
+	open := func(conn *grpc.ClientConn, workload, instance string) discoveryv1.Discovery_TapClient {
 		t.Helper()
-		conn := m.grpcConn(ns, sa)
 		ts, err := discoveryv1.NewDiscoveryClient(conn).Tap(context.Background())
 		if err != nil {
 			t.Fatal(err)
@@ -102,11 +102,14 @@ func TestTapStreams(t *testing.T) {
 		}
 		return ts
 	}
-	// Another identity of the namespace cannot take orders' taps.
-	if _, err := open("shipping", "billing", "orders", "o1").Recv(); status.Code(err) != codes.PermissionDenied {
-		t.Fatalf("billing's tap stream for orders' instance: %v, want PermissionDenied", err)
+	// Neither another identity of the namespace nor another connection
+	// with orders' own can take its taps.
+	for _, sa := range []string{"billing", "orders"} {
+		if _, err := open(m.grpcConn("shipping", sa), "orders", "o1").Recv(); status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("a tap stream for orders' instance from another connection (%s): %v, want PermissionDenied", sa, err)
+		}
 	}
-	ts := open("shipping", "orders", "orders", "o1")
+	ts := open(orders.conn, "orders", "o1")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var events <-chan push.TapEvent

@@ -27,6 +27,8 @@ type Tapper interface {
 func (c *Client) tap(ctx context.Context, conn grpc.ClientConnInterface) {
 	t := c.cfg.Tapper
 	defer t.StopTaps()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // ends the stream, and so its receiving goroutine
 	stream, err := discoveryv1.NewDiscoveryClient(conn).Tap(ctx)
 	if err == nil {
 		err = stream.Send(&discoveryv1.TapMessage{Message: &discoveryv1.TapMessage_Hello{Hello: &discoveryv1.TapHello{Workload: c.cfg.Workload, Instance: c.cfg.Instance}}})
@@ -36,7 +38,12 @@ func (c *Client) tap(ctx context.Context, conn grpc.ClientConnInterface) {
 		return
 	}
 	recvErr := make(chan error, 1)
+	received := make(chan struct{})
+	// Taps end (StopTaps, deferred first) only once nothing can start one
+	// any more: the stream ends, then its receiving goroutine.
+	defer func() { cancel(); <-received }()
 	go func() {
+		defer close(received)
 		for {
 			req, err := stream.Recv()
 			if err != nil {

@@ -98,12 +98,16 @@ func (p *Proxy) TapEvents() <-chan TapEvent { return p.tap.events }
 // tapped reports whether a tap is active, before building an event.
 func (h *tapHub) tapped() bool { return h.active.Load() }
 
+// MaxTapPath bounds the path and authority of an event.
+const MaxTapPath = 2048
+
 // publish sends ev to every tap whose filter matches and whose rate allows.
 func (h *tapHub) publish(ev TapEvent) {
 	if i := strings.IndexByte(ev.Path, '?'); i >= 0 {
 		ev.Path = ev.Path[:i]
 	}
-	now := ev.Time
+	ev.Path, ev.Authority = cut(ev.Path, MaxTapPath), cut(ev.Authority, MaxTapPath)
+	now := time.Now() // events come in completion order, not ev.Time's
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for id, t := range h.taps {
@@ -123,4 +127,11 @@ func (h *tapHub) publish(ev TapEvent) {
 		default:
 		}
 	}
+}
+
+func cut(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
 }

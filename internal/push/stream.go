@@ -47,6 +47,9 @@ func truncate(s string, n int) string {
 type stream struct {
 	key      string // namespace/workload/instance
 	replaced chan struct{}
+	// ended is closed when the stream's handler returns: the proxy's tap
+	// stream ends with it.
+	ended chan struct{}
 	// sentDests are the destinations the proxy was last sent; nil until
 	// the first update, and after a NACK. Only the stream's own goroutine
 	// uses it.
@@ -149,7 +152,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	now := s.cfg.Now()
 	st := &stream{
 		workload: w, instance: hello.GetInstance(), identity: id, peer: peerAddr,
-		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), replaced: make(chan struct{}), certExpiry: certExpiry, certIssued: certIssued,
+		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), replaced: make(chan struct{}), ended: make(chan struct{}), certExpiry: certExpiry, certIssued: certIssued,
 	}
 	// A proxy that already runs the current version (a reconnect after a
 	// control plane restart) is not sent it again.
@@ -182,6 +185,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			delete(s.owners, st.key)
 		}
 		s.mu.Unlock()
+		close(st.ended)
 		s.cfg.Registry.Disconnect(in.Key(), session, graceful)
 		s.cfg.Log.Info("proxy disconnected", "instance", in.Key(), "graceful", graceful)
 	}()

@@ -36,6 +36,7 @@ type tapStream struct {
 	instance string // namespace/workload/instance
 	workload string // namespace/workload
 	send     chan *discoveryv1.TapRequest
+	done     chan struct{} // closed when the stream's handler returns
 	mu       sync.Mutex
 	taps     map[uint64]bool // the taps sent to this proxy, still running
 }
@@ -54,10 +55,17 @@ type taps struct {
 // after).
 const tapRegistrationWait = 5 * time.Second
 
-// Tap implements discoveryv1.DiscoveryServer.
+// maxTapField bounds each text of a tap event (proxies cut paths at
+// proxy.MaxTapPath).
+const maxTapField = 4096
+
+// Tap implements discoveryv1.DiscoveryServer. A tap stream belongs to the
+// discovery stream of the same instance on the same connection: it is
+// accepted only while that stream owns the instance, and ends with it
+// (and so with its certificate).
 func (s *Server) Tap(ts discoveryv1.Discovery_TapServer) error {
 	ctx := ts.Context()
-	chain, _, err := peerChain(ctx)
+	chain, peerAddr, err := peerChain(ctx)
 	if err != nil {
 		return err
 	}
@@ -65,7 +73,11 @@ func (s *Server) Tap(ts discoveryv1.Discovery_TapServer) error {
 	if err != nil {
 		return status.Errorf(codes.Unauthenticated, "the client certificate is not a valid SVID of this mesh: %v", err)
 	}
-	first, err := ts.Recv()
+	ns, _, err := meshid.Parse(id)
+	if err != nil {
+		return status.Errorf(codes.PermissionDenied, "%s is not a workload identity", id)
+	}
+	first, err := recvWithin(ctx, ts, helloTimeout)
 	if err != nil {
 		return err
 	}
@@ -73,31 +85,20 @@ func (s *Server) Tap(ts discoveryv1.Discovery_TapServer) error {
 	if hello == nil {
 		return status.Error(codes.InvalidArgument, "a tap stream starts with a TapHello")
 	}
-	// The instance must be registered by a proxy with this identity, so a
-	// proxy cannot take another's taps.
-	ns, _, err := meshid.Parse(id)
-	if err != nil {
-		return status.Errorf(codes.PermissionDenied, "%s is not a workload identity", id)
-	}
-	var st *tapStream
+	key := ns + "/" + hello.GetWorkload() + "/" + hello.GetInstance()
+	// The discovery stream registers before it sends the first update,
+	// after which the proxy opens this one; allow for a reconnect race.
+	var owner *stream
 	deadline := time.Now().Add(tapRegistrationWait)
-	for st == nil {
-		for _, in := range s.cfg.Registry.Snapshot().Instances {
-			if in.Namespace != ns || in.Workload != hello.GetWorkload() || in.Instance != hello.GetInstance() {
-				continue
-			}
-			if in.Identity != id.String() {
-				return status.Errorf(codes.PermissionDenied, "instance %s is registered by %s, not %s", in.Key(), in.Identity, id)
-			}
-			if in.DisconnectedAt.IsZero() {
-				st = &tapStream{instance: in.Key(), workload: in.Namespace + "/" + in.Workload, send: make(chan *discoveryv1.TapRequest, 16), taps: map[uint64]bool{}}
-			}
-		}
-		if st != nil {
+	for {
+		s.mu.Lock()
+		owner = s.owners[key]
+		s.mu.Unlock()
+		if owner != nil {
 			break
 		}
 		if time.Now().After(deadline) {
-			return status.Errorf(codes.FailedPrecondition, "no connected instance %s of workload %s with identity %s: open the discovery stream first", hello.GetInstance(), hello.GetWorkload(), id)
+			return status.Errorf(codes.FailedPrecondition, "no discovery stream of instance %s: open it first", key)
 		}
 		select {
 		case <-ctx.Done():
@@ -107,8 +108,16 @@ func (s *Server) Tap(ts discoveryv1.Discovery_TapServer) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+	if owner.identity != id || owner.peer != peerAddr {
+		return status.Errorf(codes.PermissionDenied, "instance %s is served by another connection's proxy", key)
+	}
+	st := &tapStream{instance: key, workload: owner.workload.Ref(), send: make(chan *discoveryv1.TapRequest, 16),
+		taps: map[uint64]bool{}, done: make(chan struct{})}
 	s.tap.add(st)
-	defer s.tap.remove(st)
+	defer func() {
+		s.tap.remove(st)
+		close(st.done)
+	}()
 
 	recvErr := make(chan error, 1)
 	go func() {
@@ -129,6 +138,10 @@ func (s *Server) Tap(ts discoveryv1.Discovery_TapServer) error {
 			return nil
 		case <-s.stopping:
 			return errStopping
+		case <-owner.ended:
+			return status.Error(codes.Aborted, "the discovery stream of this instance ended")
+		case <-owner.replaced:
+			return status.Error(codes.Aborted, "a newer connection took over this instance")
 		case err := <-recvErr:
 			if status.Code(err) == codes.Canceled {
 				return nil
@@ -139,6 +152,27 @@ func (s *Server) Tap(ts discoveryv1.Discovery_TapServer) error {
 				return err
 			}
 		}
+	}
+}
+
+// recvWithin receives the first message of a tap stream, or fails after d.
+func recvWithin(ctx context.Context, ts discoveryv1.Discovery_TapServer, d time.Duration) (*discoveryv1.TapMessage, error) {
+	type result struct {
+		m   *discoveryv1.TapMessage
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		m, err := ts.Recv()
+		ch <- result{m, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.m, r.err
+	case <-time.After(d):
+		return nil, status.Errorf(codes.DeadlineExceeded, "no TapHello within %s", d)
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 }
 
@@ -160,6 +194,11 @@ func (t *taps) remove(st *tapStream) {
 // deliver passes an event of st's proxy to its tap, if st was sent that
 // tap and it still runs; a subscriber that falls behind loses events.
 func (t *taps) deliver(st *tapStream, ev *discoveryv1.TapEvent) {
+	for _, f := range []string{ev.GetSource(), ev.GetDestination(), ev.GetAuthority(), ev.GetMethod(), ev.GetPath(), ev.GetPolicy(), ev.GetDirection(), ev.GetDecision()} {
+		if len(f) > maxTapField {
+			return // not what a proxy sends; not worth buffering
+		}
+	}
 	st.mu.Lock()
 	ok := st.taps[ev.GetTapId()]
 	st.mu.Unlock()
@@ -212,6 +251,7 @@ func (s *Server) StartTap(ctx context.Context, workload string, f TapFilter) (<-
 		st.mu.Unlock()
 		select {
 		case st.send <- req:
+		case <-st.done:
 		case <-ctx.Done():
 		}
 	}
@@ -224,7 +264,7 @@ func (s *Server) StartTap(ctx context.Context, workload string, f TapFilter) (<-
 			st.mu.Unlock()
 			select {
 			case st.send <- stop:
-			default: // the stream is gone or stuck; its proxy's taps end with it
+			case <-st.done: // gone: its proxy's taps ended with it
 			}
 		}
 		t.mu.Lock()
