@@ -71,8 +71,10 @@ type State struct {
 	MeshFile  string    `json:"meshDir"`
 	Replicas  []Replica `json:"replicas"`
 	// Processes are the programs and sidecars started, so that those of a
-	// run that crashed are ended by the next.
+	// run that crashed are ended by the next; BootID tells whether they
+	// could still run (pids and start times repeat across boots).
 	Processes []Started `json:"processes,omitempty"`
+	BootID    string    `json:"bootId,omitempty"`
 }
 
 // Replica is one running replica of a workload.
@@ -234,10 +236,19 @@ func Run(ctx context.Context, opts Options) (err error) {
 	defer unlock()
 	// Holding the locks, whatever is left of an earlier run is a leftover.
 	if prev, err := ReadState(opts.StateDir); err == nil {
-		killStarted(prev.Processes, log)
+		killStarted(prev, log)
 		if prev.Prefix != r.prefix || prev.Isolation != m.Isolation {
-			if err := newPlacement(prev.Isolation, prev.Prefix, opts.StateDir, nil, log).cleanup(); err != nil {
-				return fmt.Errorf("removing leftovers of a previous run: %w", err)
+			// Another placement's leftovers, under its own locks (another
+			// up of it may run from another state directory).
+			old := newPlacement(prev.Isolation, prev.Prefix, opts.StateDir, nil, log)
+			if unlockOld, err := lockRun(old.lockFiles()); err != nil {
+				log.Warn("the previous run's leftovers stay: its locks cannot be taken", "isolation", prev.Isolation, "err", err)
+			} else {
+				err := old.cleanup()
+				unlockOld()
+				if err != nil {
+					log.Warn("removing the previous run's leftovers failed", "isolation", prev.Isolation, "err", err)
+				}
 			}
 		}
 	}
@@ -387,7 +398,7 @@ func CleanupStopped(stateDir string, log *slog.Logger) error {
 		return fmt.Errorf("the mesh is running: %w", err)
 	}
 	defer unlock()
-	killStarted(st.Processes, log)
+	killStarted(st, log)
 	if err := place.cleanup(); err != nil {
 		return err
 	}
@@ -545,15 +556,24 @@ func startTime(pid int) (uint64, error) {
 
 // killStarted ends the process groups of a run that crashed, those whose
 // leader is still the process that run started (not a later one given
-// the same pid).
-func killStarted(ps []Started, log *slog.Logger) {
-	for _, p := range ps {
+// the same pid): same boot, same start time.
+func killStarted(st *State, log *slog.Logger) {
+	if st.BootID == "" || st.BootID != bootID() {
+		return // a reboot ended them all
+	}
+	for _, p := range st.Processes {
 		if start, err := startTime(p.PID); err == nil && start == p.Start {
 			_ = syscall.Kill(-p.PID, syscall.SIGKILL)
 			_ = syscall.Kill(p.PID, syscall.SIGKILL)
 			log.Info("killed a process of a previous run", "pid", p.PID)
 		}
 	}
+}
+
+// bootID identifies this boot of the machine ("" if unknown).
+func bootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
 }
 
 // watchExits reports the first program or sidecar that exits on its own.
@@ -595,7 +615,7 @@ func (r *runner) stopAll() {
 func (r *runner) writeState() error {
 	r.mu.Lock()
 	st := State{PID: os.Getpid(), Prefix: r.prefix, Isolation: r.opts.Mesh.Isolation, MeshFile: r.opts.Mesh.Dir,
-		Replicas: slices.Clone(r.replicas), Processes: slices.Clone(r.processes)}
+		Replicas: slices.Clone(r.replicas), Processes: slices.Clone(r.processes), BootID: bootID()}
 	r.mu.Unlock()
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {

@@ -35,6 +35,23 @@ type sidecarPorts struct {
 	upstream                map[string]uint32 // upstreamKey → the sidecar's listener
 }
 
+// sidecarPortBase is where the sidecars' ports are sought, up to the
+// kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768 unless
+// changed).
+const sidecarPortBase = 20000
+
+func sidecarPortRange() (from, to uint32) {
+	to = 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if low, err := strconv.ParseUint(f[0], 10, 16); err == nil && low > sidecarPortBase+1000 {
+				to = uint32(low)
+			}
+		}
+	}
+	return sidecarPortBase, to
+}
+
 func upstreamKey(s meshfile.Service, port uint32) string {
 	return fmt.Sprintf("%s.%s:%d", s.Name, s.Namespace, port)
 }
@@ -49,8 +66,10 @@ func (p *processPlacement) cleanup() error { return os.RemoveAll(p.runRoot()) }
 
 func (p *processPlacement) runRoot() string { return filepath.Join(p.stateDir, "run") }
 
-// setup picks every sidecar's ports: free loopback ports, held open until
-// all are chosen so that none is picked twice, and none of the programs'.
+// setup picks every sidecar's ports: free loopback ports below the
+// kernel's ephemeral range (so that no connection's source port takes one
+// before its sidecar binds it), none of the programs', held open until
+// all are chosen so that none is picked twice.
 func (p *processPlacement) setup() (string, error) {
 	m := p.mesh
 	taken := map[uint32]bool{}
@@ -65,18 +84,21 @@ func (p *processPlacement) setup() (string, error) {
 			l.Close()
 		}
 	}()
+	next, limit := sidecarPortRange()
 	free := func() (uint32, error) {
-		for {
-			l, err := net.Listen("tcp", "127.0.0.1:0")
+		for ; next < limit; next++ {
+			if taken[next] {
+				continue
+			}
+			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", next))
 			if err != nil {
-				return 0, fmt.Errorf("choosing a port for a sidecar: %w", err)
+				continue // someone else's
 			}
 			held = append(held, l)
-			if port := uint32(l.Addr().(*net.TCPAddr).Port); !taken[port] {
-				taken[port] = true
-				return port, nil
-			}
+			taken[next] = true
+			return next, nil
 		}
+		return 0, fmt.Errorf("no free loopback port from %d to %d for the sidecars", sidecarPortBase, limit)
 	}
 	p.ports = map[string]*sidecarPorts{}
 	for _, w := range m.Workloads {

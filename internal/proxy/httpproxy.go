@@ -138,6 +138,14 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, tbl *routeT
 		up.Close()
 		return
 	}
+	// The HTTP server forgets a hijacked connection: track it, so that
+	// shutdown drains the tunnel like any relayed stream.
+	if !p.track(c) {
+		c.Close()
+		up.Close()
+		return
+	}
+	defer p.untrack(c)
 	// The server's header deadline must not cut the tunnel.
 	_ = c.SetDeadline(time.Time{})
 	if _, err = brw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err == nil {
