@@ -38,6 +38,9 @@ func FuzzParse(f *testing.F) {
 		"a: &a [*a, *a]\n",
 		"apiVersion: v1\nkind: List\nitems: [{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: x}}]\n",
 		"apiVersion: security.trellis.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY, rules: [{from: [{source: {notIpBlocks: ['10.0.0.0/8'], namespaces: ['*']}}]}]}\n",
+		"apiVersion: networking.trellis.dev/v1\nkind: ServiceEntry\nmetadata: {name: e}\nspec: {hosts: [a.example.com], ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}], resolution: STATIC, endpoints: [{address: 127.0.0.1, ports: {http: 8443}}]}\n---\n" +
+			"apiVersion: networking.trellis.dev/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: a.example.com, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: c, privateKey: k, caCertificates: ca, sni: a.example.com, subjectAltNames: [a.example.com]}}}\n---\n" +
+			"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec: {hosts: [a.example.com], http: [{match: [{port: 80}], route: [{destination: {host: a.example.com, port: {number: 80}}}]}]}\n",
 	} {
 		f.Add([]byte(s))
 	}

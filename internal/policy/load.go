@@ -21,6 +21,9 @@ import (
 type Set struct {
 	PeerAuthentications   []*PeerAuthentication
 	AuthorizationPolicies []*AuthorizationPolicy
+	ServiceEntries        []*ServiceEntry
+	DestinationRules      []*DestinationRule
+	VirtualServices       []*VirtualService
 	// Skipped lists documents of other kinds (ServiceEntry, Deployment…)
 	// that share the directory; their own loaders read them.
 	Skipped []Skipped
@@ -167,6 +170,9 @@ func parse(inputs []input) (*Set, error) {
 	slices.SortStableFunc(set.AuthorizationPolicies, func(a, b *AuthorizationPolicy) int {
 		return compareMeta(a.Metadata, b.Metadata)
 	})
+	slices.SortStableFunc(set.ServiceEntries, func(a, b *ServiceEntry) int { return compareMeta(a.Metadata, b.Metadata) })
+	slices.SortStableFunc(set.DestinationRules, func(a, b *DestinationRule) int { return compareMeta(a.Metadata, b.Metadata) })
+	slices.SortStableFunc(set.VirtualServices, func(a, b *VirtualService) int { return compareMeta(a.Metadata, b.Metadata) })
 	return set, nil
 }
 
@@ -295,7 +301,16 @@ func decodeObject(set *Set, loc Location, prefix string, tree any) Errors {
 	}
 	ours := kind == KindPeerAuthentication || kind == KindAuthorizationPolicy
 	securityGroup := group == Group || group == IstioGroup
+	networkingKinds := []string{KindServiceEntry, KindDestinationRule, KindVirtualService}
+	networking := slices.Contains(networkingKinds, kind)
+	networkingGroup := group == NetworkingGroup || group == IstioNetworkingGroup
 	switch {
+	case networking && ((group == NetworkingGroup && version == "v1") || (group == IstioNetworkingGroup && slices.Contains([]string{"v1", "v1beta1", "v1alpha3"}, version))):
+	case !ours && (networkingGroup && similar(kind, networkingKinds) != "" || networking):
+		return wrap("", []*Error{{Field: "apiVersion", Message: fmt.Sprintf("%s %s is not supported; use apiVersion %s (%s/v1, v1beta1 and v1alpha3 are accepted as aliases) and kind %s, %s or %s",
+			apiVersion, kind, NetworkingAPIVersion, IstioNetworkingGroup, KindServiceEntry, KindDestinationRule, KindVirtualService)}})
+	case networkingGroup && !ours:
+		return wrap("", []*Error{{Field: "kind", Message: fmt.Sprintf("unknown or unsupported kind %q in %s; allowed: %s, %s, %s", kind, group, KindServiceEntry, KindDestinationRule, KindVirtualService)}})
 	case kind == "List" && apiVersion == "v1":
 		var errs Errors
 		d.list("items", m["items"], func(p string, _ int, e any) {
@@ -352,6 +367,43 @@ func decodeObject(set *Set, loc Location, prefix string, tree any) Errors {
 		}
 		set.Warnings = append(set.Warnings, wrap(resource, warnings)...)
 		set.AuthorizationPolicies = append(set.AuthorizationPolicies, ap)
+	case KindServiceEntry:
+		se := &ServiceEntry{APIVersion: apiVersion, Location: loc}
+		d.object("", m, append(top, field{"spec", func(p string, v any) { d.serviceEntrySpec(p, v, &se.Spec) }}), nil)
+		se.Metadata = meta
+		defaultMetadata(&se.Metadata)
+		resource := kind + " " + se.Metadata.Ref()
+		errs, warnings := se.Validate()
+		if errs = merge(d.errs, errs); len(errs) > 0 {
+			return wrap(resource, errs)
+		}
+		set.Warnings = append(set.Warnings, wrap(resource, warnings)...)
+		set.ServiceEntries = append(set.ServiceEntries, se)
+	case KindDestinationRule:
+		dr := &DestinationRule{APIVersion: apiVersion, Location: loc}
+		d.object("", m, append(top, field{"spec", func(p string, v any) { d.destinationRuleSpec(p, v, &dr.Spec) }}), nil)
+		dr.Metadata = meta
+		defaultMetadata(&dr.Metadata)
+		resource := kind + " " + dr.Metadata.Ref()
+		errs, warnings := dr.Validate()
+		if errs = merge(d.errs, errs); len(errs) > 0 {
+			return wrap(resource, errs)
+		}
+		dr.resolveFiles()
+		set.Warnings = append(set.Warnings, wrap(resource, warnings)...)
+		set.DestinationRules = append(set.DestinationRules, dr)
+	case KindVirtualService:
+		vs := &VirtualService{APIVersion: apiVersion, Location: loc}
+		d.object("", m, append(top, field{"spec", func(p string, v any) { d.virtualServiceSpec(p, v, &vs.Spec) }}), nil)
+		vs.Metadata = meta
+		defaultMetadata(&vs.Metadata)
+		resource := kind + " " + vs.Metadata.Ref()
+		errs, warnings := vs.Validate()
+		if errs = merge(d.errs, errs); len(errs) > 0 {
+			return wrap(resource, errs)
+		}
+		set.Warnings = append(set.Warnings, wrap(resource, warnings)...)
+		set.VirtualServices = append(set.VirtualServices, vs)
 	}
 	return nil
 }
@@ -390,7 +442,16 @@ func checkDuplicates(set *Set) Errors {
 	for _, ap := range set.AuthorizationPolicies {
 		check(KindAuthorizationPolicy, ap.Metadata, ap.Location)
 	}
-	return errs
+	for _, se := range set.ServiceEntries {
+		check(KindServiceEntry, se.Metadata, se.Location)
+	}
+	for _, dr := range set.DestinationRules {
+		check(KindDestinationRule, dr.Metadata, dr.Location)
+	}
+	for _, vs := range set.VirtualServices {
+		check(KindVirtualService, vs.Metadata, vs.Location)
+	}
+	return append(errs, checkNetworking(set)...)
 }
 
 // merge adds to the decoding problems the validation problems about other

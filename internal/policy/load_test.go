@@ -44,8 +44,8 @@ func TestLoadDirMixed(t *testing.T) {
 	}
 	if diff := cmp.Diff([]Skipped{{
 		Location:   Location{File: filepath.Join("testdata", "mixed", "policies.yaml"), Document: 1, Line: 5},
-		APIVersion: "networking.istio.io/v1",
-		Kind:       "ServiceEntry",
+		APIVersion: "apps/v1",
+		Kind:       "Deployment",
 	}}, set.Skipped); diff != "" {
 		t.Errorf("skipped (-want +got):\n%s", diff)
 	}
