@@ -21,7 +21,11 @@ func ProxyUpdate(u *discoveryv1.Update) (proxy.Update, error) {
 	}
 	out := proxy.Update{Version: u.GetVersion(), Labels: u.GetWorkload().GetLabels(), Policies: set}
 	for _, d := range u.GetDestinations() {
-		o := config.Outbound{Service: d.GetService(), Port: d.GetPort(), Protocol: config.Protocol(d.GetProtocol()), Addresses: d.GetAddresses()}
+		o := config.Outbound{Service: d.GetService(), Port: d.GetPort(), Protocol: config.Protocol(d.GetProtocol()), Addresses: d.GetAddresses(), External: d.GetExternal()}
+		if t := d.GetTls(); t != nil {
+			o.TLS = &config.OriginateTLS{Mode: t.GetMode(), ClientCertificate: t.GetClientCertificate(), PrivateKey: t.GetPrivateKey(),
+				CACertificates: t.GetCaCertificates(), SNI: t.GetSni(), SubjectAltNames: t.GetSubjectAltNames(), InsecureSkipVerify: t.GetInsecureSkipVerify()}
+		}
 		for _, e := range d.GetEndpoints() {
 			o.Endpoints = append(o.Endpoints, config.Endpoint{Address: e.GetAddress(), Identity: e.GetIdentity()})
 		}

@@ -64,7 +64,7 @@ func (p *Proxy) Apply(u Update) error {
 		}
 	}
 	prev := p.table.Load()
-	tbl, err := buildTable(p.opts.Config.Outbound, u.Destinations, prev, p.mesh)
+	tbl, err := buildTable(p.opts.Config.Outbound, u.Destinations, prev, p.mesh, p.dialer)
 	if err != nil {
 		return fmt.Errorf("apply %s: %w", u.Version, err)
 	}
@@ -75,6 +75,9 @@ func (p *Proxy) Apply(u Update) error {
 	// peer; they get a pool of their own, which closes after them.
 	for _, pe := range retiredPeers(prev, tbl) {
 		pe.retire()
+	}
+	for _, o := range retiredExternals(prev, tbl) {
+		o.retire()
 	}
 	if st != nil {
 		p.policies.Store(st)

@@ -160,7 +160,7 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, tbl *routeT
 	// are in the server's reader.
 	tunnel := &peekConn{Conn: c, r: brw.Reader, meta: metaFrom(r.Context())}
 	if ep != nil {
-		p.relayMesh(tunnel, up, ep)
+		p.relayMesh(tunnel, up, ep, rt.tlsLabel())
 		return
 	}
 	p.relayOutside(tunnel, up)

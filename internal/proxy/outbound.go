@@ -29,6 +29,18 @@ type route struct {
 	protocol  config.Protocol
 	endpoints []endpoint // empty while the service has no ready instance
 	next      atomic.Uint64
+	// external is set for a destination outside the mesh: its endpoints
+	// have no identity, and it says how to reach them.
+	external *originator
+}
+
+// tlsLabel is the route's metrics tls label: mesh routes are mutual TLS;
+// an external one is TLS when the proxy originates it.
+func (r *route) tlsLabel() string {
+	if r.external != nil && !r.external.secured() {
+		return "false"
+	}
+	return "true"
 }
 
 type endpoint struct {
@@ -41,9 +53,17 @@ type endpoint struct {
 }
 
 // newRoute builds the route of a validated destination; peerFor supplies
-// the connection pool of each endpoint.
-func newRoute(out config.Outbound, peerFor func(addr string, id spiffeid.ID) *peer) *route {
+// the connection pool of each mesh endpoint, external the originator of an
+// external destination.
+func newRoute(out config.Outbound, peerFor func(addr string, id spiffeid.ID) *peer, external func(config.Outbound) *originator) *route {
 	r := &route{service: out.Service, protocol: out.Protocol}
+	if out.External {
+		r.external = external(out)
+		for _, ep := range out.Endpoints {
+			r.endpoints = append(r.endpoints, endpoint{addr: ep.Address, label: out.Service})
+		}
+		return r
+	}
 	for _, ep := range out.Endpoints {
 		id := spiffeid.RequireFromString(ep.Identity) // validated with the table
 		r.endpoints = append(r.endpoints, endpoint{addr: ep.Address, id: id, label: id.String(), peer: peerFor(ep.Address, id)})
@@ -105,7 +125,7 @@ func (p *Proxy) serveOutboundTCP(c net.Conn, rt *route) {
 		p.refuse(c, "outbound", err.reason, "service", rt.service, "err", fmt.Sprint(err.err))
 		return
 	}
-	p.relayMesh(c, up, ep)
+	p.relayMesh(c, up, ep, rt.tlsLabel())
 }
 
 // routeError says why no endpoint of a route could be reached.
@@ -127,6 +147,19 @@ func (p *Proxy) dialRoute(rt *route) (net.Conn, *endpoint, *routeError) {
 	if len(rt.endpoints) == 0 {
 		return nil, nil, &routeError{reason: "destination has no endpoints"}
 	}
+	if rt.external != nil {
+		ep := rt.pick()
+		ctx, cancel := context.WithTimeout(context.Background(), dialTimeout+handshakeTimeout)
+		defer cancel()
+		up, err := rt.external.dial(ctx, ep.addr)
+		if err != nil {
+			if p.logLimit.allow("external/" + rt.service) {
+				p.log.Error("external destination unreachable", "host", rt.service, "endpoint", ep.addr, "err", err)
+			}
+			return nil, nil, &routeError{reason: "external destination unreachable", err: err}
+		}
+		return up, ep, nil
+	}
 	var lastErr error
 	for range rt.endpoints {
 		ep := rt.pick()
@@ -145,13 +178,14 @@ func (p *Proxy) dialRoute(rt *route) (net.Conn, *endpoint, *routeError) {
 	return nil, nil, &routeError{reason: "no endpoint reachable", err: lastErr}
 }
 
-// relayMesh relays the application's stream c over up, the mTLS stream to
-// ep, until both directions end.
-func (p *Proxy) relayMesh(c, up net.Conn, ep *endpoint) {
+// relayMesh relays the application's stream c over up, the stream to ep
+// (mTLS to a mesh endpoint; to an external one, as its route says), until
+// both directions end.
+func (p *Proxy) relayMesh(c, up net.Conn, ep *endpoint, tlsLabel string) {
 	if p.metrics != nil {
-		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), ep.label, "true", "allow", "").Inc()
+		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), ep.label, tlsLabel, "allow", "").Inc()
 	}
-	p.relay(c, up, "outbound", p.selfLabel(), ep.label, "true")
+	p.relay(c, up, "outbound", p.selfLabel(), ep.label, tlsLabel)
 }
 
 func (p *Proxy) logSecureNaming(ep *endpoint, err error) {
@@ -210,8 +244,12 @@ func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 		if call.used != nil {
 			dest = call.used.label
 		}
-		p.metrics.requests.WithLabelValues("outbound", m.peerLabel, dest, "true", "", "", statusClass(rec.status)).Inc()
-		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, dest, "true").Observe(time.Since(start).Seconds())
+		tlsLabel := "true"
+		if call.route != nil {
+			tlsLabel = call.route.tlsLabel()
+		}
+		p.metrics.requests.WithLabelValues("outbound", m.peerLabel, dest, tlsLabel, "", "", statusClass(rec.status)).Inc()
+		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, dest, tlsLabel).Observe(time.Since(start).Seconds())
 	}
 	if p.tap.tapped() {
 		dest := "unreachable"
@@ -259,9 +297,20 @@ func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
 	if call == nil || call.route == nil || len(call.route.endpoints) == 0 {
 		return nil, errors.New("no endpoint to send the request to")
 	}
-	svid := f.mesh.p.opts.Identity.Current()
 	eps := call.route.endpoints
 	first := Pick(call.route.next.Add(1)-1, len(eps))
+	if ext := call.route.external; ext != nil {
+		// Outside the mesh: one endpoint, over the originator's pooled
+		// connections (TLS when the DestinationRule says so).
+		ep := &eps[first]
+		call.used = ep
+		out := *req
+		u := *req.URL
+		u.Scheme, u.Host = ext.scheme(), ep.addr
+		out.URL = &u
+		return ext.transport.RoundTrip(&out)
+	}
+	svid := f.mesh.p.opts.Identity.Current()
 	// A transport closes the body when it fails, even before sending any of
 	// it; keep it open across attempts and close it once at the end.
 	var body *retryBody

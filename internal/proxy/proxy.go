@@ -173,7 +173,7 @@ func New(opts Options) (*Proxy, error) {
 	}
 	p.appHTTP1, p.appH2C = newAppTransports(p.dialer)
 	p.mesh = newMeshTransport(p)
-	tbl, err := buildTable(cfg.Outbound, nil, nil, p.mesh)
+	tbl, err := buildTable(cfg.Outbound, nil, nil, p.mesh, p.dialer)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: outbound: %w", err)
 	}

@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -38,6 +39,9 @@ type routeTable struct {
 	// whose address and identity stay the same carries over to the next
 	// table, so that an update does not reconnect to it.
 	peers map[string]*peer
+	// externals are the originators of external destinations, by what
+	// they do (originatorKey); they carry over likewise.
+	externals map[string]*originator
 }
 
 // outboundTarget is what an application's connection was made to, which
@@ -81,7 +85,7 @@ func (t *routeTable) resolve(target outboundTarget) *route {
 // claimed twice, an endpoint with two identities) is an error. Peers of
 // prev that are still wanted are reused; buildTable changes nothing else,
 // so a failed update leaves no trace.
-func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTransport) (*routeTable, error) {
+func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTransport, dialer *net.Dialer) (*routeTable, error) {
 	if prev == nil {
 		prev = &routeTable{}
 	}
@@ -142,6 +146,19 @@ func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTran
 		byHost:    map[hostPort]*route{},
 		listeners: make([]*route, len(static)),
 		peers:     map[string]*peer{},
+		externals: map[string]*originator{},
+	}
+	external := func(out config.Outbound) *originator {
+		k := originatorKey(out.Service, out.TLS)
+		if o, ok := t.externals[k]; ok {
+			return o
+		}
+		o, ok := prev.externals[k]
+		if !ok {
+			o = newOriginator(out.Service, out.TLS, dialer)
+		}
+		t.externals[k] = o
+		return o
 	}
 	peerFor := func(addr string, id spiffeid.ID) *peer {
 		if pe, ok := t.peers[addr]; ok {
@@ -156,12 +173,14 @@ func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTran
 	}
 	byOut := make([]*route, len(outs))
 	for k, out := range outs {
-		rt := newRoute(out, peerFor)
+		rt := newRoute(out, peerFor, external)
 		byOut[k] = rt
 		for _, a := range out.Addresses {
 			t.byAddr[canonicalAddr(a)] = rt
 		}
-		if out.Port != 0 {
+		if out.External {
+			t.byHost[hostPort{strings.TrimSuffix(strings.ToLower(out.Service), "."), out.Port}] = rt
+		} else if out.Port != 0 {
 			for _, name := range meshid.ServiceHostNames(out.Service) {
 				t.byHost[hostPort{name, out.Port}] = rt
 			}
@@ -171,6 +190,9 @@ func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTran
 	// a headless service): that goes through the mesh too, to that
 	// endpoint only, with its identity checked.
 	for _, rt := range byOut {
+		if rt.external != nil {
+			continue // reached by name; its endpoints are not the mesh's
+		}
 		for _, ep := range rt.endpoints {
 			if _, ok := t.byAddr[canonicalAddr(ep.addr)]; !ok {
 				t.byAddr[canonicalAddr(ep.addr)] = &route{service: rt.service, protocol: rt.protocol, endpoints: []endpoint{ep}}
@@ -217,6 +239,17 @@ func checkPushed(pushed []config.Outbound) error {
 		seen[k] = j
 	}
 	return errors.Join(errs...)
+}
+
+// retiredExternals returns the originators of old that new no longer uses.
+func retiredExternals(old, new *routeTable) []*originator {
+	var gone []*originator
+	for k, o := range old.externals {
+		if new.externals[k] != o {
+			gone = append(gone, o)
+		}
+	}
+	return gone
 }
 
 // retiredPeers returns the peers of old that new no longer uses: their

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"net"
 	"strings"
 	"testing"
 
@@ -142,7 +143,7 @@ func TestBuildTable(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tbl, err := buildTable(tc.static, tc.pushed, nil, &meshTransport{})
+			tbl, err := buildTable(tc.static, tc.pushed, nil, &meshTransport{}, &net.Dialer{})
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
@@ -163,7 +164,7 @@ func TestBuildTable(t *testing.T) {
 // table, not in the caller's destinations.
 func TestBuildTableDoesNotModifyItsInput(t *testing.T) {
 	pushed := []config.Outbound{{Service: "orders-api.shipping", Protocol: "mysql"}}
-	if _, err := buildTable(nil, pushed, nil, &meshTransport{}); err != nil {
+	if _, err := buildTable(nil, pushed, nil, &meshTransport{}, &net.Dialer{}); err != nil {
 		t.Fatal(err)
 	}
 	if pushed[0].Protocol != "mysql" {
@@ -179,7 +180,7 @@ func TestPeersCarryOver(t *testing.T) {
 	mt := &meshTransport{}
 	build := func(prev *routeTable, eps ...config.Endpoint) *routeTable {
 		t.Helper()
-		tbl, err := buildTable(nil, []config.Outbound{{Service: "orders-api.shipping", Endpoints: eps}}, prev, mt)
+		tbl, err := buildTable(nil, []config.Outbound{{Service: "orders-api.shipping", Endpoints: eps}}, prev, mt, &net.Dialer{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -216,7 +217,7 @@ func FuzzBuildTable(f *testing.F) {
 			{Service: service, Port: port, Protocol: config.Protocol(protocol), Addresses: []string{addr}, Endpoints: []config.Endpoint{{Address: epAddr, Identity: id}}},
 			{Service: "payments.shipping", Endpoints: []config.Endpoint{{Address: "10.0.0.1:15006", Identity: "spiffe://cluster.local/ns/shipping/sa/payments"}}},
 		}
-		tbl, err := buildTable(static, pushed, nil, &meshTransport{})
+		tbl, err := buildTable(static, pushed, nil, &meshTransport{}, &net.Dialer{})
 		if err != nil {
 			return
 		}

@@ -1009,7 +1009,13 @@ type Destination struct {
 	Addresses []string `protobuf:"bytes,4,rep,name=addresses,proto3" json:"addresses,omitempty"`
 	// endpoints are the instances serving it and the identity each must
 	// prove (secure naming).
-	Endpoints     []*Endpoint `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	Endpoints []*Endpoint `protobuf:"bytes,5,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	// external marks a destination outside the mesh (a ServiceEntry host):
+	// service is its host name, its endpoints have no identity and their
+	// addresses may be host names (looked up when connecting), and tls is
+	// what the sidecar originates.
+	External      bool          `protobuf:"varint,6,opt,name=external,proto3" json:"external,omitempty"`
+	Tls           *OriginateTLS `protobuf:"bytes,7,opt,name=tls,proto3" json:"tls,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1079,6 +1085,115 @@ func (x *Destination) GetEndpoints() []*Endpoint {
 	return nil
 }
 
+func (x *Destination) GetExternal() bool {
+	if x != nil {
+		return x.External
+	}
+	return false
+}
+
+func (x *Destination) GetTls() *OriginateTLS {
+	if x != nil {
+		return x.Tls
+	}
+	return nil
+}
+
+// OriginateTLS is the TLS a sidecar originates to an external destination
+// (a DestinationRule's tls). Files are read by the proxy, and read again
+// when they change.
+type OriginateTLS struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Mode               string                 `protobuf:"bytes,1,opt,name=mode,proto3" json:"mode,omitempty"` // DISABLE, SIMPLE or MUTUAL
+	ClientCertificate  string                 `protobuf:"bytes,2,opt,name=client_certificate,json=clientCertificate,proto3" json:"client_certificate,omitempty"`
+	PrivateKey         string                 `protobuf:"bytes,3,opt,name=private_key,json=privateKey,proto3" json:"private_key,omitempty"`
+	CaCertificates     string                 `protobuf:"bytes,4,opt,name=ca_certificates,json=caCertificates,proto3" json:"ca_certificates,omitempty"`
+	Sni                string                 `protobuf:"bytes,5,opt,name=sni,proto3" json:"sni,omitempty"`
+	SubjectAltNames    []string               `protobuf:"bytes,6,rep,name=subject_alt_names,json=subjectAltNames,proto3" json:"subject_alt_names,omitempty"`
+	InsecureSkipVerify bool                   `protobuf:"varint,7,opt,name=insecure_skip_verify,json=insecureSkipVerify,proto3" json:"insecure_skip_verify,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *OriginateTLS) Reset() {
+	*x = OriginateTLS{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OriginateTLS) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OriginateTLS) ProtoMessage() {}
+
+func (x *OriginateTLS) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OriginateTLS.ProtoReflect.Descriptor instead.
+func (*OriginateTLS) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *OriginateTLS) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *OriginateTLS) GetClientCertificate() string {
+	if x != nil {
+		return x.ClientCertificate
+	}
+	return ""
+}
+
+func (x *OriginateTLS) GetPrivateKey() string {
+	if x != nil {
+		return x.PrivateKey
+	}
+	return ""
+}
+
+func (x *OriginateTLS) GetCaCertificates() string {
+	if x != nil {
+		return x.CaCertificates
+	}
+	return ""
+}
+
+func (x *OriginateTLS) GetSni() string {
+	if x != nil {
+		return x.Sni
+	}
+	return ""
+}
+
+func (x *OriginateTLS) GetSubjectAltNames() []string {
+	if x != nil {
+		return x.SubjectAltNames
+	}
+	return nil
+}
+
+func (x *OriginateTLS) GetInsecureSkipVerify() bool {
+	if x != nil {
+		return x.InsecureSkipVerify
+	}
+	return false
+}
+
 type Endpoint struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Address       string                 `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
@@ -1089,7 +1204,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1101,7 +1216,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1114,7 +1229,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Endpoint) GetAddress() string {
@@ -1149,7 +1264,7 @@ type Metadata struct {
 
 func (x *Metadata) Reset() {
 	*x = Metadata{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1161,7 +1276,7 @@ func (x *Metadata) String() string {
 func (*Metadata) ProtoMessage() {}
 
 func (x *Metadata) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1174,7 +1289,7 @@ func (x *Metadata) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metadata.ProtoReflect.Descriptor instead.
 func (*Metadata) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Metadata) GetName() string {
@@ -1235,7 +1350,7 @@ type PeerAuthentication struct {
 
 func (x *PeerAuthentication) Reset() {
 	*x = PeerAuthentication{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1247,7 +1362,7 @@ func (x *PeerAuthentication) String() string {
 func (*PeerAuthentication) ProtoMessage() {}
 
 func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1260,7 +1375,7 @@ func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerAuthentication.ProtoReflect.Descriptor instead.
 func (*PeerAuthentication) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PeerAuthentication) GetMetadata() *Metadata {
@@ -1300,7 +1415,7 @@ type Selector struct {
 
 func (x *Selector) Reset() {
 	*x = Selector{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1312,7 +1427,7 @@ func (x *Selector) String() string {
 func (*Selector) ProtoMessage() {}
 
 func (x *Selector) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1325,7 +1440,7 @@ func (x *Selector) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Selector.ProtoReflect.Descriptor instead.
 func (*Selector) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Selector) GetMatchLabels() map[string]string {
@@ -1348,7 +1463,7 @@ type AuthorizationPolicy struct {
 
 func (x *AuthorizationPolicy) Reset() {
 	*x = AuthorizationPolicy{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1360,7 +1475,7 @@ func (x *AuthorizationPolicy) String() string {
 func (*AuthorizationPolicy) ProtoMessage() {}
 
 func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1373,7 +1488,7 @@ func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationPolicy.ProtoReflect.Descriptor instead.
 func (*AuthorizationPolicy) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AuthorizationPolicy) GetMetadata() *Metadata {
@@ -1415,7 +1530,7 @@ type Rule struct {
 
 func (x *Rule) Reset() {
 	*x = Rule{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1427,7 +1542,7 @@ func (x *Rule) String() string {
 func (*Rule) ProtoMessage() {}
 
 func (x *Rule) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1440,7 +1555,7 @@ func (x *Rule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rule.ProtoReflect.Descriptor instead.
 func (*Rule) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Rule) GetFrom() []*Source {
@@ -1478,7 +1593,7 @@ type Source struct {
 
 func (x *Source) Reset() {
 	*x = Source{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1605,7 @@ func (x *Source) String() string {
 func (*Source) ProtoMessage() {}
 
 func (x *Source) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1618,7 @@ func (x *Source) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Source.ProtoReflect.Descriptor instead.
 func (*Source) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{20}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Source) GetPrincipals() []string {
@@ -1564,7 +1679,7 @@ type Operation struct {
 
 func (x *Operation) Reset() {
 	*x = Operation{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1576,7 +1691,7 @@ func (x *Operation) String() string {
 func (*Operation) ProtoMessage() {}
 
 func (x *Operation) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1589,7 +1704,7 @@ func (x *Operation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Operation.ProtoReflect.Descriptor instead.
 func (*Operation) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{21}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Operation) GetHosts() []string {
@@ -1659,7 +1774,7 @@ type Condition struct {
 
 func (x *Condition) Reset() {
 	*x = Condition{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1786,7 @@ func (x *Condition) String() string {
 func (*Condition) ProtoMessage() {}
 
 func (x *Condition) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1799,7 @@ func (x *Condition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Condition.ProtoReflect.Descriptor instead.
 func (*Condition) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{22}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Condition) GetKey() string {
@@ -1783,13 +1898,24 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\x06labels\x18\x04 \x03(\v2*.trellis.discovery.v1.Workload.LabelsEntryR\x06labels\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb3\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x85\x02\n" +
 	"\vDestination\x12\x18\n" +
 	"\aservice\x18\x01 \x01(\tR\aservice\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12\x1a\n" +
 	"\bprotocol\x18\x03 \x01(\tR\bprotocol\x12\x1c\n" +
 	"\taddresses\x18\x04 \x03(\tR\taddresses\x12<\n" +
-	"\tendpoints\x18\x05 \x03(\v2\x1e.trellis.discovery.v1.EndpointR\tendpoints\"@\n" +
+	"\tendpoints\x18\x05 \x03(\v2\x1e.trellis.discovery.v1.EndpointR\tendpoints\x12\x1a\n" +
+	"\bexternal\x18\x06 \x01(\bR\bexternal\x124\n" +
+	"\x03tls\x18\a \x01(\v2\".trellis.discovery.v1.OriginateTLSR\x03tls\"\x8b\x02\n" +
+	"\fOriginateTLS\x12\x12\n" +
+	"\x04mode\x18\x01 \x01(\tR\x04mode\x12-\n" +
+	"\x12client_certificate\x18\x02 \x01(\tR\x11clientCertificate\x12\x1f\n" +
+	"\vprivate_key\x18\x03 \x01(\tR\n" +
+	"privateKey\x12'\n" +
+	"\x0fca_certificates\x18\x04 \x01(\tR\x0ecaCertificates\x12\x10\n" +
+	"\x03sni\x18\x05 \x01(\tR\x03sni\x12*\n" +
+	"\x11subject_alt_names\x18\x06 \x03(\tR\x0fsubjectAltNames\x120\n" +
+	"\x14insecure_skip_verify\x18\a \x01(\bR\x12insecureSkipVerify\"@\n" +
 	"\bEndpoint\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x1a\n" +
 	"\bidentity\x18\x02 \x01(\tR\bidentity\"\xa7\x03\n" +
@@ -1870,7 +1996,7 @@ func file_discovery_v1_discovery_proto_rawDescGZIP() []byte {
 	return file_discovery_v1_discovery_proto_rawDescData
 }
 
-var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_discovery_v1_discovery_proto_goTypes = []any{
 	(*TapMessage)(nil),          // 0: trellis.discovery.v1.TapMessage
 	(*TapHello)(nil),            // 1: trellis.discovery.v1.TapHello
@@ -1886,20 +2012,21 @@ var file_discovery_v1_discovery_proto_goTypes = []any{
 	(*DestinationKey)(nil),      // 11: trellis.discovery.v1.DestinationKey
 	(*Workload)(nil),            // 12: trellis.discovery.v1.Workload
 	(*Destination)(nil),         // 13: trellis.discovery.v1.Destination
-	(*Endpoint)(nil),            // 14: trellis.discovery.v1.Endpoint
-	(*Metadata)(nil),            // 15: trellis.discovery.v1.Metadata
-	(*PeerAuthentication)(nil),  // 16: trellis.discovery.v1.PeerAuthentication
-	(*Selector)(nil),            // 17: trellis.discovery.v1.Selector
-	(*AuthorizationPolicy)(nil), // 18: trellis.discovery.v1.AuthorizationPolicy
-	(*Rule)(nil),                // 19: trellis.discovery.v1.Rule
-	(*Source)(nil),              // 20: trellis.discovery.v1.Source
-	(*Operation)(nil),           // 21: trellis.discovery.v1.Operation
-	(*Condition)(nil),           // 22: trellis.discovery.v1.Condition
-	nil,                         // 23: trellis.discovery.v1.Workload.LabelsEntry
-	nil,                         // 24: trellis.discovery.v1.Metadata.LabelsEntry
-	nil,                         // 25: trellis.discovery.v1.Metadata.AnnotationsEntry
-	nil,                         // 26: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	nil,                         // 27: trellis.discovery.v1.Selector.MatchLabelsEntry
+	(*OriginateTLS)(nil),        // 14: trellis.discovery.v1.OriginateTLS
+	(*Endpoint)(nil),            // 15: trellis.discovery.v1.Endpoint
+	(*Metadata)(nil),            // 16: trellis.discovery.v1.Metadata
+	(*PeerAuthentication)(nil),  // 17: trellis.discovery.v1.PeerAuthentication
+	(*Selector)(nil),            // 18: trellis.discovery.v1.Selector
+	(*AuthorizationPolicy)(nil), // 19: trellis.discovery.v1.AuthorizationPolicy
+	(*Rule)(nil),                // 20: trellis.discovery.v1.Rule
+	(*Source)(nil),              // 21: trellis.discovery.v1.Source
+	(*Operation)(nil),           // 22: trellis.discovery.v1.Operation
+	(*Condition)(nil),           // 23: trellis.discovery.v1.Condition
+	nil,                         // 24: trellis.discovery.v1.Workload.LabelsEntry
+	nil,                         // 25: trellis.discovery.v1.Metadata.LabelsEntry
+	nil,                         // 26: trellis.discovery.v1.Metadata.AnnotationsEntry
+	nil,                         // 27: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	nil,                         // 28: trellis.discovery.v1.Selector.MatchLabelsEntry
 }
 var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	1,  // 0: trellis.discovery.v1.TapMessage.hello:type_name -> trellis.discovery.v1.TapHello
@@ -1910,33 +2037,34 @@ var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	9,  // 5: trellis.discovery.v1.ProxyMessage.heartbeat:type_name -> trellis.discovery.v1.Heartbeat
 	6,  // 6: trellis.discovery.v1.Hello.ports:type_name -> trellis.discovery.v1.PortAddress
 	12, // 7: trellis.discovery.v1.Update.workload:type_name -> trellis.discovery.v1.Workload
-	16, // 8: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
-	18, // 9: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
+	17, // 8: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
+	19, // 9: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
 	13, // 10: trellis.discovery.v1.Update.destinations:type_name -> trellis.discovery.v1.Destination
 	11, // 11: trellis.discovery.v1.Update.removed_destinations:type_name -> trellis.discovery.v1.DestinationKey
-	23, // 12: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
-	14, // 13: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
-	24, // 14: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
-	25, // 15: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
-	15, // 16: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
-	17, // 17: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
-	26, // 18: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	27, // 19: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
-	15, // 20: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
-	17, // 21: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
-	19, // 22: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
-	20, // 23: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
-	21, // 24: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
-	22, // 25: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
-	4,  // 26: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
-	0,  // 27: trellis.discovery.v1.Discovery.Tap:input_type -> trellis.discovery.v1.TapMessage
-	10, // 28: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
-	2,  // 29: trellis.discovery.v1.Discovery.Tap:output_type -> trellis.discovery.v1.TapRequest
-	28, // [28:30] is the sub-list for method output_type
-	26, // [26:28] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	24, // 12: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
+	15, // 13: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
+	14, // 14: trellis.discovery.v1.Destination.tls:type_name -> trellis.discovery.v1.OriginateTLS
+	25, // 15: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
+	26, // 16: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
+	16, // 17: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
+	18, // 18: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
+	27, // 19: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	28, // 20: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
+	16, // 21: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
+	18, // 22: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
+	20, // 23: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
+	21, // 24: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
+	22, // 25: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
+	23, // 26: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
+	4,  // 27: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
+	0,  // 28: trellis.discovery.v1.Discovery.Tap:input_type -> trellis.discovery.v1.TapMessage
+	10, // 29: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
+	2,  // 30: trellis.discovery.v1.Discovery.Tap:output_type -> trellis.discovery.v1.TapRequest
+	29, // [29:31] is the sub-list for method output_type
+	27, // [27:29] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_discovery_v1_discovery_proto_init() }
@@ -1960,7 +2088,7 @@ func file_discovery_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_discovery_v1_discovery_proto_rawDesc), len(file_discovery_v1_discovery_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   28,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -9,6 +9,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -125,6 +126,22 @@ type Outbound struct {
 	// sends some (and whenever the service has no ready instance), requests
 	// get 503 and TCP connections are closed.
 	Endpoints []Endpoint `yaml:"endpoints" json:"endpoints,omitempty"`
+	// External marks a destination outside the mesh: Service is its host
+	// name, its endpoints have no identity (their addresses may be host
+	// names), and TLS is what the proxy originates (nil: plain).
+	External bool          `yaml:"external" json:"external,omitempty"`
+	TLS      *OriginateTLS `yaml:"tls" json:"tls,omitempty"`
+}
+
+// OriginateTLS is the TLS the proxy originates to an external destination.
+type OriginateTLS struct {
+	Mode               string   `yaml:"mode" json:"mode"` // DISABLE, SIMPLE or MUTUAL
+	ClientCertificate  string   `yaml:"clientCertificate" json:"clientCertificate,omitempty"`
+	PrivateKey         string   `yaml:"privateKey" json:"privateKey,omitempty"`
+	CACertificates     string   `yaml:"caCertificates" json:"caCertificates,omitempty"`
+	SNI                string   `yaml:"sni" json:"sni,omitempty"`
+	SubjectAltNames    []string `yaml:"subjectAltNames" json:"subjectAltNames,omitempty"`
+	InsecureSkipVerify bool     `yaml:"insecureSkipVerify" json:"insecureSkipVerify,omitempty"`
 }
 
 // Endpoint is one instance of a destination and the identity it must prove.
@@ -281,14 +298,21 @@ func ValidateOutbound(outs []Outbound, field func(i int) string) error {
 				addrs[canonical(ap)] = af
 			}
 		}
+		if err := normalizeProtocol(&outs[i].Protocol); err != nil {
+			bad(f+".protocol", "%v", err)
+		}
+		if out.External {
+			validateExternal(out, f, bad)
+			continue
+		}
+		if out.TLS != nil {
+			bad(f+".tls", "is for external destinations: mesh destinations are always mutual TLS")
+		}
 		if name, ns, ok := strings.Cut(out.Service, "."); !ok || meshid.ValidateName("service", name) != nil || meshid.ValidateName("namespace", ns) != nil {
 			bad(f+".service", "%q is not of the form name.namespace", out.Service)
 		}
 		if out.Port > 65535 {
 			bad(f+".port", "must be a port number from 1 to 65535, or 0 for a service's only port")
-		}
-		if err := normalizeProtocol(&outs[i].Protocol); err != nil {
-			bad(f+".protocol", "%v", err)
 		}
 		for j, ep := range out.Endpoints {
 			ef := fmt.Sprintf("%s.endpoints[%d]", f, j)
@@ -354,4 +378,37 @@ func (c *Config) ListenAddrs() []string {
 		out = append(out, c.HTTPProxy)
 	}
 	return out
+}
+
+// validateExternal checks a destination outside the mesh: a host name,
+// endpoints at host:port without identity, and a TLS mode the proxy can
+// originate.
+func validateExternal(out Outbound, f string, bad func(string, string, ...any)) {
+	if out.Service == "" || strings.ContainsAny(out.Service, "/:@ ") {
+		bad(f+".service", "%q is not a host name", out.Service)
+	}
+	if out.Port == 0 || out.Port > 65535 {
+		bad(f+".port", "must be a port number from 1 to 65535")
+	}
+	for j, ep := range out.Endpoints {
+		ef := fmt.Sprintf("%s.endpoints[%d]", f, j)
+		host, port, err := net.SplitHostPort(ep.Address)
+		if err != nil || host == "" || port == "" || port == "0" {
+			bad(ef+".address", "%q is not host:port", ep.Address)
+		}
+		if ep.Identity != "" {
+			bad(ef+".identity", "must be empty: an endpoint outside the mesh has no mesh identity")
+		}
+	}
+	if t := out.TLS; t != nil {
+		switch t.Mode {
+		case "DISABLE", "SIMPLE":
+		case "MUTUAL":
+			if t.ClientCertificate == "" || t.PrivateKey == "" {
+				bad(f+".tls", "mode MUTUAL needs clientCertificate and privateKey")
+			}
+		default:
+			bad(f+".tls.mode", "%q is not DISABLE, SIMPLE or MUTUAL", t.Mode)
+		}
+	}
 }
