@@ -29,7 +29,6 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
-	"google.golang.org/protobuf/proto"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
 	"github.com/trellis-mesh/trellis/internal/ca"
@@ -38,7 +37,6 @@ import (
 	"github.com/trellis-mesh/trellis/internal/jointoken"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/policy"
-	"github.com/trellis-mesh/trellis/internal/policy/policypb"
 	"github.com/trellis-mesh/trellis/internal/push"
 	"github.com/trellis-mesh/trellis/internal/registry"
 	"github.com/trellis-mesh/trellis/internal/statefile"
@@ -55,7 +53,7 @@ const (
 	registrationsFile = "registrations.json"
 	// lastGoodFile keeps the last valid resources, so that a restart
 	// while the directory holds a rejected edit starts from them.
-	lastGoodFile = "resources-last-good.pb"
+	lastGoodFile = "resources-last-good.json"
 	// restoreGrace keeps restored registrations long enough for proxies
 	// to reconnect: their backoff reaches a minute (plus jitter).
 	restoreGrace    = 3 * time.Minute
@@ -365,7 +363,7 @@ func (cp *ControlPlane) writeEndpoints() error {
 // control plane kept running; with nothing saved, startup fails.
 func (cp *ControlPlane) loadInitial() error {
 	stamp := dirwatch.Stamp(cp.cfg.Resources)
-	set, err := policy.LoadDir(cp.cfg.Resources)
+	set, err := cp.loadResources()
 	if err == nil {
 		cp.install(set, stamp)
 		return nil
@@ -384,9 +382,40 @@ func (cp *ControlPlane) loadInitial() error {
 	return nil
 }
 
+// loadResources loads the resource directory and checks what the loader
+// cannot alone: a ServiceEntry host must not be a mesh service's name,
+// which the sidecars route as the service.
+func (cp *ControlPlane) loadResources() (*policy.Set, error) {
+	set, err := policy.LoadDir(cp.cfg.Resources)
+	if err != nil {
+		return nil, err
+	}
+	names := map[string]string{}
+	for _, s := range cp.cfg.Services {
+		for _, n := range meshid.ServiceHostNames(s.Name + "." + s.Namespace) {
+			names[n] = s.Namespace + "/" + s.Name
+		}
+	}
+	var errs policy.Errors
+	for _, se := range set.ServiceEntries {
+		for i, h := range se.Spec.Hosts {
+			if svc, ok := names[strings.ToLower(strings.TrimSuffix(h, "."))]; ok {
+				errs = append(errs, &policy.Error{File: se.Location.File, Document: se.Location.Document, Line: se.Location.Line,
+					Resource: policy.KindServiceEntry + " " + se.Metadata.Ref(), Field: fmt.Sprintf("spec.hosts[%d]", i),
+					Message: fmt.Sprintf("%s is the name of mesh service %s, reached over the mesh's mTLS: a ServiceEntry names hosts outside the mesh", h, svc)})
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	return set, nil
+}
+
+// saveLastGood keeps the files of a valid set: every kind of resource, as
+// written, parsed again at a restart that finds the directory invalid.
 func (cp *ControlPlane) saveLastGood(set *policy.Set) {
-	pas, aps := policypb.FromSet(set)
-	data, err := proto.Marshal(&discoveryv1.Update{PeerAuthentications: pas, AuthorizationPolicies: aps})
+	data, err := json.Marshal(set.Sources)
 	if err == nil {
 		err = statefile.WriteAtomic(filepath.Join(cp.cfg.StateDir, lastGoodFile), data, 0o600)
 	}
@@ -400,11 +429,11 @@ func (cp *ControlPlane) loadLastGood() (*policy.Set, error) {
 	if err != nil {
 		return nil, err
 	}
-	var u discoveryv1.Update
-	if err := proto.Unmarshal(data, &u); err != nil {
-		return nil, err
+	var sources []policy.SourceFile
+	if err := json.Unmarshal(data, &sources); err != nil {
+		return nil, fmt.Errorf("%s: %w", lastGoodFile, err)
 	}
-	return policypb.ToSet(u.GetPeerAuthentications(), u.GetAuthorizationPolicies())
+	return policy.ParseSources(sources)
 }
 
 // reload loads the resource directory after a change; an invalid directory
@@ -417,7 +446,7 @@ func (cp *ControlPlane) reload() {
 	if stamp == cp.resourceStamp() {
 		return
 	}
-	set, err := policy.LoadDir(cp.cfg.Resources)
+	set, err := cp.loadResources()
 	if err != nil {
 		cp.mu.Lock()
 		cp.stamp = stamp
@@ -461,6 +490,7 @@ func (cp *ControlPlane) install(set *policy.Set, stamp string) {
 	for _, w := range set.Warnings {
 		cp.resources.Warnings = append(cp.resources.Warnings, ResourceError{File: w.File, Line: w.Line, Resource: w.Resource, Field: w.Field, Message: w.Message})
 	}
+	cp.resources.Warnings = append(cp.resources.Warnings, tlsFileWarnings(set, time.Now())...)
 	cp.mu.Unlock()
 	cp.push.SetPolicies(set)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -121,6 +122,8 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 			return NoSidecar
 		case identity == "passthrough":
 			return OutsideMesh
+		case identity != "" && !strings.HasPrefix(identity, "spiffe://"):
+			return identity + " " + OutsideMesh // a ServiceEntry host
 		case identity != "":
 			return identity
 		}
@@ -161,8 +164,8 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 		case e.MTLS:
 		case e.SourceIdentity == "unknown":
 			et.Plaintext = "the caller has no sidecar (PERMISSIVE let it in; STRICT would refuse it)"
-		case e.DestinationIdentity == "passthrough":
-			et.Plaintext = "the destination is outside the mesh"
+		case !strings.HasPrefix(e.DestinationIdentity, "spiffe://"):
+			et.Plaintext = "the destination is outside the mesh (originate TLS to it with a DestinationRule)"
 		default:
 			et.Plaintext = "not mutual TLS"
 		}

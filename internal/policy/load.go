@@ -31,6 +31,24 @@ type Set struct {
 	Warnings []*Error
 	// Files are the files read, in order.
 	Files []string
+	// Sources are their contents as read, so that a valid set can be kept
+	// and parsed again (ParseSources) without the files.
+	Sources []SourceFile
+}
+
+// SourceFile is one file's name and content.
+type SourceFile struct {
+	Name string `json:"name"`
+	Data []byte `json:"data"`
+}
+
+// ParseSources parses files' contents as LoadFiles would the files.
+func ParseSources(sources []SourceFile) (*Set, error) {
+	inputs := make([]input, 0, len(sources))
+	for _, s := range sources {
+		inputs = append(inputs, input{name: s.Name, data: s.Data})
+	}
+	return parse(inputs)
 }
 
 // Skipped is a document of a kind this package does not handle.
@@ -151,6 +169,7 @@ func parse(inputs []input) (*Set, error) {
 	var errs Errors
 	for _, in := range inputs {
 		set.Files = append(set.Files, in.name)
+		set.Sources = append(set.Sources, SourceFile{Name: in.name, Data: in.data})
 		if len(in.data) > maxFileSize {
 			errs = append(errs, &Error{File: in.name, Message: "file is too large for a policy file; split it"})
 			continue

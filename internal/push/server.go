@@ -264,7 +264,7 @@ func (s *Server) recompute() {
 	defer s.recomputing.Unlock()
 	snap := s.cfg.Registry.Snapshot()
 	set := s.policies.Load()
-	dests := destinations(snap.Destinations())
+	dests := append(destinations(snap.Destinations()), externalDestinations(set)...)
 	table := newDestTable(dests)
 	pas, aps := policypb.FromSet(set)
 	// The destinations are the same for every workload: hash them once

@@ -3,6 +3,7 @@ package telemetry
 import (
 	"cmp"
 	"maps"
+	"strings"
 	"slices"
 	"time"
 )
@@ -205,7 +206,7 @@ type RuleDecisions struct {
 // EdgeTraffic is the traffic of one caller → callee pair. Inbound edges
 // are measured by the callee's proxy (the caller is an identity, "unknown"
 // when it came in plaintext); outbound edges by the caller's, for
-// destinations outside the mesh ("passthrough").
+// destinations outside the mesh ("passthrough", or a ServiceEntry host).
 type EdgeTraffic struct {
 	// SourceIdentity is the caller's SPIFFE ID, "unknown" for plaintext.
 	SourceIdentity string `json:"sourceIdentity"`
@@ -275,7 +276,8 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 			switch {
 			case e.Direction == "inbound":
 				return ekey{src: e.Source, dst: t.target.Identity, dstWorkload: t.target.Workload, tls: e.TLS, by: "inbound"}, true
-			case e.Direction == "outbound" && e.Destination == "passthrough":
+			case e.Direction == "outbound" && e.Destination != "unreachable" && !strings.HasPrefix(e.Destination, "spiffe://"):
+				// Outside the mesh: passed through, or a ServiceEntry host.
 				return ekey{src: t.target.Identity, srcWorkload: t.target.Workload, dst: e.Destination, tls: e.TLS, by: "outbound"}, true
 			}
 			return ekey{}, false

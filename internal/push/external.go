@@ -1,0 +1,93 @@
+package push
+
+import (
+	"slices"
+	"strconv"
+	"strings"
+
+	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
+	"github.com/trellis-mesh/trellis/internal/policy"
+)
+
+// externalDestinations turns the ServiceEntries, with their DestinationRules
+// and VirtualServices, into the destinations every proxy may call outside
+// the mesh: one per host and port the application dials, its endpoints the
+// entry's (or the host itself) at the port traffic goes to — the port's
+// targetPort, or the port a VirtualService routes it to — and the TLS the
+// DestinationRule asks for on that port.
+func externalDestinations(set *policy.Set) []*discoveryv1.Destination {
+	if set == nil {
+		return nil
+	}
+	rules := map[string]*policy.DestinationRule{}
+	for _, dr := range set.DestinationRules {
+		rules[strings.ToLower(dr.Spec.Host)] = dr
+	}
+	routes := map[string]uint32{} // "host:port" → the port it is sent to
+	for _, vs := range set.VirtualServices {
+		for _, r := range vs.Spec.PortRoutes {
+			routes[strings.ToLower(r.Host)+":"+strconv.Itoa(int(r.Port))] = r.To
+		}
+	}
+	var out []*discoveryv1.Destination
+	for _, se := range set.ServiceEntries {
+		byNumber := map[uint32]policy.ServiceEntryPort{}
+		for _, p := range se.Spec.Ports {
+			byNumber[p.Number] = p
+		}
+		for _, h := range se.Spec.Hosts {
+			h = strings.ToLower(strings.TrimSuffix(h, "."))
+			for _, p := range se.Spec.Ports {
+				to := p
+				if n, ok := routes[h+":"+strconv.Itoa(int(p.Number))]; ok {
+					to = byNumber[n]
+				}
+				d := &discoveryv1.Destination{Service: h, Port: p.Number, Protocol: appProtocol(p.Protocol), External: true}
+				target := to.TargetPort
+				if target == 0 {
+					target = to.Number
+				}
+				if len(se.Spec.Endpoints) == 0 {
+					d.Endpoints = []*discoveryv1.Endpoint{{Address: joinHostPort(h, target)}}
+				}
+				for _, ep := range se.Spec.Endpoints {
+					port := target
+					if n, ok := ep.Ports[to.Name]; ok {
+						port = n
+					}
+					d.Endpoints = append(d.Endpoints, &discoveryv1.Endpoint{Address: joinHostPort(ep.Address, port)})
+				}
+				if dr := rules[h]; dr != nil {
+					if t := dr.Spec.For(to.Number); t != nil && t.Mode != policy.TLSDisable {
+						d.Tls = &discoveryv1.OriginateTLS{Mode: t.Mode, ClientCertificate: t.ClientCertificate, PrivateKey: t.PrivateKey,
+							CaCertificates: t.CACertificates, Sni: t.SNI, SubjectAltNames: slices.Clone(t.SubjectAltNames), InsecureSkipVerify: t.InsecureSkipVerify}
+					}
+				}
+				out = append(out, d)
+			}
+		}
+	}
+	return out
+}
+
+// appProtocol is how the proxy handles what the application sends to a
+// ServiceEntry port: HTTP it parses; HTTPS and TLS (the application's own
+// TLS) and TCP it relays.
+func appProtocol(p string) string {
+	switch strings.ToUpper(p) {
+	case "HTTP":
+		return "http"
+	case "HTTP2":
+		return "http2"
+	case "GRPC":
+		return "grpc"
+	}
+	return "tcp"
+}
+
+func joinHostPort(host string, port uint32) string {
+	if strings.Contains(host, ":") {
+		return "[" + host + "]:" + strconv.Itoa(int(port))
+	}
+	return host + ":" + strconv.Itoa(int(port))
+}
