@@ -3,8 +3,8 @@ package telemetry
 import (
 	"cmp"
 	"maps"
-	"strings"
 	"slices"
+	"strings"
 	"time"
 )
 
