@@ -45,9 +45,14 @@ type Config struct {
 	// GracePeriod is how long a disconnected proxy's endpoints stay in
 	// service, so a proxy restart or a network blip does not remove them;
 	// 30s unless set ("0s" removes them at once).
-	GracePeriod *Duration  `yaml:"gracePeriod"`
-	Workloads   []Workload `yaml:"workloads"`
-	Services    []Service  `yaml:"services"`
+	GracePeriod *Duration `yaml:"gracePeriod"`
+	// OutboundTrafficPolicy says what sidecars do with traffic to a
+	// destination that is neither a mesh service nor a ServiceEntry host:
+	// pass it through (ALLOW_ANY, the default) or refuse it
+	// (REGISTRY_ONLY), as Istio's mesh setting of that name.
+	OutboundTrafficPolicy *OutboundTrafficPolicy `yaml:"outboundTrafficPolicy"`
+	Workloads             []Workload             `yaml:"workloads"`
+	Services              []Service              `yaml:"services"`
 	// UnmeshedWorkloads run without a sidecar: no proxy registers as
 	// them, and traffic views list them as not meshed, so that operators
 	// see what the mesh does not secure yet.
@@ -58,6 +63,16 @@ type Config struct {
 type UnmeshedWorkload struct {
 	Namespace string `yaml:"namespace"`
 	Name      string `yaml:"name"`
+}
+
+// OutboundTrafficPolicy is the mesh's policy for unknown destinations.
+type OutboundTrafficPolicy struct {
+	Mode string `yaml:"mode"` // ALLOW_ANY or REGISTRY_ONLY
+}
+
+// RegistryOnly reports whether unknown destinations are refused.
+func (c *Config) RegistryOnly() bool {
+	return c.OutboundTrafficPolicy != nil && c.OutboundTrafficPolicy.Mode == "REGISTRY_ONLY"
 }
 
 // Duration is a time.Duration written as "30s", "2m".
@@ -196,6 +211,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Listen == c.AdminListen && !strings.HasSuffix(c.Listen, ":0") {
 		bad("adminListen", "is the same address as listen; give each its own port")
+	}
+	if p := c.OutboundTrafficPolicy; p != nil && p.Mode != "ALLOW_ANY" && p.Mode != "REGISTRY_ONLY" {
+		bad("outboundTrafficPolicy.mode", "%q is not ALLOW_ANY or REGISTRY_ONLY", p.Mode)
 	}
 	if c.GracePeriod != nil && *c.GracePeriod < 0 {
 		bad("gracePeriod", "must not be negative")

@@ -163,11 +163,12 @@ func New(opts Options) (*ControlPlane, error) {
 		return nil, err
 	}
 	pushServer = push.New(push.Config{
-		Registry: cp.registry,
-		Verify:   cp.verifyPeer,
-		Coalesce: opts.Coalesce,
-		Encoded:  true,
-		Log:      log.With("component", "push"),
+		Registry:     cp.registry,
+		Verify:       cp.verifyPeer,
+		Coalesce:     opts.Coalesce,
+		RegistryOnly: cfg.RegistryOnly(),
+		Encoded:      true,
+		Log:          log.With("component", "push"),
 	})
 	cp.push = pushServer
 	cp.telemetry = newCollector(cp)

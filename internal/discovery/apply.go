@@ -19,7 +19,7 @@ func ProxyUpdate(u *discoveryv1.Update) (proxy.Update, error) {
 	if err != nil {
 		return proxy.Update{}, fmt.Errorf("policies: %w", err)
 	}
-	out := proxy.Update{Version: u.GetVersion(), Labels: u.GetWorkload().GetLabels(), Policies: set}
+	out := proxy.Update{Version: u.GetVersion(), Labels: u.GetWorkload().GetLabels(), Policies: set, RegistryOnly: u.GetRegistryOnly()}
 	for _, d := range u.GetDestinations() {
 		o := config.Outbound{Service: d.GetService(), Port: d.GetPort(), Protocol: config.Protocol(d.GetProtocol()), Addresses: d.GetAddresses(), External: d.GetExternal()}
 		if t := d.GetTls(); t != nil {

@@ -38,13 +38,16 @@ const (
 
 // Mesh is the mesh file.
 type Mesh struct {
-	APIVersion  string     `yaml:"apiVersion"`
-	Kind        string     `yaml:"kind"`
-	TrustDomain string     `yaml:"trustDomain"`
-	Isolation   string     `yaml:"isolation"`
-	Policies    string     `yaml:"policies"`
-	Workloads   []Workload `yaml:"workloads"`
-	Services    []Service  `yaml:"services"`
+	APIVersion  string `yaml:"apiVersion"`
+	Kind        string `yaml:"kind"`
+	TrustDomain string `yaml:"trustDomain"`
+	Isolation   string `yaml:"isolation"`
+	Policies    string `yaml:"policies"`
+	// OutboundTrafficPolicy is the mesh's policy for destinations that are
+	// neither mesh services nor ServiceEntry hosts (ALLOW_ANY by default).
+	OutboundTrafficPolicy *controlplane.OutboundTrafficPolicy `yaml:"outboundTrafficPolicy"`
+	Workloads             []Workload                          `yaml:"workloads"`
+	Services              []Service                           `yaml:"services"`
 
 	// Dir is the directory of the file; commands and paths are relative
 	// to it.
@@ -295,7 +298,7 @@ func (m *Mesh) Validate() error {
 		// What the control plane checks (service ports, protocols) is
 		// reported now, against the mesh file, not after start.
 		if err := m.ControlPlane(m.Dir, "127.0.0.1:1", "127.0.0.1:2").Validate(); err != nil {
-			bad("services", "%v", err)
+			errs = append(errs, err) // its field paths are the mesh file's
 		}
 	}
 	return errors.Join(errs...)
@@ -365,7 +368,7 @@ func (m *Mesh) ControlPlane(stateDir, listen, adminListen string) *controlplane.
 	c := &controlplane.Config{
 		APIVersion: "trellis.dev/v1", Kind: "ControlPlane",
 		TrustDomain: m.TrustDomain, StateDir: stateDir, Listen: listen, AdminListen: adminListen,
-		Resources: m.Path(m.Policies), GracePeriod: &grace,
+		Resources: m.Path(m.Policies), GracePeriod: &grace, OutboundTrafficPolicy: m.OutboundTrafficPolicy,
 	}
 	for _, w := range m.Workloads {
 		if !w.Injected() {

@@ -32,6 +32,10 @@ type Update struct {
 	// outbound entry of the same service and port, whose listener then
 	// follows it.
 	Destinations []config.Outbound
+	// RegistryOnly refuses destinations that are not in Destinations (nor
+	// the static configuration) instead of passing them through: the
+	// mesh's outboundTrafficPolicy REGISTRY_ONLY.
+	RegistryOnly bool
 }
 
 // ErrPoliciesFromDirectory is returned by Apply for an update that carries
@@ -69,6 +73,7 @@ func (p *Proxy) Apply(u Update) error {
 		return fmt.Errorf("apply %s: %w", u.Version, err)
 	}
 	tbl.version = u.Version
+	tbl.registryOnly = u.RegistryOnly
 
 	p.table.Store(tbl)
 	// Requests that resolved a route of prev may still reach a retired

@@ -59,6 +59,10 @@ func (p *Proxy) proxyRoute(w http.ResponseWriter, r *http.Request, tbl *routeTab
 		http.Error(w, "trellis: the request names the sidecar itself; it would loop", http.StatusLoopDetected)
 		return nil
 	}
+	if tbl.registryOnly {
+		p.refuseRequest(w, r.URL.Host)
+		return nil
+	}
 	p.forwardOutside(w, r)
 	return nil
 }
@@ -125,6 +129,9 @@ func (p *Proxy) serveConnect(w http.ResponseWriter, r *http.Request, tbl *routeT
 		}
 	case p.isOwnListener(hp):
 		http.Error(w, "trellis: the tunnel names the sidecar itself; it would loop", http.StatusLoopDetected)
+		return
+	case tbl.registryOnly:
+		p.refuseRequest(w, r.Host)
 		return
 	default:
 		if up, err = p.dialer.DialContext(r.Context(), "tcp", r.Host); err != nil {
@@ -202,4 +209,20 @@ func parseHostPort(s string, defaultPort uint32) (hostPort, error) {
 		return hostPort{}, fmt.Errorf("%q is not host:port", s)
 	}
 	return hostPort{host: strings.TrimSuffix(strings.ToLower(host), "."), port: uint32(port)}, nil
+}
+
+// refusedRegistryOnly is the refusal reason of traffic to a destination
+// outside the registry under outboundTrafficPolicy REGISTRY_ONLY.
+const refusedRegistryOnly = "not in the registry (REGISTRY_ONLY)"
+
+// refuseRequest answers a request for a destination outside the registry
+// under REGISTRY_ONLY, and counts it as a refusal.
+func (p *Proxy) refuseRequest(w http.ResponseWriter, dst string) {
+	if p.metrics != nil {
+		p.metrics.refused.WithLabelValues("outbound", refusedRegistryOnly).Inc()
+	}
+	if p.logLimit.allow("outbound/" + refusedRegistryOnly) {
+		p.log.Warn("request refused", "direction", "outbound", "reason", refusedRegistryOnly, "dst", dst)
+	}
+	http.Error(w, fmt.Sprintf("trellis: %s is neither a mesh service nor a ServiceEntry host, and the mesh's outboundTrafficPolicy is REGISTRY_ONLY: add a ServiceEntry for it", dst), http.StatusBadGateway)
 }

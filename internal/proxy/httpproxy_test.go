@@ -115,6 +115,21 @@ func TestHTTPProxyListener(t *testing.T) {
 			t.Errorf("CONNECT %s: %d, want %d", target, code, want)
 		}
 	}
+	// REGISTRY_ONLY: what is neither a mesh service nor a ServiceEntry host
+	// is refused, and counted.
+	mustApply(t, checkout, Update{Version: "v2", RegistryOnly: true, Destinations: []config.Outbound{
+		{Service: "orders-api.shipping", Port: 80, Protocol: config.ProtocolHTTP, Endpoints: []config.Endpoint{{Address: httpIn, Identity: ordersID}}},
+	}})
+	if code, body := getBody(t, client, fmt.Sprintf("http://127.0.0.1:%d/", outside)); code != http.StatusBadGateway || !strings.Contains(body, "REGISTRY_ONLY") {
+		t.Errorf("outside the registry: %d %q, want 502 naming REGISTRY_ONLY", code, body)
+	}
+	if _, code := connect(t, proxyAddr, fmt.Sprintf("127.0.0.1:%d", outsideEcho)); code != http.StatusBadGateway {
+		t.Errorf("CONNECT outside the registry: %d, want 502", code)
+	}
+	if code, _ := getBody(t, client, "http://orders-api.shipping/"); code != 200 {
+		t.Errorf("a mesh service under REGISTRY_ONLY: %d", code)
+	}
+
 	// The edges are told apart: through the mesh, and passed through.
 	var out strings.Builder
 	families, err := reg.Gather()

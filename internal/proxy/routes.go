@@ -42,6 +42,9 @@ type routeTable struct {
 	// externals are the originators of external destinations, by what
 	// they do (originatorKey); they carry over likewise.
 	externals map[string]*originator
+	// registryOnly refuses what the table has no route for instead of
+	// passing it through (outboundTrafficPolicy REGISTRY_ONLY).
+	registryOnly bool
 }
 
 // outboundTarget is what an application's connection was made to, which

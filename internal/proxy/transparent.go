@@ -52,8 +52,13 @@ func (p *Proxy) handleTransparentOutbound(c net.Conn) {
 		p.refuse(c, "outbound", "direct connection to the outbound capture port")
 		return
 	}
-	if rt, ok := p.table.Load().byAddr[dst]; ok {
+	tbl := p.table.Load()
+	if rt, ok := tbl.byAddr[dst]; ok {
 		p.handleOutbound(c, rt, outboundTarget{listener: -1, dst: dst})
+		return
+	}
+	if tbl.registryOnly {
+		p.refuse(c, "outbound", refusedRegistryOnly, "dst", dst.String())
 		return
 	}
 	p.passthrough(c, dst.String())

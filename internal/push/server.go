@@ -53,6 +53,9 @@ type Config struct {
 	Now      func() time.Time
 	// Pushes, when set, counts the updates sent.
 	Pushes func()
+	// RegistryOnly refuses destinations outside the registry (mesh
+	// services and ServiceEntry hosts) instead of passing them through.
+	RegistryOnly bool
 	// Encoded says the gRPC server runs with Codec, so updates are
 	// encoded once per view rather than once per stream.
 	Encoded bool
@@ -274,7 +277,8 @@ func (s *Server) recompute() {
 	views := make(map[string]*view, len(snap.Declarations.Workloads))
 	for _, w := range snap.Declarations.Workloads {
 		u := &discoveryv1.Update{
-			Workload: &discoveryv1.Workload{Namespace: w.Namespace, Name: w.Name, ServiceAccount: w.ServiceAccount, Labels: w.Labels},
+			Workload:     &discoveryv1.Workload{Namespace: w.Namespace, Name: w.Name, ServiceAccount: w.ServiceAccount, Labels: w.Labels},
+			RegistryOnly: s.cfg.RegistryOnly,
 		}
 		for _, pa := range pas {
 			if applies(pa.GetMetadata(), pa.GetSelector(), w) {

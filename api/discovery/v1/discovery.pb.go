@@ -793,8 +793,12 @@ type Update struct {
 	// always whole.
 	Incremental         bool              `protobuf:"varint,6,opt,name=incremental,proto3" json:"incremental,omitempty"`
 	RemovedDestinations []*DestinationKey `protobuf:"bytes,7,rep,name=removed_destinations,json=removedDestinations,proto3" json:"removed_destinations,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// registry_only is the mesh's outboundTrafficPolicy REGISTRY_ONLY: a
+	// destination that is neither a mesh service nor a ServiceEntry host is
+	// refused, not passed through.
+	RegistryOnly  bool `protobuf:"varint,8,opt,name=registry_only,json=registryOnly,proto3" json:"registry_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Update) Reset() {
@@ -874,6 +878,13 @@ func (x *Update) GetRemovedDestinations() []*DestinationKey {
 		return x.RemovedDestinations
 	}
 	return nil
+}
+
+func (x *Update) GetRegistryOnly() bool {
+	if x != nil {
+		return x.RegistryOnly
+	}
+	return false
 }
 
 type DestinationKey struct {
@@ -1879,7 +1890,7 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\"\t\n" +
 	"\aGoodbye\"\v\n" +
-	"\tHeartbeat\"\xdf\x03\n" +
+	"\tHeartbeat\"\x84\x04\n" +
 	"\x06Update\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12:\n" +
 	"\bworkload\x18\x02 \x01(\v2\x1e.trellis.discovery.v1.WorkloadR\bworkload\x12[\n" +
@@ -1887,7 +1898,8 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\x16authorization_policies\x18\x04 \x03(\v2).trellis.discovery.v1.AuthorizationPolicyR\x15authorizationPolicies\x12E\n" +
 	"\fdestinations\x18\x05 \x03(\v2!.trellis.discovery.v1.DestinationR\fdestinations\x12 \n" +
 	"\vincremental\x18\x06 \x01(\bR\vincremental\x12W\n" +
-	"\x14removed_destinations\x18\a \x03(\v2$.trellis.discovery.v1.DestinationKeyR\x13removedDestinations\">\n" +
+	"\x14removed_destinations\x18\a \x03(\v2$.trellis.discovery.v1.DestinationKeyR\x13removedDestinations\x12#\n" +
+	"\rregistry_only\x18\b \x01(\bR\fregistryOnly\">\n" +
 	"\x0eDestinationKey\x12\x18\n" +
 	"\aservice\x18\x01 \x01(\tR\aservice\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\"\xe4\x01\n" +
