@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/testing/protocmp"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
@@ -69,4 +70,40 @@ func TestApplyMergesIncrementalUpdates(t *testing.T) {
 		t.Fatalf("version after refusals = %s, want v3", c.Version())
 	}
 	step(&discoveryv1.Update{Version: "v6", Destinations: []*discoveryv1.Destination{dest("a.n", 80)}}, dest("a.n", 80))
+}
+
+// TestApplyKeepsEveryOtherField: whatever an update carries besides its
+// destinations reaches Apply, from a whole update and from an incremental
+// one. The test fails when a field is added to Update and not set here, so
+// that a new field cannot be dropped by the merge unnoticed.
+func TestApplyKeepsEveryOtherField(t *testing.T) {
+	full := &discoveryv1.Update{
+		Version:               "v1",
+		Workload:              &discoveryv1.Workload{Namespace: "n", Name: "w", ServiceAccount: "w", Labels: map[string]string{"app": "w"}},
+		PeerAuthentications:   []*discoveryv1.PeerAuthentication{{Metadata: &discoveryv1.Metadata{Name: "pa", Namespace: "n"}, MtlsMode: "STRICT"}},
+		AuthorizationPolicies: []*discoveryv1.AuthorizationPolicy{{Metadata: &discoveryv1.Metadata{Name: "ap", Namespace: "n"}, Action: "ALLOW"}},
+		RegistryOnly:          true,
+	}
+	skip := map[string]bool{"destinations": true, "incremental": true, "removed_destinations": true}
+	fields := full.ProtoReflect().Descriptor().Fields()
+	for i := range fields.Len() {
+		if f := fields.Get(i); !skip[string(f.Name())] && !full.ProtoReflect().Has(f) {
+			t.Fatalf("Update.%s is not set in this test: set it, and make sure Client.apply passes it on", f.Name())
+		}
+	}
+	var applied *discoveryv1.Update
+	c, err := New(Config{Holder: &identity.Holder{}, Apply: func(u *discoveryv1.Update) error { applied = u; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, incremental := range []bool{false, true} {
+		u := proto.Clone(full).(*discoveryv1.Update)
+		u.Incremental = incremental
+		if err := c.apply(u); err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(full, applied, protocmp.Transform(), protocmp.IgnoreFields(&discoveryv1.Update{}, "destinations")); diff != "" {
+			t.Fatalf("incremental=%v: what Apply got (-want +got):\n%s", incremental, diff)
+		}
+	}
 }

@@ -146,7 +146,7 @@ func (v *view) deltaFrom(from *destTable) *delta {
 	u := &discoveryv1.Update{
 		Version: v.update.GetVersion(), Workload: v.update.GetWorkload(),
 		PeerAuthentications: v.update.GetPeerAuthentications(), AuthorizationPolicies: v.update.GetAuthorizationPolicies(),
-		Incremental: true,
+		RegistryOnly: v.update.GetRegistryOnly(), Incremental: true,
 	}
 	for _, d := range v.update.GetDestinations() {
 		k := destKey{d.GetService(), d.GetPort()}
