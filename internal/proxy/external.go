@@ -169,6 +169,10 @@ func (o *originator) load(now time.Time) (*tls.Config, error) {
 		if err := o.checkExpiry(cfg, now); err != nil {
 			return nil, err
 		}
+		// Presented whatever CAs the server says it accepts: the server
+		// decides, and says why it refuses, rather than the proxy
+		// silently sending nothing.
+		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &pair, nil }
 	}
 	if sans := t.SubjectAltNames; len(sans) > 0 && !t.InsecureSkipVerify {
 		cfg.VerifyConnection = func(cs tls.ConnectionState) error {

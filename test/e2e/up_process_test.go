@@ -37,6 +37,84 @@ func asUser(name string, args ...string) (string, []string) {
 	return "setpriv", append([]string{"--reuid=" + strconv.Itoa(nobody), "--regid=" + strconv.Itoa(nobody), "--clear-groups", "--", name}, args...)
 }
 
+// newNoRootMesh prepares a copy of an example that runs under process
+// isolation, with the binaries where an unprivileged user can run them,
+// and makes sure nothing of it keeps running after the test.
+func newNoRootMesh(t *testing.T, example string) *noRootMesh {
+	t.Helper()
+	m := &noRootMesh{t: t, dir: copyDir(t, filepath.Join("../../examples", example)), bin: t.TempDir()}
+	m.file = filepath.Join(m.dir, "mesh.yaml")
+	m.stateDir = filepath.Join(m.dir, ".trellis")
+	for _, b := range []string{trellisBin, proxyBin} {
+		data, err := os.ReadFile(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(m.bin, filepath.Base(b)), data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if os.Geteuid() == 0 {
+		err := filepath.WalkDir(m.dir, func(path string, d os.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if d.IsDir() {
+				return os.Chmod(path, 0o755)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(m.bin, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(m.dir, nobody, nobody); err != nil { // for .trellis and generated files
+			t.Fatal(err)
+		}
+	}
+	// Runs after the kill of up that background's cleanup does: a failed
+	// test must not leave the programs running, holding their ports.
+	t.Cleanup(func() {
+		if _, err := localrun.ReadState(m.stateDir); err == nil {
+			if r := m.run(filepath.Join(m.bin, "trellis"), "down", "-f", m.file); r.err != nil {
+				t.Errorf("trellis down after the test: %v %s", r.err, r.stderr)
+			}
+		}
+	})
+	return m
+}
+
+// run runs a command as the mesh's user, in the mesh's directory.
+func (m *noRootMesh) run(name string, args ...string) result {
+	m.t.Helper()
+	name, args = asUser(name, args...)
+	return run(m.t, m.dir, "", name, args...)
+}
+
+// trellis runs the trellis CLI as the mesh's user and fails the test if
+// it fails.
+func (m *noRootMesh) trellis(args ...string) string {
+	m.t.Helper()
+	r := m.run(filepath.Join(m.bin, "trellis"), args...)
+	if r.err != nil {
+		m.t.Fatalf("trellis %s: %v\n%s%s", strings.Join(args, " "), r.err, r.stdout, r.stderr)
+	}
+	return r.stdout
+}
+
+// down stops the mesh with trellis down and waits for up to exit.
+func (m *noRootMesh) down() {
+	m.t.Helper()
+	m.trellis("down", "-f", m.file)
+	select {
+	case <-m.up.exited:
+	case <-time.After(60 * time.Second):
+		m.t.Fatal("trellis up did not stop within 60s of trellis down")
+	}
+}
+
 func (m *noRootMesh) start() {
 	m.t.Helper()
 	name, args := asUser(filepath.Join(m.bin, "trellis"), "up", "-f", m.file)
@@ -82,38 +160,7 @@ func TestUpNoRootExample(t *testing.T) {
 	for _, tool := range []string{"curl", "python3", "redis-server", "redis-cli", "setpriv"} {
 		requireTool(t, tool)
 	}
-	m := &noRootMesh{t: t, dir: copyDir(t, "../../examples/no-root"), bin: t.TempDir()}
-	m.file = filepath.Join(m.dir, "mesh.yaml")
-	m.stateDir = filepath.Join(m.dir, ".trellis")
-	for _, b := range []string{trellisBin, proxyBin} {
-		data, err := os.ReadFile(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(m.bin, filepath.Base(b)), data, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if os.Geteuid() == 0 {
-		for _, d := range []string{m.bin, m.dir, filepath.Join(m.dir, "www"), filepath.Join(m.dir, "policies")} {
-			if err := os.Chmod(d, 0o755); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := os.Chown(m.dir, nobody, nobody); err != nil { // for .trellis
-			t.Fatal(err)
-		}
-	}
-	// Runs after the kill of up that background's cleanup does: a failed
-	// test must not leave the programs running, holding their ports.
-	t.Cleanup(func() {
-		if _, err := localrun.ReadState(m.stateDir); err == nil {
-			name, args := asUser(filepath.Join(m.bin, "trellis"), "down", "-f", m.file)
-			if r := run(t, m.dir, "", name, args...); r.err != nil {
-				t.Errorf("trellis down after the test: %v %s", r.err, r.stderr)
-			}
-		}
-	})
+	m := newNoRootMesh(t, "no-root")
 	m.start()
 
 	// By name through the HTTP proxy, and over mTLS: the caller's identity

@@ -1,0 +1,100 @@
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestEgressExample runs examples/egress (process isolation, so without
+// root): the shop's plain `curl http://partner.example.test/` reaches the
+// partner's nginx, which requires a client certificate from its own CA,
+// through the mutual TLS the shop's sidecar originates. Without the
+// DestinationRule it fails; with a client certificate from another CA
+// nginx rejects it; with a key that is not the certificate's the sidecar
+// answers a 502 saying so, and status warns; a destination outside the
+// registry is refused (REGISTRY_ONLY).
+func TestEgressExample(t *testing.T) {
+	for _, tool := range []string{"curl", "python3", "nginx", "openssl", "setpriv"} {
+		requireTool(t, tool)
+	}
+	m := newNoRootMesh(t, "egress")
+	// The partner's PKI is made for the test (a checkout has none).
+	if err := os.RemoveAll(filepath.Join(m.dir, "certs")); err != nil {
+		t.Fatal(err)
+	}
+	if r := m.run("bash", filepath.Join(m.dir, "make-certs")); r.err != nil {
+		t.Fatalf("make-certs: %v %s", r.err, r.stderr)
+	}
+	m.start()
+
+	curl := func(url string) result {
+		t.Helper()
+		return m.sh("default/shop", `curl -sS -m 10 -x "$HTTP_PROXY" `+url)
+	}
+	if r := curl("http://partner.example.test/orders"); r.err != nil || !strings.Contains(r.stdout, "partner: hello CN=shop,O=Shop") {
+		t.Fatalf("the shop through its sidecar's mTLS: %v %q %s", r.err, r.stdout, r.stderr)
+	}
+	if r := curl("http://elsewhere.example.test/"); !strings.Contains(r.stdout, "REGISTRY_ONLY") {
+		t.Fatalf("a host outside the registry: %q", r.stdout)
+	}
+	edges := m.trellis("edges", "-f", m.file)
+	if !strings.Contains(edges, "partner.example.test (outside the mesh)") {
+		t.Fatalf("trellis edges does not show the egress:\n%s", edges)
+	}
+
+	tlsFile := filepath.Join(m.dir, "policies", "partner-tls.yaml")
+	original, err := os.ReadFile(tlsFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setTLS := func(content string) {
+		t.Helper()
+		if content == "" {
+			if err := os.Remove(tlsFile); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			tmp := filepath.Join(m.dir, "partner-tls.tmp")
+			if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(tmp, tlsFile); err != nil {
+				t.Fatal(err)
+			}
+		}
+		m.trellis("status", "-f", m.file, "--wait", "--timeout", "20s")
+	}
+
+	// Without the DestinationRule the sidecar speaks plain HTTP to the
+	// HTTPS port: nothing gets through.
+	setTLS("")
+	if r := curl("http://partner.example.test/"); strings.Contains(r.stdout, "partner: hello") {
+		t.Fatalf("got through without the DestinationRule: %q", r.stdout)
+	}
+	// A client certificate from another CA: nginx refuses it.
+	setTLS(strings.NewReplacer("shop-client.pem", "rogue-client.pem", "shop-client.key", "rogue-client.key").Replace(string(original)))
+	if r := curl("http://partner.example.test/"); strings.Contains(r.stdout, "partner: hello") || !strings.Contains(r.stdout, "SSL certificate error") {
+		t.Fatalf("with the rogue certificate: %q", r.stdout)
+	}
+	// A key that is not the certificate's: the sidecar says so, in the 502
+	// and in status.
+	setTLS(strings.Replace(string(original), "shop-client.key", "rogue-client.key", 1))
+	if r := m.sh("default/shop", `curl -sS -m 10 -o /dev/null -w '%{http_code}' -x "$HTTP_PROXY" http://partner.example.test/`); r.stdout != "502" {
+		t.Fatalf("with a mismatched key: status %q", r.stdout)
+	}
+	if r := curl("http://partner.example.test/"); !strings.Contains(r.stdout, "private key does not match public key") {
+		t.Fatalf("the 502 does not say why: %q", r.stdout)
+	}
+	if status := m.trellis("status", "-f", m.file); !strings.Contains(status, "does not match") {
+		t.Fatalf("trellis status does not warn of the mismatched key:\n%s", status)
+	}
+	// Back as it was: through again, without a restart.
+	setTLS(string(original))
+	waitFor(t, 10*time.Second, "the partner to answer again", func() bool {
+		return strings.Contains(curl("http://partner.example.test/").stdout, "partner: hello CN=shop")
+	})
+	m.down()
+}
