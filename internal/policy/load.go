@@ -24,6 +24,7 @@ type Set struct {
 	ServiceEntries        []*ServiceEntry
 	DestinationRules      []*DestinationRule
 	VirtualServices       []*VirtualService
+	HTTPRoutes            []*HTTPRoute
 	// Skipped lists documents of other kinds (ServiceEntry, Deployment…)
 	// that share the directory; their own loaders read them.
 	Skipped []Skipped
@@ -192,6 +193,7 @@ func parse(inputs []input) (*Set, error) {
 	slices.SortStableFunc(set.ServiceEntries, func(a, b *ServiceEntry) int { return compareMeta(a.Metadata, b.Metadata) })
 	slices.SortStableFunc(set.DestinationRules, func(a, b *DestinationRule) int { return compareMeta(a.Metadata, b.Metadata) })
 	slices.SortStableFunc(set.VirtualServices, func(a, b *VirtualService) int { return compareMeta(a.Metadata, b.Metadata) })
+	slices.SortStableFunc(set.HTTPRoutes, func(a, b *HTTPRoute) int { return compareMeta(a.Metadata, b.Metadata) })
 	return set, nil
 }
 
@@ -328,6 +330,11 @@ func decodeObject(set *Set, loc Location, prefix string, tree any) Errors {
 	case !ours && (networkingGroup && similar(kind, networkingKinds) != "" || networking):
 		return wrap("", []*Error{{Field: "apiVersion", Message: fmt.Sprintf("%s %s is not supported; use apiVersion %s (%s/v1, v1beta1 and v1alpha3 are accepted as aliases) and kind %s, %s or %s",
 			apiVersion, kind, NetworkingAPIVersion, IstioNetworkingGroup, KindServiceEntry, KindDestinationRule, KindVirtualService)}})
+	case group == GatewayGroup && kind == KindHTTPRoute && (version == "v1" || version == "v1beta1"):
+	case group == GatewayGroup && kind == KindHTTPRoute:
+		return wrap("", []*Error{{Field: "apiVersion", Message: fmt.Sprintf("%s is not supported; use %s/v1", apiVersion, GatewayGroup)}})
+	case group == GatewayGroup:
+		return wrap("", []*Error{{Field: "kind", Message: fmt.Sprintf("%s is not supported: a gateway is a workload of the mesh file (gateway: ...), and routes are HTTPRoutes", kind)}})
 	case networkingGroup && !ours:
 		return wrap("", []*Error{{Field: "kind", Message: fmt.Sprintf("unknown or unsupported kind %q in %s; allowed: %s, %s, %s", kind, group, KindServiceEntry, KindDestinationRule, KindVirtualService)}})
 	case kind == "List" && apiVersion == "v1":
@@ -423,6 +430,19 @@ func decodeObject(set *Set, loc Location, prefix string, tree any) Errors {
 		}
 		set.Warnings = append(set.Warnings, wrap(resource, warnings)...)
 		set.VirtualServices = append(set.VirtualServices, vs)
+	case KindHTTPRoute:
+		hr := &HTTPRoute{APIVersion: apiVersion, Location: loc}
+		defaultMetadata(&meta) // the namespace parentRefs and backendRefs default to
+		d.object("", m, append(top[:len(top):len(top)], field{"spec", func(p string, v any) { d.httpRouteSpec(p, v, &hr.Spec, meta.Namespace) }}), nil)
+		hr.Metadata = meta
+		defaultMetadata(&hr.Metadata)
+		resource := kind + " " + hr.Metadata.Ref()
+		errs, warnings := hr.Validate()
+		if errs = merge(d.errs, errs); len(errs) > 0 {
+			return wrap(resource, errs)
+		}
+		set.Warnings = append(set.Warnings, wrap(resource, warnings)...)
+		set.HTTPRoutes = append(set.HTTPRoutes, hr)
 	}
 	return nil
 }
@@ -469,6 +489,9 @@ func checkDuplicates(set *Set) Errors {
 	}
 	for _, vs := range set.VirtualServices {
 		check(KindVirtualService, vs.Metadata, vs.Location)
+	}
+	for _, hr := range set.HTTPRoutes {
+		check(KindHTTPRoute, hr.Metadata, hr.Location)
 	}
 	return append(errs, checkNetworking(set)...)
 }

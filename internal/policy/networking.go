@@ -587,3 +587,150 @@ func checkNetworking(set *Set) Errors {
 	}
 	return errs
 }
+
+// Gateway API (the HTTPRoute a meshed ingress gateway serves).
+const (
+	GatewayGroup  = "gateway.networking.k8s.io"
+	KindHTTPRoute = "HTTPRoute"
+)
+
+// HTTPRoute sends requests that reach a gateway to mesh services, by host
+// name and path: the subset of the Gateway API's HTTPRoute Trellis serves.
+type HTTPRoute struct {
+	APIVersion string
+	Metadata   Metadata
+	Location   Location
+	Spec       HTTPRouteSpec
+}
+
+// HTTPRouteSpec is the route's gateways, host names and rules.
+type HTTPRouteSpec struct {
+	// Gateways are the gateway workloads (parentRefs) the route attaches
+	// to, as namespace/name.
+	Gateways []string
+	// Hostnames the route serves; none serves every host.
+	Hostnames []string
+	Rules     []HTTPRouteRule
+}
+
+// HTTPRouteRule sends the requests its path matches to a backend.
+type HTTPRouteRule struct {
+	// Paths are the rule's matches: a prefix ("PathPrefix", the default)
+	// or an exact path; none matches every path.
+	Paths []HTTPPathMatch
+	// Backend is the mesh service (namespace/name) and port.
+	Backend     string
+	BackendPort uint32
+}
+
+// HTTPPathMatch is one path match.
+type HTTPPathMatch struct {
+	Exact bool
+	Value string
+}
+
+func (d *decoder) httpRouteSpec(path string, v any, s *HTTPRouteSpec, namespace string) {
+	const only = "Trellis serves HTTPRoute's parentRefs, hostnames, and rules with path matches and one backendRef"
+	d.object(path, v, []field{
+		{"parentRefs", func(p string, v any) {
+			d.list(p, v, func(p string, _ int, e any) {
+				var name, ns string
+				d.object(p, e, []field{
+					{"name", func(p string, v any) { d.str(p, v, &name) }},
+					{"namespace", func(p string, v any) { d.str(p, v, &ns) }},
+					{"group", ignore}, {"kind", ignore},
+				}, map[string]string{"sectionName": only, "port": only})
+				if name == "" {
+					d.errs.add(child(p, "name"), "is required: the gateway workload the route attaches to")
+					return
+				}
+				if ns == "" {
+					ns = namespace
+				}
+				s.Gateways = append(s.Gateways, ns+"/"+name)
+			})
+		}},
+		{"hostnames", func(p string, v any) { d.strList(p, v, &s.Hostnames) }},
+		{"rules", func(p string, v any) {
+			d.list(p, v, func(p string, _ int, e any) {
+				var r HTTPRouteRule
+				var backends int
+				d.object(p, e, []field{
+					{"matches", func(p string, v any) {
+						d.list(p, v, func(p string, _ int, e any) {
+							m := HTTPPathMatch{Value: "/"}
+							d.object(p, e, []field{{"path", func(p string, v any) {
+								var typ string
+								d.object(p, v, []field{
+									{"type", func(p string, v any) { d.str(p, v, &typ) }},
+									{"value", func(p string, v any) { d.str(p, v, &m.Value) }},
+								}, nil)
+								switch typ {
+								case "", "PathPrefix":
+								case "Exact":
+									m.Exact = true
+								default:
+									d.errs.add(child(p, "type"), "%q is not PathPrefix or Exact (RegularExpression is not supported)", typ)
+								}
+							}}}, map[string]string{"headers": only, "queryParams": only, "method": only})
+							r.Paths = append(r.Paths, m)
+						})
+					}},
+					{"backendRefs", func(p string, v any) {
+						d.list(p, v, func(p string, _ int, e any) {
+							backends++
+							var name, ns string
+							d.object(p, e, []field{
+								{"name", func(p string, v any) { d.str(p, v, &name) }},
+								{"namespace", func(p string, v any) { d.str(p, v, &ns) }},
+								{"port", func(p string, v any) { d.port(p, v, &r.BackendPort) }},
+								{"group", ignore}, {"kind", ignore},
+							}, map[string]string{"weight": only, "filters": only})
+							if ns == "" {
+								ns = namespace
+							}
+							r.Backend = ns + "/" + name
+						})
+					}},
+					{"name", ignore},
+				}, map[string]string{"filters": only, "timeouts": only, "sessionPersistence": only, "retry": only})
+				if backends != 1 {
+					d.errs.add(child(p, "backendRefs"), "needs exactly one backend (a mesh service and its port): %s", only)
+				}
+				s.Rules = append(s.Rules, r)
+			})
+		}},
+	}, nil)
+}
+
+// Validate checks an HTTPRoute alone; its backends are checked against the
+// mesh's services by the control plane.
+func (hr *HTTPRoute) Validate() (errs, warnings []*Error) {
+	var fe fieldErrors
+	if len(hr.Spec.Gateways) == 0 {
+		fe.add("spec.parentRefs", "is required: the gateway workloads the route attaches to, such as [{name: ingress}]")
+	}
+	for i, h := range hr.Spec.Hostnames {
+		if err := validHost(h); err != "" {
+			fe.add(index("spec.hostnames", i), "%q %s", h, err)
+		}
+	}
+	if len(hr.Spec.Rules) == 0 {
+		fe.add("spec.rules", "is required: [{matches: [{path: {value: /}}], backendRefs: [{name: SERVICE, port: 80}]}]")
+	}
+	for i, r := range hr.Spec.Rules {
+		f := index("spec.rules", i)
+		for j, m := range r.Paths {
+			if !strings.HasPrefix(m.Value, "/") {
+				fe.add(fmt.Sprintf("%s.matches[%d].path.value", f, j), "%q must start with /", m.Value)
+			}
+		}
+		if strings.HasSuffix(r.Backend, "/") {
+			fe.add(f+".backendRefs[0].name", "is required: the mesh service")
+		}
+		if r.BackendPort == 0 {
+			fe.add(f+".backendRefs[0].port", "is required: the service port")
+		}
+	}
+	return fe, nil
+}

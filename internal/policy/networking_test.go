@@ -100,3 +100,34 @@ func TestNetworkingErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestParseHTTPRoute(t *testing.T) {
+	set, err := Parse("r.yaml", []byte(`apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: web}
+spec:
+  parentRefs: [{name: ingress, namespace: edge}]
+  hostnames: [shop.example.test]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: orders-api, namespace: shipping, port: 80}]
+    - backendRefs: [{name: frontend, port: 8080}]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := set.HTTPRoutes[0].Spec
+	if r.Gateways[0] != "edge/ingress" || r.Rules[0].Backend != "shipping/orders-api" || r.Rules[0].Paths[0].Value != "/api" ||
+		r.Rules[1].Backend != "web/frontend" || r.Rules[1].BackendPort != 8080 || len(r.Rules[1].Paths) != 0 {
+		t.Fatalf("route = %+v", r)
+	}
+	for _, bad := range []string{
+		"apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: g}], rules: [{backendRefs: [{name: a, port: 80}, {name: b, port: 80}]}]}\n",
+		"apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\n",
+		"apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: g}], rules: [{matches: [{path: {type: RegularExpression, value: /x}}], backendRefs: [{name: a, port: 80}]}]}\n",
+	} {
+		if _, err := Parse("r.yaml", []byte(bad)); err == nil {
+			t.Errorf("accepted:\n%s", bad)
+		}
+	}
+}
