@@ -99,6 +99,8 @@ type Workload struct {
 	ServiceAccount string            `yaml:"serviceAccount"`
 	Labels         map[string]string `yaml:"labels"`
 	Ports          []WorkloadPort    `yaml:"ports"`
+	// Gateway marks an ingress gateway: HTTPRoutes attach to it.
+	Gateway bool `yaml:"gateway"`
 }
 
 // WorkloadPort is a port the workload listens on.

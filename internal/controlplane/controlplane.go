@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -404,6 +405,38 @@ func (cp *ControlPlane) loadResources() (*policy.Set, error) {
 				errs = append(errs, &policy.Error{File: se.Location.File, Document: se.Location.Document, Line: se.Location.Line,
 					Resource: policy.KindServiceEntry + " " + se.Metadata.Ref(), Field: fmt.Sprintf("spec.hosts[%d]", i),
 					Message: fmt.Sprintf("%s is the name of mesh service %s, reached over the mesh's mTLS: a ServiceEntry names hosts outside the mesh", h, svc)})
+			}
+		}
+	}
+	// An HTTPRoute attaches to a gateway of the mesh and sends to one of
+	// its services' ports.
+	gateways := map[string]bool{}
+	for _, w := range cp.cfg.Workloads {
+		gateways[w.Namespace+"/"+w.Name] = w.Gateway
+	}
+	servicePorts := map[string][]uint32{}
+	for _, s := range cp.cfg.Services {
+		for _, p := range s.Ports {
+			servicePorts[s.Namespace+"/"+s.Name] = append(servicePorts[s.Namespace+"/"+s.Name], p.Port)
+		}
+	}
+	for _, hr := range set.HTTPRoutes {
+		bad := func(field, format string, args ...any) {
+			errs = append(errs, &policy.Error{File: hr.Location.File, Document: hr.Location.Document, Line: hr.Location.Line,
+				Resource: policy.KindHTTPRoute + " " + hr.Metadata.Ref(), Field: field, Message: fmt.Sprintf(format, args...)})
+		}
+		for i, g := range hr.Spec.Gateways {
+			if !gateways[g] {
+				bad(fmt.Sprintf("spec.parentRefs[%d]", i), "%s is not a gateway workload of the mesh (a workload with gateway: in the mesh file)", g)
+			}
+		}
+		for i, r := range hr.Spec.Rules {
+			ports, ok := servicePorts[r.Backend]
+			switch {
+			case !ok:
+				bad(fmt.Sprintf("spec.rules[%d].backendRefs[0]", i), "%s is not a service of the mesh", r.Backend)
+			case !slices.Contains(ports, r.BackendPort):
+				bad(fmt.Sprintf("spec.rules[%d].backendRefs[0].port", i), "service %s has no port %d (it has %v)", r.Backend, r.BackendPort, ports)
 			}
 		}
 	}

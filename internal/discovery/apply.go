@@ -20,6 +20,10 @@ func ProxyUpdate(u *discoveryv1.Update) (proxy.Update, error) {
 		return proxy.Update{}, fmt.Errorf("policies: %w", err)
 	}
 	out := proxy.Update{Version: u.GetVersion(), Labels: u.GetWorkload().GetLabels(), Policies: set, RegistryOnly: u.GetRegistryOnly()}
+	for _, r := range u.GetGatewayRoutes() {
+		out.GatewayRoutes = append(out.GatewayRoutes, proxy.GatewayRoute{Route: r.GetRoute(), Hostnames: r.GetHostnames(), Path: r.GetPath(),
+			Exact: r.GetExact(), Service: r.GetService(), Port: r.GetPort()})
+	}
 	for _, d := range u.GetDestinations() {
 		o := config.Outbound{Service: d.GetService(), Port: d.GetPort(), Protocol: config.Protocol(d.GetProtocol()), Addresses: d.GetAddresses(), External: d.GetExternal()}
 		if t := d.GetTls(); t != nil {

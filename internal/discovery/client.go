@@ -126,7 +126,7 @@ func (c *Client) apply(u *discoveryv1.Update) error {
 	whole := &discoveryv1.Update{
 		Version: u.GetVersion(), Workload: u.GetWorkload(),
 		PeerAuthentications: u.GetPeerAuthentications(), AuthorizationPolicies: u.GetAuthorizationPolicies(),
-		RegistryOnly: u.GetRegistryOnly(),
+		RegistryOnly: u.GetRegistryOnly(), GatewayRoutes: u.GetGatewayRoutes(),
 		Destinations: slices.SortedFunc(maps.Values(next), func(a, b *discoveryv1.Destination) int {
 			return cmp.Or(cmp.Compare(a.GetService(), b.GetService()), cmp.Compare(a.GetPort(), b.GetPort()))
 		}),

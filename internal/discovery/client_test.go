@@ -83,6 +83,7 @@ func TestApplyKeepsEveryOtherField(t *testing.T) {
 		PeerAuthentications:   []*discoveryv1.PeerAuthentication{{Metadata: &discoveryv1.Metadata{Name: "pa", Namespace: "n"}, MtlsMode: "STRICT"}},
 		AuthorizationPolicies: []*discoveryv1.AuthorizationPolicy{{Metadata: &discoveryv1.Metadata{Name: "ap", Namespace: "n"}, Action: "ALLOW"}},
 		RegistryOnly:          true,
+		GatewayRoutes:         []*discoveryv1.GatewayRoute{{Route: "n/r", Path: "/", Service: "a.n", Port: 80}},
 	}
 	skip := map[string]bool{"destinations": true, "incremental": true, "removed_destinations": true}
 	fields := full.ProtoReflect().Descriptor().Fields()

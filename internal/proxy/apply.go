@@ -36,6 +36,8 @@ type Update struct {
 	// the static configuration) instead of passing them through: the
 	// mesh's outboundTrafficPolicy REGISTRY_ONLY.
 	RegistryOnly bool
+	// GatewayRoutes are what a gateway serves (none for other proxies).
+	GatewayRoutes []GatewayRoute
 }
 
 // ErrPoliciesFromDirectory is returned by Apply for an update that carries
@@ -74,6 +76,7 @@ func (p *Proxy) Apply(u Update) error {
 	}
 	tbl.version = u.Version
 	tbl.registryOnly = u.RegistryOnly
+	tbl.gateway = compileGatewayRoutes(u.GatewayRoutes)
 
 	p.table.Store(tbl)
 	// Requests that resolved a route of prev may still reach a retired

@@ -341,6 +341,7 @@ func (p *Proxy) buildServers() {
 		}
 	}
 	p.outboundHTTP = newServer(p.serveOutboundHTTP)
+	p.gatewayHTTP = p.gatewayServer()
 }
 
 // serveInboundHTTP authorizes one request and forwards it to the application.

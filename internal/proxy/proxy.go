@@ -78,6 +78,8 @@ type Proxy struct {
 	outboundHTTP  *http.Server // the application's HTTP calls
 	inboundConns  *chanListener
 	outboundConns *chanListener
+	// gatewayHTTP serves an ingress gateway's listeners (gateway mode).
+	gatewayHTTP *http.Server
 
 	appHTTP1, appH2C http.RoundTripper // to the local application
 	mesh             *meshTransport    // to peer proxies
@@ -257,6 +259,20 @@ func (p *Proxy) Run(ctx context.Context) error {
 			return err
 		}
 	}
+	var gatewayLns []net.Listener
+	if g := cfg.Gateway; g != nil {
+		for _, gl := range g.Listeners {
+			l, err := net.Listen("tcp", gl.Listen)
+			if err != nil {
+				closeAll()
+				for _, l := range gatewayLns {
+					l.Close()
+				}
+				return fmt.Errorf("gateway listener %s: %w", gl.Listen, err)
+			}
+			gatewayLns = append(gatewayLns, gatewayListener(l, gl))
+		}
+	}
 	if t := cfg.Transparent; t != nil {
 		if t.Inbound != "" {
 			if err := listen(t.Inbound, "transparent inbound listener", p.handleTransparentInbound); err != nil {
@@ -273,6 +289,14 @@ func (p *Proxy) Run(ctx context.Context) error {
 	eg, ctx := errgroup.WithContext(ctx)
 	for _, s := range listeners {
 		eg.Go(func() error { return p.acceptLoop(ctx, s.l, s.handle) })
+	}
+	for _, l := range gatewayLns {
+		eg.Go(func() error {
+			if err := p.gatewayHTTP.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
 	}
 	for _, srv := range []struct {
 		s *http.Server
@@ -306,7 +330,7 @@ func (p *Proxy) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), DrainTimeout)
 	defer cancel()
 	var wg sync.WaitGroup
-	for _, s := range []*http.Server{p.inboundHTTP, p.outboundHTTP} {
+	for _, s := range []*http.Server{p.inboundHTTP, p.outboundHTTP, p.gatewayHTTP} {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

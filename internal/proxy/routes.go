@@ -45,6 +45,8 @@ type routeTable struct {
 	// registryOnly refuses what the table has no route for instead of
 	// passing it through (outboundTrafficPolicy REGISTRY_ONLY).
 	registryOnly bool
+	// gateway are the routes of an ingress gateway, most specific first.
+	gateway []GatewayRoute
 }
 
 // outboundTarget is what an application's connection was made to, which

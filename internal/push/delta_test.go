@@ -22,6 +22,7 @@ func TestDeltaKeepsEveryOtherField(t *testing.T) {
 		AuthorizationPolicies: []*discoveryv1.AuthorizationPolicy{{Metadata: &discoveryv1.Metadata{Name: "ap", Namespace: "n"}}},
 		Destinations:          []*discoveryv1.Destination{{Service: "a.n", Port: 80}, {Service: "b.n", Port: 80}},
 		RegistryOnly:          true,
+		GatewayRoutes:         []*discoveryv1.GatewayRoute{{Route: "n/r", Path: "/", Service: "a.n", Port: 80}},
 	}
 	skip := map[string]bool{"destinations": true, "incremental": true, "removed_destinations": true}
 	fields := u.ProtoReflect().Descriptor().Fields()

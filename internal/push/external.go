@@ -91,3 +91,29 @@ func joinHostPort(host string, port uint32) string {
 	}
 	return host + ":" + strconv.Itoa(int(port))
 }
+
+// gatewayRoutes are the HTTPRoute rules attached to the gateway workload
+// ref (namespace/name), one per path match, in the order written.
+func gatewayRoutes(set *policy.Set, ref string) []*discoveryv1.GatewayRoute {
+	if set == nil {
+		return nil
+	}
+	var out []*discoveryv1.GatewayRoute
+	for _, hr := range set.HTTPRoutes {
+		if !slices.Contains(hr.Spec.Gateways, ref) {
+			continue
+		}
+		for _, r := range hr.Spec.Rules {
+			ns, name, _ := strings.Cut(r.Backend, "/")
+			paths := r.Paths
+			if len(paths) == 0 {
+				paths = []policy.HTTPPathMatch{{Value: "/"}}
+			}
+			for _, p := range paths {
+				out = append(out, &discoveryv1.GatewayRoute{Route: hr.Metadata.Ref(), Hostnames: hr.Spec.Hostnames, Path: p.Value, Exact: p.Exact,
+					Service: name + "." + ns, Port: r.BackendPort})
+			}
+		}
+	}
+	return out
+}

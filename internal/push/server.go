@@ -146,7 +146,7 @@ func (v *view) deltaFrom(from *destTable) *delta {
 	u := &discoveryv1.Update{
 		Version: v.update.GetVersion(), Workload: v.update.GetWorkload(),
 		PeerAuthentications: v.update.GetPeerAuthentications(), AuthorizationPolicies: v.update.GetAuthorizationPolicies(),
-		RegistryOnly: v.update.GetRegistryOnly(), Incremental: true,
+		RegistryOnly: v.update.GetRegistryOnly(), GatewayRoutes: v.update.GetGatewayRoutes(), Incremental: true,
 	}
 	for _, d := range v.update.GetDestinations() {
 		k := destKey{d.GetService(), d.GetPort()}
@@ -290,6 +290,7 @@ func (s *Server) recompute() {
 				u.AuthorizationPolicies = append(u.AuthorizationPolicies, ap)
 			}
 		}
+		u.GatewayRoutes = gatewayRoutes(set, w.Ref())
 		own := hashMessage(u)
 		sum := sha256.Sum256([]byte(own + destHash))
 		u.Version = hex.EncodeToString(sum[:8])

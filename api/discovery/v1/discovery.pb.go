@@ -796,7 +796,10 @@ type Update struct {
 	// registry_only is the mesh's outboundTrafficPolicy REGISTRY_ONLY: a
 	// destination that is neither a mesh service nor a ServiceEntry host is
 	// refused, not passed through.
-	RegistryOnly  bool `protobuf:"varint,8,opt,name=registry_only,json=registryOnly,proto3" json:"registry_only,omitempty"`
+	RegistryOnly bool `protobuf:"varint,8,opt,name=registry_only,json=registryOnly,proto3" json:"registry_only,omitempty"`
+	// gateway_routes are the HTTPRoute rules attached to this workload when
+	// it is a gateway (none otherwise).
+	GatewayRoutes []*GatewayRoute `protobuf:"bytes,9,rep,name=gateway_routes,json=gatewayRoutes,proto3" json:"gateway_routes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -887,6 +890,99 @@ func (x *Update) GetRegistryOnly() bool {
 	return false
 }
 
+func (x *Update) GetGatewayRoutes() []*GatewayRoute {
+	if x != nil {
+		return x.GatewayRoutes
+	}
+	return nil
+}
+
+// GatewayRoute is one match of an HTTPRoute rule: requests for one of
+// hostnames (any when empty) whose path matches go to service's port.
+type GatewayRoute struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Route         string                 `protobuf:"bytes,1,opt,name=route,proto3" json:"route,omitempty"` // the HTTPRoute, namespace/name
+	Hostnames     []string               `protobuf:"bytes,2,rep,name=hostnames,proto3" json:"hostnames,omitempty"`
+	Path          string                 `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`
+	Exact         bool                   `protobuf:"varint,4,opt,name=exact,proto3" json:"exact,omitempty"`    // else a path prefix, element by element
+	Service       string                 `protobuf:"bytes,5,opt,name=service,proto3" json:"service,omitempty"` // name.namespace
+	Port          uint32                 `protobuf:"varint,6,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GatewayRoute) Reset() {
+	*x = GatewayRoute{}
+	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GatewayRoute) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GatewayRoute) ProtoMessage() {}
+
+func (x *GatewayRoute) ProtoReflect() protoreflect.Message {
+	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GatewayRoute.ProtoReflect.Descriptor instead.
+func (*GatewayRoute) Descriptor() ([]byte, []int) {
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *GatewayRoute) GetRoute() string {
+	if x != nil {
+		return x.Route
+	}
+	return ""
+}
+
+func (x *GatewayRoute) GetHostnames() []string {
+	if x != nil {
+		return x.Hostnames
+	}
+	return nil
+}
+
+func (x *GatewayRoute) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *GatewayRoute) GetExact() bool {
+	if x != nil {
+		return x.Exact
+	}
+	return false
+}
+
+func (x *GatewayRoute) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *GatewayRoute) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
 type DestinationKey struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Service       string                 `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
@@ -897,7 +993,7 @@ type DestinationKey struct {
 
 func (x *DestinationKey) Reset() {
 	*x = DestinationKey{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -909,7 +1005,7 @@ func (x *DestinationKey) String() string {
 func (*DestinationKey) ProtoMessage() {}
 
 func (x *DestinationKey) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[11]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -922,7 +1018,7 @@ func (x *DestinationKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestinationKey.ProtoReflect.Descriptor instead.
 func (*DestinationKey) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{11}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DestinationKey) GetService() string {
@@ -951,7 +1047,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -963,7 +1059,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[12]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -976,7 +1072,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{12}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Workload) GetNamespace() string {
@@ -1033,7 +1129,7 @@ type Destination struct {
 
 func (x *Destination) Reset() {
 	*x = Destination{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1045,7 +1141,7 @@ func (x *Destination) String() string {
 func (*Destination) ProtoMessage() {}
 
 func (x *Destination) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[13]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1058,7 +1154,7 @@ func (x *Destination) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Destination.ProtoReflect.Descriptor instead.
 func (*Destination) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{13}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Destination) GetService() string {
@@ -1128,7 +1224,7 @@ type OriginateTLS struct {
 
 func (x *OriginateTLS) Reset() {
 	*x = OriginateTLS{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1236,7 @@ func (x *OriginateTLS) String() string {
 func (*OriginateTLS) ProtoMessage() {}
 
 func (x *OriginateTLS) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[14]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1249,7 @@ func (x *OriginateTLS) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OriginateTLS.ProtoReflect.Descriptor instead.
 func (*OriginateTLS) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{14}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *OriginateTLS) GetMode() string {
@@ -1215,7 +1311,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1227,7 +1323,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[15]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1240,7 +1336,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{15}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Endpoint) GetAddress() string {
@@ -1275,7 +1371,7 @@ type Metadata struct {
 
 func (x *Metadata) Reset() {
 	*x = Metadata{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1287,7 +1383,7 @@ func (x *Metadata) String() string {
 func (*Metadata) ProtoMessage() {}
 
 func (x *Metadata) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[16]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1300,7 +1396,7 @@ func (x *Metadata) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metadata.ProtoReflect.Descriptor instead.
 func (*Metadata) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{16}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Metadata) GetName() string {
@@ -1361,7 +1457,7 @@ type PeerAuthentication struct {
 
 func (x *PeerAuthentication) Reset() {
 	*x = PeerAuthentication{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1373,7 +1469,7 @@ func (x *PeerAuthentication) String() string {
 func (*PeerAuthentication) ProtoMessage() {}
 
 func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[17]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1386,7 +1482,7 @@ func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerAuthentication.ProtoReflect.Descriptor instead.
 func (*PeerAuthentication) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{17}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PeerAuthentication) GetMetadata() *Metadata {
@@ -1426,7 +1522,7 @@ type Selector struct {
 
 func (x *Selector) Reset() {
 	*x = Selector{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1438,7 +1534,7 @@ func (x *Selector) String() string {
 func (*Selector) ProtoMessage() {}
 
 func (x *Selector) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[18]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1451,7 +1547,7 @@ func (x *Selector) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Selector.ProtoReflect.Descriptor instead.
 func (*Selector) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{18}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Selector) GetMatchLabels() map[string]string {
@@ -1474,7 +1570,7 @@ type AuthorizationPolicy struct {
 
 func (x *AuthorizationPolicy) Reset() {
 	*x = AuthorizationPolicy{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1486,7 +1582,7 @@ func (x *AuthorizationPolicy) String() string {
 func (*AuthorizationPolicy) ProtoMessage() {}
 
 func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[19]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1499,7 +1595,7 @@ func (x *AuthorizationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthorizationPolicy.ProtoReflect.Descriptor instead.
 func (*AuthorizationPolicy) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{19}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AuthorizationPolicy) GetMetadata() *Metadata {
@@ -1541,7 +1637,7 @@ type Rule struct {
 
 func (x *Rule) Reset() {
 	*x = Rule{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1553,7 +1649,7 @@ func (x *Rule) String() string {
 func (*Rule) ProtoMessage() {}
 
 func (x *Rule) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[20]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1566,7 +1662,7 @@ func (x *Rule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rule.ProtoReflect.Descriptor instead.
 func (*Rule) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{20}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Rule) GetFrom() []*Source {
@@ -1604,7 +1700,7 @@ type Source struct {
 
 func (x *Source) Reset() {
 	*x = Source{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1712,7 @@ func (x *Source) String() string {
 func (*Source) ProtoMessage() {}
 
 func (x *Source) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[21]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1725,7 @@ func (x *Source) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Source.ProtoReflect.Descriptor instead.
 func (*Source) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{21}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Source) GetPrincipals() []string {
@@ -1690,7 +1786,7 @@ type Operation struct {
 
 func (x *Operation) Reset() {
 	*x = Operation{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1702,7 +1798,7 @@ func (x *Operation) String() string {
 func (*Operation) ProtoMessage() {}
 
 func (x *Operation) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[22]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1715,7 +1811,7 @@ func (x *Operation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Operation.ProtoReflect.Descriptor instead.
 func (*Operation) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{22}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Operation) GetHosts() []string {
@@ -1785,7 +1881,7 @@ type Condition struct {
 
 func (x *Condition) Reset() {
 	*x = Condition{}
-	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1797,7 +1893,7 @@ func (x *Condition) String() string {
 func (*Condition) ProtoMessage() {}
 
 func (x *Condition) ProtoReflect() protoreflect.Message {
-	mi := &file_discovery_v1_discovery_proto_msgTypes[23]
+	mi := &file_discovery_v1_discovery_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1810,7 +1906,7 @@ func (x *Condition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Condition.ProtoReflect.Descriptor instead.
 func (*Condition) Descriptor() ([]byte, []int) {
-	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{23}
+	return file_discovery_v1_discovery_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Condition) GetKey() string {
@@ -1890,7 +1986,7 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\"\t\n" +
 	"\aGoodbye\"\v\n" +
-	"\tHeartbeat\"\x84\x04\n" +
+	"\tHeartbeat\"\xcf\x04\n" +
 	"\x06Update\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12:\n" +
 	"\bworkload\x18\x02 \x01(\v2\x1e.trellis.discovery.v1.WorkloadR\bworkload\x12[\n" +
@@ -1899,7 +1995,15 @@ const file_discovery_v1_discovery_proto_rawDesc = "" +
 	"\fdestinations\x18\x05 \x03(\v2!.trellis.discovery.v1.DestinationR\fdestinations\x12 \n" +
 	"\vincremental\x18\x06 \x01(\bR\vincremental\x12W\n" +
 	"\x14removed_destinations\x18\a \x03(\v2$.trellis.discovery.v1.DestinationKeyR\x13removedDestinations\x12#\n" +
-	"\rregistry_only\x18\b \x01(\bR\fregistryOnly\">\n" +
+	"\rregistry_only\x18\b \x01(\bR\fregistryOnly\x12I\n" +
+	"\x0egateway_routes\x18\t \x03(\v2\".trellis.discovery.v1.GatewayRouteR\rgatewayRoutes\"\x9a\x01\n" +
+	"\fGatewayRoute\x12\x14\n" +
+	"\x05route\x18\x01 \x01(\tR\x05route\x12\x1c\n" +
+	"\thostnames\x18\x02 \x03(\tR\thostnames\x12\x12\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\x12\x14\n" +
+	"\x05exact\x18\x04 \x01(\bR\x05exact\x12\x18\n" +
+	"\aservice\x18\x05 \x01(\tR\aservice\x12\x12\n" +
+	"\x04port\x18\x06 \x01(\rR\x04port\">\n" +
 	"\x0eDestinationKey\x12\x18\n" +
 	"\aservice\x18\x01 \x01(\tR\aservice\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\"\xe4\x01\n" +
@@ -2008,7 +2112,7 @@ func file_discovery_v1_discovery_proto_rawDescGZIP() []byte {
 	return file_discovery_v1_discovery_proto_rawDescData
 }
 
-var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_discovery_v1_discovery_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_discovery_v1_discovery_proto_goTypes = []any{
 	(*TapMessage)(nil),          // 0: trellis.discovery.v1.TapMessage
 	(*TapHello)(nil),            // 1: trellis.discovery.v1.TapHello
@@ -2021,24 +2125,25 @@ var file_discovery_v1_discovery_proto_goTypes = []any{
 	(*Goodbye)(nil),             // 8: trellis.discovery.v1.Goodbye
 	(*Heartbeat)(nil),           // 9: trellis.discovery.v1.Heartbeat
 	(*Update)(nil),              // 10: trellis.discovery.v1.Update
-	(*DestinationKey)(nil),      // 11: trellis.discovery.v1.DestinationKey
-	(*Workload)(nil),            // 12: trellis.discovery.v1.Workload
-	(*Destination)(nil),         // 13: trellis.discovery.v1.Destination
-	(*OriginateTLS)(nil),        // 14: trellis.discovery.v1.OriginateTLS
-	(*Endpoint)(nil),            // 15: trellis.discovery.v1.Endpoint
-	(*Metadata)(nil),            // 16: trellis.discovery.v1.Metadata
-	(*PeerAuthentication)(nil),  // 17: trellis.discovery.v1.PeerAuthentication
-	(*Selector)(nil),            // 18: trellis.discovery.v1.Selector
-	(*AuthorizationPolicy)(nil), // 19: trellis.discovery.v1.AuthorizationPolicy
-	(*Rule)(nil),                // 20: trellis.discovery.v1.Rule
-	(*Source)(nil),              // 21: trellis.discovery.v1.Source
-	(*Operation)(nil),           // 22: trellis.discovery.v1.Operation
-	(*Condition)(nil),           // 23: trellis.discovery.v1.Condition
-	nil,                         // 24: trellis.discovery.v1.Workload.LabelsEntry
-	nil,                         // 25: trellis.discovery.v1.Metadata.LabelsEntry
-	nil,                         // 26: trellis.discovery.v1.Metadata.AnnotationsEntry
-	nil,                         // 27: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	nil,                         // 28: trellis.discovery.v1.Selector.MatchLabelsEntry
+	(*GatewayRoute)(nil),        // 11: trellis.discovery.v1.GatewayRoute
+	(*DestinationKey)(nil),      // 12: trellis.discovery.v1.DestinationKey
+	(*Workload)(nil),            // 13: trellis.discovery.v1.Workload
+	(*Destination)(nil),         // 14: trellis.discovery.v1.Destination
+	(*OriginateTLS)(nil),        // 15: trellis.discovery.v1.OriginateTLS
+	(*Endpoint)(nil),            // 16: trellis.discovery.v1.Endpoint
+	(*Metadata)(nil),            // 17: trellis.discovery.v1.Metadata
+	(*PeerAuthentication)(nil),  // 18: trellis.discovery.v1.PeerAuthentication
+	(*Selector)(nil),            // 19: trellis.discovery.v1.Selector
+	(*AuthorizationPolicy)(nil), // 20: trellis.discovery.v1.AuthorizationPolicy
+	(*Rule)(nil),                // 21: trellis.discovery.v1.Rule
+	(*Source)(nil),              // 22: trellis.discovery.v1.Source
+	(*Operation)(nil),           // 23: trellis.discovery.v1.Operation
+	(*Condition)(nil),           // 24: trellis.discovery.v1.Condition
+	nil,                         // 25: trellis.discovery.v1.Workload.LabelsEntry
+	nil,                         // 26: trellis.discovery.v1.Metadata.LabelsEntry
+	nil,                         // 27: trellis.discovery.v1.Metadata.AnnotationsEntry
+	nil,                         // 28: trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	nil,                         // 29: trellis.discovery.v1.Selector.MatchLabelsEntry
 }
 var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	1,  // 0: trellis.discovery.v1.TapMessage.hello:type_name -> trellis.discovery.v1.TapHello
@@ -2048,35 +2153,36 @@ var file_discovery_v1_discovery_proto_depIdxs = []int32{
 	8,  // 4: trellis.discovery.v1.ProxyMessage.goodbye:type_name -> trellis.discovery.v1.Goodbye
 	9,  // 5: trellis.discovery.v1.ProxyMessage.heartbeat:type_name -> trellis.discovery.v1.Heartbeat
 	6,  // 6: trellis.discovery.v1.Hello.ports:type_name -> trellis.discovery.v1.PortAddress
-	12, // 7: trellis.discovery.v1.Update.workload:type_name -> trellis.discovery.v1.Workload
-	17, // 8: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
-	19, // 9: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
-	13, // 10: trellis.discovery.v1.Update.destinations:type_name -> trellis.discovery.v1.Destination
-	11, // 11: trellis.discovery.v1.Update.removed_destinations:type_name -> trellis.discovery.v1.DestinationKey
-	24, // 12: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
-	15, // 13: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
-	14, // 14: trellis.discovery.v1.Destination.tls:type_name -> trellis.discovery.v1.OriginateTLS
-	25, // 15: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
-	26, // 16: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
-	16, // 17: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
-	18, // 18: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
-	27, // 19: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
-	28, // 20: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
-	16, // 21: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
-	18, // 22: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
-	20, // 23: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
-	21, // 24: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
-	22, // 25: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
-	23, // 26: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
-	4,  // 27: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
-	0,  // 28: trellis.discovery.v1.Discovery.Tap:input_type -> trellis.discovery.v1.TapMessage
-	10, // 29: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
-	2,  // 30: trellis.discovery.v1.Discovery.Tap:output_type -> trellis.discovery.v1.TapRequest
-	29, // [29:31] is the sub-list for method output_type
-	27, // [27:29] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	13, // 7: trellis.discovery.v1.Update.workload:type_name -> trellis.discovery.v1.Workload
+	18, // 8: trellis.discovery.v1.Update.peer_authentications:type_name -> trellis.discovery.v1.PeerAuthentication
+	20, // 9: trellis.discovery.v1.Update.authorization_policies:type_name -> trellis.discovery.v1.AuthorizationPolicy
+	14, // 10: trellis.discovery.v1.Update.destinations:type_name -> trellis.discovery.v1.Destination
+	12, // 11: trellis.discovery.v1.Update.removed_destinations:type_name -> trellis.discovery.v1.DestinationKey
+	11, // 12: trellis.discovery.v1.Update.gateway_routes:type_name -> trellis.discovery.v1.GatewayRoute
+	25, // 13: trellis.discovery.v1.Workload.labels:type_name -> trellis.discovery.v1.Workload.LabelsEntry
+	16, // 14: trellis.discovery.v1.Destination.endpoints:type_name -> trellis.discovery.v1.Endpoint
+	15, // 15: trellis.discovery.v1.Destination.tls:type_name -> trellis.discovery.v1.OriginateTLS
+	26, // 16: trellis.discovery.v1.Metadata.labels:type_name -> trellis.discovery.v1.Metadata.LabelsEntry
+	27, // 17: trellis.discovery.v1.Metadata.annotations:type_name -> trellis.discovery.v1.Metadata.AnnotationsEntry
+	17, // 18: trellis.discovery.v1.PeerAuthentication.metadata:type_name -> trellis.discovery.v1.Metadata
+	19, // 19: trellis.discovery.v1.PeerAuthentication.selector:type_name -> trellis.discovery.v1.Selector
+	28, // 20: trellis.discovery.v1.PeerAuthentication.port_level_mtls:type_name -> trellis.discovery.v1.PeerAuthentication.PortLevelMtlsEntry
+	29, // 21: trellis.discovery.v1.Selector.match_labels:type_name -> trellis.discovery.v1.Selector.MatchLabelsEntry
+	17, // 22: trellis.discovery.v1.AuthorizationPolicy.metadata:type_name -> trellis.discovery.v1.Metadata
+	19, // 23: trellis.discovery.v1.AuthorizationPolicy.selector:type_name -> trellis.discovery.v1.Selector
+	21, // 24: trellis.discovery.v1.AuthorizationPolicy.rules:type_name -> trellis.discovery.v1.Rule
+	22, // 25: trellis.discovery.v1.Rule.from:type_name -> trellis.discovery.v1.Source
+	23, // 26: trellis.discovery.v1.Rule.to:type_name -> trellis.discovery.v1.Operation
+	24, // 27: trellis.discovery.v1.Rule.when:type_name -> trellis.discovery.v1.Condition
+	4,  // 28: trellis.discovery.v1.Discovery.Stream:input_type -> trellis.discovery.v1.ProxyMessage
+	0,  // 29: trellis.discovery.v1.Discovery.Tap:input_type -> trellis.discovery.v1.TapMessage
+	10, // 30: trellis.discovery.v1.Discovery.Stream:output_type -> trellis.discovery.v1.Update
+	2,  // 31: trellis.discovery.v1.Discovery.Tap:output_type -> trellis.discovery.v1.TapRequest
+	30, // [30:32] is the sub-list for method output_type
+	28, // [28:30] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_discovery_v1_discovery_proto_init() }
@@ -2100,7 +2206,7 @@ func file_discovery_v1_discovery_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_discovery_v1_discovery_proto_rawDesc), len(file_discovery_v1_discovery_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

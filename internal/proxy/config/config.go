@@ -76,10 +76,29 @@ type Config struct {
 	// for a mesh service's name (name.namespace[.svc[.cluster.local]]) goes
 	// through the mesh, anything else passes through; CONNECT too.
 	HTTPProxy string `yaml:"httpProxy" json:"httpProxy,omitempty"`
+	// Gateway, when set, makes the proxy an ingress gateway: it serves
+	// requests from outside the mesh on its listeners and sends them, by
+	// the HTTPRoutes the control plane pushes, to mesh services over mTLS
+	// with its own identity.
+	Gateway *Gateway `yaml:"gateway" json:"gateway,omitempty"`
 	// Policies is a directory of PeerAuthentication and
 	// AuthorizationPolicy files; without it every port is PERMISSIVE and
 	// every caller allowed, as in a mesh with no policy.
 	Policies string `yaml:"policies" json:"policies,omitempty"`
+}
+
+// Gateway is an ingress gateway's listeners.
+type Gateway struct {
+	Listeners []GatewayListener `yaml:"listeners" json:"listeners"`
+}
+
+// GatewayListener is a port the gateway serves: HTTP, or HTTPS with a
+// certificate and key from files (read again when they change).
+type GatewayListener struct {
+	Listen      string `yaml:"listen" json:"listen"`
+	Protocol    string `yaml:"protocol" json:"protocol"` // HTTP or HTTPS
+	Certificate string `yaml:"certificate" json:"certificate,omitempty"`
+	PrivateKey  string `yaml:"privateKey" json:"privateKey,omitempty"`
 }
 
 // Workload identifies the workload the proxy serves, for policy selection.
@@ -222,6 +241,27 @@ func (c *Config) Validate() error {
 	if c.HTTPProxy != "" {
 		checkListen("httpProxy", c.HTTPProxy)
 	}
+	if g := c.Gateway; g != nil {
+		if len(g.Listeners) == 0 {
+			bad("gateway.listeners", "is empty: give at least one, such as {listen: \"0.0.0.0:8080\", protocol: HTTP}")
+		}
+		for i, l := range g.Listeners {
+			f := fmt.Sprintf("gateway.listeners[%d]", i)
+			checkListen(f+".listen", l.Listen)
+			switch l.Protocol {
+			case "HTTP":
+				if l.Certificate != "" || l.PrivateKey != "" {
+					bad(f+".certificate", "is for protocol HTTPS")
+				}
+			case "HTTPS":
+				if l.Certificate == "" || l.PrivateKey == "" {
+					bad(f+".certificate", "protocol HTTPS needs certificate and privateKey (PEM files)")
+				}
+			default:
+				bad(f+".protocol", "%q is not HTTP or HTTPS", l.Protocol)
+			}
+		}
+	}
 	transparentIn := c.Transparent != nil && c.Transparent.Inbound != ""
 	transparentOut := c.Transparent != nil && c.Transparent.Outbound != ""
 	ports := map[uint32]bool{}
@@ -260,7 +300,7 @@ func (c *Config) Validate() error {
 	if err := ValidateOutbound(c.Outbound, func(i int) string { return fmt.Sprintf("outbound[%d]", i) }); err != nil {
 		errs = append(errs, err)
 	}
-	if len(c.Inbound)+len(c.Outbound) == 0 && c.Transparent == nil && c.HTTPProxy == "" {
+	if len(c.Inbound)+len(c.Outbound) == 0 && c.Transparent == nil && c.HTTPProxy == "" && c.Gateway == nil {
 		bad("inbound", "no inbound or outbound listener: the proxy would do nothing")
 	}
 	return errors.Join(errs...)
@@ -376,6 +416,11 @@ func (c *Config) ListenAddrs() []string {
 	}
 	if c.HTTPProxy != "" {
 		out = append(out, c.HTTPProxy)
+	}
+	if g := c.Gateway; g != nil {
+		for _, l := range g.Listeners {
+			out = append(out, l.Listen)
+		}
 	}
 	return out
 }

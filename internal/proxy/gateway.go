@@ -1,0 +1,177 @@
+package proxy
+
+import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/proxy/config"
+)
+
+// An ingress gateway is a proxy without a workload beside it: it serves
+// requests from outside the mesh on its listeners (plain HTTP, or HTTPS
+// with a certificate from files) and sends each, by the HTTPRoutes the
+// control plane pushes, to a mesh service over mutual TLS with its own
+// identity — so callees see the gateway's and their policies can name it.
+
+// GatewayRoute is one match of an HTTPRoute rule.
+type GatewayRoute struct {
+	Route     string   // the HTTPRoute, namespace/name
+	Hostnames []string // any host when empty
+	Path      string
+	Exact     bool
+	Service   string // name.namespace
+	Port      uint32
+}
+
+// compileGatewayRoutes orders routes as the Gateway API ranks matches: a
+// route naming the host before one for any host, then an exact path
+// before a prefix, then the longer path; ties keep their order.
+func compileGatewayRoutes(routes []GatewayRoute) []GatewayRoute {
+	out := slices.Clone(routes)
+	for i := range out {
+		for j, h := range out[i].Hostnames {
+			out[i].Hostnames[j] = strings.ToLower(strings.TrimSuffix(h, "."))
+		}
+	}
+	slices.SortStableFunc(out, func(a, b GatewayRoute) int {
+		return cmp.Or(
+			cmp.Compare(boolInt(len(b.Hostnames) > 0), boolInt(len(a.Hostnames) > 0)),
+			cmp.Compare(boolInt(b.Exact), boolInt(a.Exact)),
+			cmp.Compare(len(b.Path), len(a.Path)))
+	})
+	return out
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// matches reports whether the route takes a request for host and path.
+// A prefix matches whole path elements: /api matches /api and /api/x, not
+// /apix.
+func (r GatewayRoute) matches(host, path string) bool {
+	if len(r.Hostnames) > 0 && !slices.Contains(r.Hostnames, host) {
+		return false
+	}
+	if r.Exact {
+		return path == r.Path
+	}
+	prefix := strings.TrimSuffix(r.Path, "/")
+	return path == r.Path || prefix == "" || path == prefix || strings.HasPrefix(path, prefix+"/")
+}
+
+// serveGateway serves one request from outside the mesh.
+func (p *Proxy) serveGateway(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	tbl := p.table.Load()
+	host := strings.ToLower(r.Host)
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(host, ".")
+	var route *GatewayRoute
+	for i := range tbl.gateway {
+		if tbl.gateway[i].matches(host, r.URL.Path) {
+			route = &tbl.gateway[i]
+			break
+		}
+	}
+	if route == nil {
+		http.Error(w, fmt.Sprintf("trellis gateway: no HTTPRoute for %s%s", host, r.URL.Path), http.StatusNotFound)
+		return
+	}
+	rt := tbl.byHost[hostPort{route.Service, route.Port}]
+	call := &outboundCall{route: rt}
+	defer call.done()
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	switch {
+	case rt == nil:
+		http.Error(rec, fmt.Sprintf("trellis gateway: route %s sends to %s port %d, which the mesh does not have", route.Route, route.Service, route.Port), http.StatusServiceUnavailable)
+	case len(rt.endpoints) == 0:
+		http.Error(rec, fmt.Sprintf("trellis gateway: %s unavailable: it has no endpoints (no instance is ready)", rt.service), http.StatusServiceUnavailable)
+	default:
+		r = r.WithContext(context.WithValue(r.Context(), outboundCallKey{}, call))
+		guardBody(w, r)
+		p.outboundProxy.ServeHTTP(rec, r)
+	}
+	if p.metrics != nil {
+		dest := "unreachable"
+		if call.used != nil {
+			dest = call.used.label
+		}
+		p.metrics.requests.WithLabelValues("outbound", p.selfLabel(), dest, "true", "", "", statusClass(rec.status)).Inc()
+		p.metrics.duration.WithLabelValues("outbound", p.selfLabel(), dest, "true").Observe(time.Since(start).Seconds())
+	}
+}
+
+// gatewayServer is the HTTP server of the gateway's listeners.
+func (p *Proxy) gatewayServer() *http.Server {
+	return &http.Server{
+		Handler:           http.HandlerFunc(p.serveGateway),
+		ReadHeaderTimeout: firstBytesTimeout,
+		MaxHeaderBytes:    64 << 10,
+		IdleTimeout:       idleTimeout,
+		ErrorLog:          httpErrorLog(p.log),
+	}
+}
+
+// certificateFiles serves a listener's certificate from its files, read
+// again when they change (checked at most every second), so a renewed
+// certificate needs no restart. A file that cannot be used fails the
+// handshake, with the reason in the log.
+type certificateFiles struct {
+	cert, key string
+	mu        sync.Mutex
+	checked   time.Time
+	stamp     string
+	pair      *tls.Certificate
+	err       error
+}
+
+func (c *certificateFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	if now.Sub(c.checked) < tlsRecheck && (c.pair != nil || c.err != nil) {
+		return c.pair, c.err
+	}
+	c.checked = now
+	var stamp strings.Builder
+	for _, f := range []string{c.cert, c.key} {
+		if fi, err := os.Stat(f); err == nil {
+			fmt.Fprintf(&stamp, "%s:%d:%d;", f, fi.Size(), fi.ModTime().UnixNano())
+		}
+	}
+	if stamp.String() == c.stamp && (c.pair != nil || c.err != nil) {
+		return c.pair, c.err
+	}
+	c.stamp = stamp.String()
+	pair, err := tls.LoadX509KeyPair(c.cert, c.key)
+	if err != nil {
+		c.pair, c.err = nil, fmt.Errorf("gateway certificate %s and key %s: %w", c.cert, c.key, err)
+		return nil, c.err
+	}
+	c.pair, c.err = &pair, nil
+	return c.pair, nil
+}
+
+// gatewayListener wraps a listener of the gateway in TLS when it is HTTPS.
+func gatewayListener(l net.Listener, cfg config.GatewayListener) net.Listener {
+	if cfg.Protocol != "HTTPS" {
+		return l
+	}
+	files := &certificateFiles{cert: cfg.Certificate, key: cfg.PrivateKey}
+	return tls.NewListener(l, &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: files.get, NextProtos: []string{"http/1.1"}})
+}
