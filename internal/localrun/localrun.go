@@ -23,6 +23,7 @@ import (
 	"hash/fnv"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -420,6 +421,9 @@ func (r *runner) startAll(cpAddr string) error {
 			}
 			rep := Replica{Workload: w.Ref(), Index: i, Netns: sl.netns, Address: sl.address, Injected: w.Injected(),
 				AppLog: filepath.Join(r.opts.StateDir, "logs", name+".log"), Env: sl.meshEnv, Inbound: sl.inbound}
+			if w.Gateway != nil {
+				rep.AppLog = "" // a gateway is its proxy alone
+			}
 			if w.Injected() {
 				rep.ProxyLog = filepath.Join(r.opts.StateDir, "logs", name+".proxy.log")
 				secret, _, err := tokens.Create(w.Namespace, w.ServiceAccount, 10*time.Minute, 1)
@@ -446,6 +450,15 @@ func (r *runner) startAll(cpAddr string) error {
 					return err
 				}
 				r.proxies = append(r.proxies, p)
+			}
+			if w.Gateway != nil {
+				r.mu.Lock()
+				r.replicas = append(r.replicas, rep)
+				r.mu.Unlock()
+				if err := r.writeState(); err != nil {
+					return err
+				}
+				continue
 			}
 			prog, args := commandPath(m, w.Command[0]), w.Command[1:]
 			if u := sl.user; u != nil {
@@ -689,6 +702,9 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 		if !rep.Injected {
 			mode = "no sidecar"
 		}
+		if rep.AppLog == "" {
+			mode = "gateway"
+		}
 		if len(rep.Inbound) > 0 {
 			mode += ", ports " + strings.Join(rep.Inbound, ", ")
 		}
@@ -703,7 +719,7 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 	// A caller: a workload with a sidecar that is not behind the service.
 	caller := m.Workloads[0]
 	for _, w := range m.Workloads {
-		if w.Injected() && !s.Selects(w) {
+		if w.Injected() && w.Gateway == nil && !s.Selects(w) {
 			caller = w
 			break
 		}
@@ -728,4 +744,20 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 	}
 	fmt.Fprintf(out, "               (the policies decide: an answer, or 403 naming why)\n")
 	fmt.Fprintf(out, "               trellis status -f %s\n", f)
+}
+
+// gatewayProxyConfig is a gateway's proxy configuration: its listeners on
+// host, certificate files resolved against the mesh file; routes and
+// destinations come from the control plane.
+func gatewayProxyConfig(m *meshfile.Mesh, w meshfile.Workload, host string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "apiVersion: trellis.dev/v1\nkind: ProxyConfig\nworkload: {namespace: %s, name: %s}\ngateway:\n  listeners:\n", w.Namespace, w.Name)
+	for _, l := range w.Gateway.Listeners {
+		fmt.Fprintf(&b, "    - {listen: %q, protocol: %s", net.JoinHostPort(host, strconv.Itoa(int(l.Port))), l.Protocol)
+		if l.Protocol == "HTTPS" {
+			fmt.Fprintf(&b, ", certificate: %q, privateKey: %q", m.Path(l.Certificate), m.Path(l.PrivateKey))
+		}
+		b.WriteString("}\n")
+	}
+	return b.String()
 }

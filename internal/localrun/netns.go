@@ -90,7 +90,7 @@ func (p *netnsPlacement) setup() (string, error) {
 
 func (p *netnsPlacement) addReplica(w meshfile.Workload, i int, name string) (*slot, error) {
 	spec := localnet.HostSpec{Name: name, Hosts: p.hosts}
-	if w.Injected() {
+	if w.Injected() && w.Gateway == nil { // a gateway has no program to intercept
 		spec.Intercept = &intercept.RuleConfig{InboundPort: meshfile.InboundPort, OutboundPort: meshfile.OutboundPort, ExcludeInboundPorts: []int{meshfile.AdminPort, meshfile.StatsPort}}
 	}
 	host, err := p.net.AddHost(spec)
@@ -111,7 +111,7 @@ func (p *netnsPlacement) addReplica(w meshfile.Workload, i int, name string) (*s
 		command:     func(name string, args ...string) *exec.Cmd { return host.Command(context.Background(), name, args...) },
 		netns:       host.Netns,
 		address:     host.Addr.String(),
-		proxyConfig: transparentProxyConfig(w),
+		proxyConfig: p.proxyConfig(w),
 		proxyArgs: []string{"--advertise-ip", host.Addr.String(), "--admin-addr", fmt.Sprintf("127.0.0.1:%d", meshfile.AdminPort),
 			"--stats-addr", fmt.Sprintf("0.0.0.0:%d", meshfile.StatsPort)},
 		user: u,
@@ -157,6 +157,13 @@ func (p *netnsPlacement) teardown() error {
 
 func (p *netnsPlacement) describe() string {
 	return "each replica in its own network namespace, its program as a user of its workload's own"
+}
+
+func (p *netnsPlacement) proxyConfig(w meshfile.Workload) string {
+	if w.Gateway != nil {
+		return gatewayProxyConfig(p.mesh, w, "0.0.0.0")
+	}
+	return transparentProxyConfig(w)
 }
 
 // transparentProxyConfig is a replica sidecar's configuration under

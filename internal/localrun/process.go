@@ -77,6 +77,11 @@ func (p *processPlacement) setup() (string, error) {
 		for _, port := range w.Ports {
 			taken[port.Port] = true
 		}
+		if w.Gateway != nil {
+			for _, l := range w.Gateway.Listeners {
+				taken[l.Port] = true
+			}
+		}
 	}
 	var held []net.Listener
 	defer func() {
@@ -147,6 +152,14 @@ func (p *processPlacement) addReplica(w meshfile.Workload, _ int, name string) (
 		env:     []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"), "LANG=C.UTF-8", "TRELLIS_RUN_DIR=" + dir},
 	}
 	sp := p.ports[w.Ref()]
+	if sp != nil && w.Gateway != nil {
+		sl.proxyConfig = gatewayProxyConfig(p.mesh, w, "127.0.0.1")
+		sl.proxyArgs = []string{"--admin-addr", fmt.Sprintf("127.0.0.1:%d", sp.admin), "--stats-addr", fmt.Sprintf("127.0.0.1:%d", sp.stats)}
+		for _, l := range w.Gateway.Listeners {
+			sl.inbound = append(sl.inbound, fmt.Sprintf("%s 127.0.0.1:%d", l.Protocol, l.Port))
+		}
+		return sl, nil
+	}
 	if sp != nil {
 		sl.proxyConfig = p.proxyConfig(w, sp)
 		sl.proxyArgs = []string{"--admin-addr", fmt.Sprintf("127.0.0.1:%d", sp.admin), "--stats-addr", fmt.Sprintf("127.0.0.1:%d", sp.stats)}

@@ -66,6 +66,24 @@ type Workload struct {
 	Ports          []Port            `yaml:"ports"`
 	Replicas       *int              `yaml:"replicas"`
 	Inject         *bool             `yaml:"inject"`
+	// Gateway makes the workload an ingress gateway: no program, only a
+	// proxy serving these listeners to callers outside the mesh, by the
+	// HTTPRoutes attached to it.
+	Gateway *Gateway `yaml:"gateway"`
+}
+
+// Gateway is an ingress gateway's listeners.
+type Gateway struct {
+	Listeners []GatewayListener `yaml:"listeners"`
+}
+
+// GatewayListener is a port a gateway serves: HTTP, or HTTPS with a
+// certificate and key (PEM files, relative to the mesh file).
+type GatewayListener struct {
+	Port        uint32 `yaml:"port"`
+	Protocol    string `yaml:"protocol"`
+	Certificate string `yaml:"certificate"`
+	PrivateKey  string `yaml:"privateKey"`
 }
 
 // Port is a port the workload's program listens on.
@@ -202,7 +220,10 @@ func (m *Mesh) Validate() error {
 			bad(f+".name", "workload %s is listed twice", w.Ref())
 		}
 		seen[w.Ref()] = true
-		if len(w.Command) == 0 || w.Command[0] == "" {
+		switch {
+		case w.Gateway != nil:
+			checkGateway(m, w, f, bad, portOwner)
+		case len(w.Command) == 0 || w.Command[0] == "":
 			bad(f+".command", "is empty: give the program and its arguments, such as [\"python3\", \"-m\", \"http.server\", \"8080\"]")
 		}
 		if w.Replicas != nil && (*w.Replicas < 1 || *w.Replicas > 50) {
@@ -310,6 +331,54 @@ func checkLabel(bad func(string, string, ...any), field, name string) {
 	}
 }
 
+// checkGateway checks a gateway workload: no program, a sidecar, its
+// listeners well formed and their ports free.
+func checkGateway(m *Mesh, w Workload, f string, bad func(string, string, ...any), portOwner map[uint32]string) {
+	if len(w.Command) > 0 {
+		bad(f+".command", "a gateway runs no program of its own: remove command")
+	}
+	if !w.Injected() {
+		bad(f+".inject", "a gateway is a proxy: it cannot run without one")
+	}
+	if len(w.Ports) > 0 {
+		bad(f+".ports", "a gateway's ports are its listeners: remove ports")
+	}
+	if len(w.Gateway.Listeners) == 0 {
+		bad(f+".gateway.listeners", "is empty: give at least one, such as {port: 8080, protocol: HTTP}")
+	}
+	seen := map[uint32]bool{}
+	for i, l := range w.Gateway.Listeners {
+		lf := fmt.Sprintf("%s.gateway.listeners[%d]", f, i)
+		switch {
+		case l.Port == 0 || l.Port > 65535:
+			bad(lf+".port", "must be a port number from 1 to 65535")
+		case seen[l.Port]:
+			bad(lf+".port", "port %d is listed twice", l.Port)
+		case m.Isolation == IsolationNetns && reservedPort(l.Port):
+			bad(lf+".port", "%d is the sidecar's own; choose another", l.Port)
+		}
+		seen[l.Port] = true
+		if m.Isolation == IsolationProcess && l.Port != 0 {
+			if other, taken := portOwner[l.Port]; taken && other != w.Ref() {
+				bad(lf+".port", "port %d is also %s's: under process isolation every workload needs ports of its own", l.Port, other)
+			}
+			portOwner[l.Port] = w.Ref()
+		}
+		switch l.Protocol {
+		case "HTTP":
+			if l.Certificate != "" || l.PrivateKey != "" {
+				bad(lf+".certificate", "is for protocol HTTPS")
+			}
+		case "HTTPS":
+			if l.Certificate == "" || l.PrivateKey == "" {
+				bad(lf+".certificate", "protocol HTTPS needs certificate and privateKey: PEM files, relative to the mesh file")
+			}
+		default:
+			bad(lf+".protocol", "%q is not HTTP or HTTPS", l.Protocol)
+		}
+	}
+}
+
 // reservedPort reports the ports the sidecar takes in every replica's
 // network namespace.
 func reservedPort(p uint32) bool {
@@ -375,7 +444,7 @@ func (m *Mesh) ControlPlane(stateDir, listen, adminListen string) *controlplane.
 			c.UnmeshedWorkloads = append(c.UnmeshedWorkloads, controlplane.UnmeshedWorkload{Namespace: w.Namespace, Name: w.Name})
 			continue
 		}
-		cw := controlplane.Workload{Namespace: w.Namespace, Name: w.Name, ServiceAccount: w.ServiceAccount, Labels: w.Labels}
+		cw := controlplane.Workload{Namespace: w.Namespace, Name: w.Name, ServiceAccount: w.ServiceAccount, Labels: w.Labels, Gateway: w.Gateway != nil}
 		for _, p := range w.Ports {
 			cw.Ports = append(cw.Ports, controlplane.WorkloadPort{Port: p.Port, Protocol: p.Protocol})
 		}
