@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"fmt"
 	"net"
 	"net/http"
@@ -169,10 +171,16 @@ func (o *originator) load(now time.Time) (*tls.Config, error) {
 		if err := o.checkExpiry(cfg, now); err != nil {
 			return nil, err
 		}
-		// Presented whatever CAs the server says it accepts: the server
-		// decides, and says why it refuses, rather than the proxy
-		// silently sending nothing.
-		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &pair, nil }
+		// A certificate the server says it cannot accept (not issued by a
+		// CA it names) fails the connection with that reason, rather than
+		// being left out silently or refused less clearly by the server.
+		cfg.GetClientCertificate = func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			if err := cri.SupportsCertificate(&pair); err != nil {
+				return nil, fmt.Errorf("the server does not accept the client certificate %s (%v): it accepts certificates from %s",
+					t.ClientCertificate, err, acceptableCAs(cri.AcceptableCAs))
+			}
+			return &pair, nil
+		}
 	}
 	if sans := t.SubjectAltNames; len(sans) > 0 && !t.InsecureSkipVerify {
 		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
@@ -190,6 +198,23 @@ func (o *originator) load(now time.Time) (*tls.Config, error) {
 		}
 	}
 	return cfg, nil
+}
+
+// acceptableCAs names the CAs a server accepts client certificates from.
+func acceptableCAs(raw [][]byte) string {
+	var names []string
+	for _, r := range raw {
+		var name pkix.RDNSequence
+		if _, err := asn1.Unmarshal(r, &name); err == nil {
+			var n pkix.Name
+			n.FillFromRDNSequence(&name)
+			names = append(names, n.String())
+		}
+	}
+	if len(names) == 0 {
+		return "any CA it trusts"
+	}
+	return strings.Join(names, "; ")
 }
 
 // checkExpiry refuses a client certificate outside its validity: the

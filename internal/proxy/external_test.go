@@ -90,6 +90,7 @@ func TestEgressTLSOrigination(t *testing.T) {
 	renewedCert, renewedKey := pki.issue("renewed", "shop-renewed", nil, now.Add(-time.Hour), now.Add(time.Hour))
 	expiredCert, expiredKey := pki.issue("expired", "shop", nil, now.Add(-2*time.Hour), now.Add(-time.Hour))
 	other := newTestPKI(t, "another CA")
+	rogueCert, rogueKey := other.issue("rogue", "shop", nil, now.Add(-time.Hour), now.Add(time.Hour))
 
 	pair, err := tls.LoadX509KeyPair(srvCert, srvKey)
 	if err != nil {
@@ -132,6 +133,7 @@ func TestEgressTLSOrigination(t *testing.T) {
 		want string
 	}{
 		{"no client certificate", &config.OriginateTLS{Mode: "SIMPLE", CACertificates: mutual.CACertificates}, "tls: "},
+		{"client certificate from another CA", &config.OriginateTLS{Mode: "MUTUAL", ClientCertificate: rogueCert, PrivateKey: rogueKey, CACertificates: mutual.CACertificates}, "accepts certificates from CN=partner CA"},
 		{"server from another CA", &config.OriginateTLS{Mode: "MUTUAL", ClientCertificate: clientCert, PrivateKey: clientKey, CACertificates: filepath.Join(other.dir, "ca.pem")}, "certificate signed by unknown authority"},
 		{"missing file", &config.OriginateTLS{Mode: "MUTUAL", ClientCertificate: filepath.Join(pki.dir, "nope.pem"), PrivateKey: clientKey}, "clientCertificate"},
 		{"key of another certificate", &config.OriginateTLS{Mode: "MUTUAL", ClientCertificate: clientCert, PrivateKey: renewedKey, CACertificates: mutual.CACertificates}, "private key does not match"},

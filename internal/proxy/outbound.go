@@ -308,7 +308,11 @@ func (f *failover) RoundTrip(req *http.Request) (*http.Response, error) {
 		u := *req.URL
 		u.Scheme, u.Host = ext.scheme(), ep.addr
 		out.URL = &u
-		return ext.transport.RoundTrip(&out)
+		resp, err := ext.transport.RoundTrip(&out)
+		if p := f.mesh.p; err != nil && req.Context().Err() == nil && p.logLimit.allow("external/"+call.route.service) {
+			p.log.Error("external destination unreachable", "host", call.route.service, "endpoint", ep.addr, "err", err)
+		}
+		return resp, err
 	}
 	svid := f.mesh.p.opts.Identity.Current()
 	// A transport closes the body when it fails, even before sending any of
