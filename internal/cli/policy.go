@@ -261,6 +261,15 @@ func pluralize(n int, one, many string) string {
 func writeSummary(out io.Writer, dir string, set *policy.Set, root string) {
 	fmt.Fprintf(out, "%s: valid: %d %s, %d PeerAuthentication, %d AuthorizationPolicy",
 		dir, len(set.Files), pluralize(len(set.Files), "file", "files"), len(set.PeerAuthentications), len(set.AuthorizationPolicies))
+	for _, k := range []struct {
+		n    int
+		kind string
+	}{{len(set.ServiceEntries), policy.KindServiceEntry}, {len(set.DestinationRules), policy.KindDestinationRule},
+		{len(set.VirtualServices), policy.KindVirtualService}, {len(set.HTTPRoutes), policy.KindHTTPRoute}} {
+		if k.n > 0 {
+			fmt.Fprintf(out, ", %d %s", k.n, k.kind)
+		}
+	}
 	if n := len(set.Skipped); n > 0 {
 		kinds := make([]string, 0, n)
 		for _, s := range set.Skipped {

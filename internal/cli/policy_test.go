@@ -198,7 +198,11 @@ spec:
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: ext}
-spec: {hosts: [example.com]}
+spec: {hosts: [example.com], ports: [{number: 443, name: https, protocol: HTTPS}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
 `,
 	}
 	for name, content := range files {

@@ -155,7 +155,7 @@ var roundTripOptions = cmp.Options{
 	// Skipped documents and file names concern the files, not the
 	// resources, and are not sent; warnings carry file positions and are
 	// compared without them.
-	cmpopts.IgnoreFields(policy.Set{}, "Skipped", "Warnings", "Files"),
+	cmpopts.IgnoreFields(policy.Set{}, "Skipped", "Warnings", "Files", "Sources"),
 	// Evaluation only takes len of and ranges over lists and maps, and
 	// Selector.Empty treats a nil and an empty selector alike.
 	cmpopts.EquateEmpty(),
