@@ -99,8 +99,11 @@ type Workload struct {
 	ServiceAccount string            `yaml:"serviceAccount"`
 	Labels         map[string]string `yaml:"labels"`
 	Ports          []WorkloadPort    `yaml:"ports"`
-	// Gateway marks an ingress gateway: HTTPRoutes attach to it.
-	Gateway bool `yaml:"gateway"`
+	// Gateway marks an ingress gateway: HTTPRoutes attach to it, from its
+	// own namespace and RouteNamespaces ("*": any), as the Gateway API's
+	// allowedRoutes.
+	Gateway         bool     `yaml:"gateway"`
+	RouteNamespaces []string `yaml:"routeNamespaces"`
 }
 
 // WorkloadPort is a port the workload listens on.

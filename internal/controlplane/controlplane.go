@@ -371,6 +371,10 @@ func (cp *ControlPlane) loadInitial() error {
 		return nil
 	}
 	last, lerr := cp.loadLastGood()
+	if lerr == nil {
+		// The mesh may have changed since they were valid.
+		lerr = cp.checkMesh(last)
+	}
 	if lerr != nil {
 		return fmt.Errorf("resources %s: %w", cp.cfg.Resources, err)
 	}
@@ -384,35 +388,46 @@ func (cp *ControlPlane) loadInitial() error {
 	return nil
 }
 
-// loadResources loads the resource directory and checks what the loader
-// cannot alone: a ServiceEntry host must not be a mesh service's name,
-// which the sidecars route as the service.
+// loadResources loads the resource directory and checks it against the
+// mesh (checkMesh).
 func (cp *ControlPlane) loadResources() (*policy.Set, error) {
 	set, err := policy.LoadDir(cp.cfg.Resources)
 	if err != nil {
 		return nil, err
 	}
+	if err := cp.checkMesh(set); err != nil {
+		return nil, err
+	}
+	return set, nil
+}
+
+// checkMesh checks what the loader cannot alone: a ServiceEntry host must
+// not be a mesh service's name, which the sidecars route as the service;
+// an HTTPRoute attaches to a gateway of the mesh that admits routes of its
+// namespace, and sends to a service of its own namespace (the Gateway
+// API's defaults, without ReferenceGrants) and one of its ports.
+func (cp *ControlPlane) checkMesh(set *policy.Set) error {
+	var errs policy.Errors
 	names := map[string]string{}
 	for _, s := range cp.cfg.Services {
 		for _, n := range meshid.ServiceHostNames(s.Name + "." + s.Namespace) {
 			names[n] = s.Namespace + "/" + s.Name
 		}
 	}
-	var errs policy.Errors
 	for _, se := range set.ServiceEntries {
 		for i, h := range se.Spec.Hosts {
-			if svc, ok := names[strings.ToLower(strings.TrimSuffix(h, "."))]; ok {
+			if svc, ok := names[strings.ToLower(h)]; ok {
 				errs = append(errs, &policy.Error{File: se.Location.File, Document: se.Location.Document, Line: se.Location.Line,
 					Resource: policy.KindServiceEntry + " " + se.Metadata.Ref(), Field: fmt.Sprintf("spec.hosts[%d]", i),
 					Message: fmt.Sprintf("%s is the name of mesh service %s, reached over the mesh's mTLS: a ServiceEntry names hosts outside the mesh", h, svc)})
 			}
 		}
 	}
-	// An HTTPRoute attaches to a gateway of the mesh and sends to one of
-	// its services' ports.
-	gateways := map[string]bool{}
+	gateways := map[string]Workload{}
 	for _, w := range cp.cfg.Workloads {
-		gateways[w.Namespace+"/"+w.Name] = w.Gateway
+		if w.Gateway {
+			gateways[w.Namespace+"/"+w.Name] = w
+		}
 	}
 	servicePorts := map[string][]uint32{}
 	for _, s := range cp.cfg.Services {
@@ -425,14 +440,21 @@ func (cp *ControlPlane) loadResources() (*policy.Set, error) {
 			errs = append(errs, &policy.Error{File: hr.Location.File, Document: hr.Location.Document, Line: hr.Location.Line,
 				Resource: policy.KindHTTPRoute + " " + hr.Metadata.Ref(), Field: field, Message: fmt.Sprintf(format, args...)})
 		}
+		ns := hr.Metadata.Namespace
 		for i, g := range hr.Spec.Gateways {
-			if !gateways[g] {
+			w, ok := gateways[g]
+			switch {
+			case !ok:
 				bad(fmt.Sprintf("spec.parentRefs[%d]", i), "%s is not a gateway workload of the mesh (a workload with gateway: in the mesh file)", g)
+			case w.Namespace != ns && !slices.Contains(w.RouteNamespaces, ns) && !slices.Contains(w.RouteNamespaces, "*"):
+				bad(fmt.Sprintf("spec.parentRefs[%d]", i), "gateway %s admits routes of namespace %s and %v only: add %s to its routeNamespaces", g, w.Namespace, w.RouteNamespaces, ns)
 			}
 		}
 		for i, r := range hr.Spec.Rules {
 			ports, ok := servicePorts[r.Backend]
 			switch {
+			case !strings.HasPrefix(r.Backend, ns+"/"):
+				bad(fmt.Sprintf("spec.rules[%d].backendRefs[0].namespace", i), "%s is in another namespace than the route: put the route in the service's namespace (cross-namespace backends need grants, not supported yet)", r.Backend)
 			case !ok:
 				bad(fmt.Sprintf("spec.rules[%d].backendRefs[0]", i), "%s is not a service of the mesh", r.Backend)
 			case !slices.Contains(ports, r.BackendPort):
@@ -441,9 +463,9 @@ func (cp *ControlPlane) loadResources() (*policy.Set, error) {
 		}
 	}
 	if len(errs) > 0 {
-		return nil, errs
+		return errs
 	}
-	return set, nil
+	return nil
 }
 
 // saveLastGood keeps the files of a valid set: every kind of resource, as

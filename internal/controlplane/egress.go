@@ -29,6 +29,9 @@ func tlsFileWarnings(set *policy.Set, now time.Time) []ResourceError {
 			if t == nil || t.Mode == policy.TLSDisable {
 				return
 			}
+			if t.InsecureSkipVerify {
+				warn(field+".insecureSkipVerify", "is true: the server is not verified at all (caCertificates, sni and subjectAltNames are ignored); use it for tests only")
+			}
 			if t.CACertificates != "" {
 				if data, err := os.ReadFile(t.CACertificates); err != nil {
 					warn(field+".caCertificates", "%v", err)

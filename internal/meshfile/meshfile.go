@@ -75,6 +75,9 @@ type Workload struct {
 // Gateway is an ingress gateway's listeners.
 type Gateway struct {
 	Listeners []GatewayListener `yaml:"listeners"`
+	// RouteNamespaces are the namespaces besides its own whose HTTPRoutes
+	// may attach to the gateway ("*": any).
+	RouteNamespaces []string `yaml:"routeNamespaces"`
 }
 
 // GatewayListener is a port a gateway serves: HTTP, or HTTPS with a
@@ -343,6 +346,11 @@ func checkGateway(m *Mesh, w Workload, f string, bad func(string, string, ...any
 	if len(w.Ports) > 0 {
 		bad(f+".ports", "a gateway's ports are its listeners: remove ports")
 	}
+	for i, ns := range w.Gateway.RouteNamespaces {
+		if ns != "*" && meshid.ValidateName("namespace", ns) != nil {
+			bad(fmt.Sprintf("%s.gateway.routeNamespaces[%d]", f, i), "%q is not a namespace name (or \"*\" for any)", ns)
+		}
+	}
 	if len(w.Gateway.Listeners) == 0 {
 		bad(f+".gateway.listeners", "is empty: give at least one, such as {port: 8080, protocol: HTTP}")
 	}
@@ -445,6 +453,9 @@ func (m *Mesh) ControlPlane(stateDir, listen, adminListen string) *controlplane.
 			continue
 		}
 		cw := controlplane.Workload{Namespace: w.Namespace, Name: w.Name, ServiceAccount: w.ServiceAccount, Labels: w.Labels, Gateway: w.Gateway != nil}
+		if w.Gateway != nil {
+			cw.RouteNamespaces = w.Gateway.RouteNamespaces
+		}
 		for _, p := range w.Ports {
 			cw.Ports = append(cw.Ports, controlplane.WorkloadPort{Port: p.Port, Protocol: p.Protocol})
 		}

@@ -99,9 +99,10 @@ type ClientTLS struct {
 	InsecureSkipVerify bool
 }
 
-// For returns the TLS settings of port (nil: none).
+// For returns the TLS settings of port (nil: none): the port's own, or
+// the rule's when the port's settings have no tls, as Istio merges them.
 func (s *DestinationRuleSpec) For(port uint32) *ClientTLS {
-	if t, ok := s.PortTLS[port]; ok {
+	if t := s.PortTLS[port]; t != nil {
 		return t
 	}
 	return s.TLS
@@ -413,6 +414,8 @@ func validHost(h string) string {
 		return "is a wildcard, which is not supported yet: list the host names"
 	case strings.ContainsAny(h, "/:@ "):
 		return "is not a host name: give the name only, such as api.example.com"
+	case strings.HasSuffix(h, "."):
+		return "ends with a dot: write the name without it"
 	}
 	if _, err := netip.ParseAddr(h); err == nil {
 		return "is an address: give a name, and the address as a STATIC endpoint"
@@ -495,8 +498,14 @@ func (vs *VirtualService) Validate() (errs, warnings []*Error) {
 	if len(vs.Spec.Hosts) == 0 {
 		fe.add("spec.hosts", "is required: the ServiceEntry host whose port is routed")
 	}
+	routed := map[string]int{}
 	for i, r := range vs.Spec.PortRoutes {
 		f := index("spec.http", i)
+		k := strings.ToLower(r.Host) + ":" + fmt.Sprint(r.Port)
+		if j, dup := routed[k]; dup {
+			fe.add(f+".match[0].port", "port %d of %s is also routed by spec.http[%d]", r.Port, r.Host, j)
+		}
+		routed[k] = i
 		if !slices.Contains(vs.Spec.Hosts, r.Host) {
 			fe.add(f+".route[0].destination.host", "%q is not one of spec.hosts: a route sends a port of a host to another port of the same host", r.Host)
 		}

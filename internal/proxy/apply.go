@@ -70,7 +70,7 @@ func (p *Proxy) Apply(u Update) error {
 		}
 	}
 	prev := p.table.Load()
-	tbl, err := buildTable(p.opts.Config.Outbound, u.Destinations, prev, p.mesh, p.dialer)
+	tbl, err := buildTable(p.opts.Config.Outbound, u.Destinations, prev, p.mesh, p.dialer, p.log)
 	if err != nil {
 		return fmt.Errorf("apply %s: %w", u.Version, err)
 	}

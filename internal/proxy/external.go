@@ -7,8 +7,10 @@ import (
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -27,6 +29,7 @@ import (
 // problem with them fails the connection with an error that says which
 // file and why; nothing ever falls back to plaintext.
 type originator struct {
+	log    *slog.Logger
 	host   string
 	tls    *config.OriginateTLS // nil: plain
 	dialer *net.Dialer
@@ -44,11 +47,11 @@ type originator struct {
 // tlsRecheck is how often an originator looks at its files for changes.
 const tlsRecheck = time.Second
 
-func newOriginator(host string, t *config.OriginateTLS, dialer *net.Dialer) *originator {
+func newOriginator(host string, t *config.OriginateTLS, dialer *net.Dialer, log *slog.Logger) *originator {
 	if t != nil && t.Mode == "DISABLE" {
 		t = nil
 	}
-	o := &originator{host: host, tls: t, dialer: dialer}
+	o := &originator{host: host, tls: t, dialer: dialer, log: log}
 	o.transport = &http.Transport{
 		DialContext:         dialer.DialContext,
 		DialTLSContext:      func(ctx context.Context, _, addr string) (net.Conn, error) { return o.dial(ctx, addr) },
@@ -121,7 +124,16 @@ func (o *originator) config() (*tls.Config, error) {
 		return o.material, o.err
 	}
 	o.stamp = stamp
-	o.material, o.err = o.load(now)
+	material, err := o.load(now)
+	if err != nil && o.material != nil && o.checkExpiry(o.material, now) == nil {
+		// Files caught mid-rotation (a certificate written before its
+		// key), or replaced by ones that do not work: the ones that did
+		// stay in use, and the change is tried again.
+		o.log.Warn("TLS files of an external destination changed and cannot be used; keeping the previous ones", "host", o.host, "err", err)
+		o.stamp = ""
+		return o.material, nil
+	}
+	o.material, o.err = material, err
 	return o.material, o.err
 }
 
@@ -185,14 +197,19 @@ func (o *originator) load(now time.Time) (*tls.Config, error) {
 	if sans := t.SubjectAltNames; len(sans) > 0 && !t.InsecureSkipVerify {
 		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
 			leaf := cs.PeerCertificates[0]
-			names := slices.Clone(leaf.DNSNames)
-			for _, u := range leaf.URIs {
-				names = append(names, u.String())
-			}
 			for _, want := range sans {
-				if slices.Contains(names, want) {
+				// A DNS name or IP address as Go's hostname check
+				// compares them (case, wildcards), or a URI exactly.
+				if leaf.VerifyHostname(want) == nil || slices.ContainsFunc(leaf.URIs, func(u *url.URL) bool { return u.String() == want }) {
 					return nil
 				}
+			}
+			names := slices.Clone(leaf.DNSNames)
+			for _, ip := range leaf.IPAddresses {
+				names = append(names, ip.String())
+			}
+			for _, u := range leaf.URIs {
+				names = append(names, u.String())
 			}
 			return fmt.Errorf("the server certificate names %v, none of the subjectAltNames %v", names, sans)
 		}

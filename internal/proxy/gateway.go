@@ -5,8 +5,10 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -38,9 +40,11 @@ type GatewayRoute struct {
 func compileGatewayRoutes(routes []GatewayRoute) []GatewayRoute {
 	out := slices.Clone(routes)
 	for i := range out {
+		hosts := make([]string, len(out[i].Hostnames))
 		for j, h := range out[i].Hostnames {
-			out[i].Hostnames[j] = strings.ToLower(strings.TrimSuffix(h, "."))
+			hosts[j] = strings.ToLower(strings.TrimSuffix(h, "."))
 		}
+		out[i].Hostnames = hosts
 	}
 	slices.SortStableFunc(out, func(a, b GatewayRoute) int {
 		return cmp.Or(
@@ -75,6 +79,25 @@ func (r GatewayRoute) matches(host, path string) bool {
 // serveGateway serves one request from outside the mesh.
 func (p *Proxy) serveGateway(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
+	if !p.waitReady() {
+		http.Error(w, "trellis gateway: no certificate yet; retry", http.StatusServiceUnavailable)
+		return
+	}
+	// Route and forward one and the same path, normalized as the callee's
+	// sidecar normalizes it: /public/../admin must not ride a /public
+	// route to /admin.
+	path, err := NormalizePath(r.URL.EscapedPath())
+	if err != nil {
+		http.Error(w, "trellis gateway: bad request path: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if path != r.URL.EscapedPath() {
+		if r.URL.Path, err = url.PathUnescape(path); err != nil {
+			http.Error(w, "trellis gateway: bad request path", http.StatusBadRequest)
+			return
+		}
+		r.URL.RawPath = path
+	}
 	tbl := p.table.Load()
 	host := strings.ToLower(r.Host)
 	if h, _, err := net.SplitHostPort(host); err == nil {
@@ -132,6 +155,7 @@ func (p *Proxy) gatewayServer() *http.Server {
 // certificate needs no restart. A file that cannot be used fails the
 // handshake, with the reason in the log.
 type certificateFiles struct {
+	log       *slog.Logger
 	cert, key string
 	mu        sync.Mutex
 	checked   time.Time
@@ -160,18 +184,31 @@ func (c *certificateFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	c.stamp = stamp.String()
 	pair, err := tls.LoadX509KeyPair(c.cert, c.key)
 	if err != nil {
-		c.pair, c.err = nil, fmt.Errorf("gateway certificate %s and key %s: %w", c.cert, c.key, err)
+		err = fmt.Errorf("gateway certificate %s and key %s: %w", c.cert, c.key, err)
+		if c.pair != nil {
+			// Caught mid-rotation, or replaced by files that do not
+			// work: the certificate that did stays, and the files are
+			// tried again.
+			c.log.Warn("gateway certificate files changed and cannot be used; keeping the previous certificate", "err", err)
+			c.stamp = ""
+			return c.pair, nil
+		}
+		c.err = err
 		return nil, c.err
 	}
 	c.pair, c.err = &pair, nil
 	return c.pair, nil
 }
 
-// gatewayListener wraps a listener of the gateway in TLS when it is HTTPS.
-func gatewayListener(l net.Listener, cfg config.GatewayListener) net.Listener {
+// gatewayListener wraps a listener of the gateway in TLS when it is
+// HTTPS; its certificate files must be usable now.
+func gatewayListener(l net.Listener, cfg config.GatewayListener, log *slog.Logger) (net.Listener, error) {
 	if cfg.Protocol != "HTTPS" {
-		return l
+		return l, nil
 	}
-	files := &certificateFiles{cert: cfg.Certificate, key: cfg.PrivateKey}
-	return tls.NewListener(l, &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: files.get, NextProtos: []string{"http/1.1"}})
+	files := &certificateFiles{cert: cfg.Certificate, key: cfg.PrivateKey, log: log}
+	if _, err := files.get(nil); err != nil {
+		return nil, err
+	}
+	return tls.NewListener(l, &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: files.get, NextProtos: []string{"http/1.1"}}), nil
 }

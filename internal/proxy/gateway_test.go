@@ -91,6 +91,9 @@ func TestGateway(t *testing.T) {
 		{"http://" + httpAddr + "/api/x", "shop.example.test", 200, "orders"},
 		{"http://" + httpAddr + "/other", "shop.example.test", 404, "no HTTPRoute for shop.example.test/other"},
 		{"http://" + httpAddr + "/api/x", "elsewhere.example.test", 404, "no HTTPRoute"},
+		// Matched after normalization, as the callee's sidecar will see it.
+		{"http://" + httpAddr + "/api/../other", "shop.example.test", 404, "no HTTPRoute for shop.example.test/other"},
+		{"http://" + httpAddr + "/api/%2e%2e/other", "shop.example.test", 404, "no HTTPRoute for shop.example.test/other"},
 	} {
 		req, _ := http.NewRequest(http.MethodGet, tc.url, nil)
 		req.Host = tc.host

@@ -175,7 +175,7 @@ func New(opts Options) (*Proxy, error) {
 	}
 	p.appHTTP1, p.appH2C = newAppTransports(p.dialer)
 	p.mesh = newMeshTransport(p)
-	tbl, err := buildTable(cfg.Outbound, nil, nil, p.mesh, p.dialer)
+	tbl, err := buildTable(cfg.Outbound, nil, nil, p.mesh, p.dialer, p.log)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: outbound: %w", err)
 	}
@@ -263,6 +263,14 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if g := cfg.Gateway; g != nil {
 		for _, gl := range g.Listeners {
 			l, err := net.Listen("tcp", gl.Listen)
+			if err == nil {
+				var gwl net.Listener
+				if gwl, err = gatewayListener(l, gl, p.log); err != nil {
+					l.Close()
+				} else {
+					l = gwl
+				}
+			}
 			if err != nil {
 				closeAll()
 				for _, l := range gatewayLns {
@@ -270,7 +278,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 				}
 				return fmt.Errorf("gateway listener %s: %w", gl.Listen, err)
 			}
-			gatewayLns = append(gatewayLns, gatewayListener(l, gl))
+			gatewayLns = append(gatewayLns, l)
 		}
 	}
 	if t := cfg.Transparent; t != nil {

@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -90,7 +91,7 @@ func (t *routeTable) resolve(target outboundTarget) *route {
 // claimed twice, an endpoint with two identities) is an error. Peers of
 // prev that are still wanted are reused; buildTable changes nothing else,
 // so a failed update leaves no trace.
-func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTransport, dialer *net.Dialer) (*routeTable, error) {
+func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTransport, dialer *net.Dialer, log *slog.Logger) (*routeTable, error) {
 	if prev == nil {
 		prev = &routeTable{}
 	}
@@ -160,7 +161,7 @@ func buildTable(static, pushed []config.Outbound, prev *routeTable, mt *meshTran
 		}
 		o, ok := prev.externals[k]
 		if !ok {
-			o = newOriginator(out.Service, out.TLS, dialer)
+			o = newOriginator(out.Service, out.TLS, dialer, log)
 		}
 		t.externals[k] = o
 		return o

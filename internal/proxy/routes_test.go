@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"log/slog"
 	"net"
 	"strings"
 	"testing"
@@ -143,7 +144,7 @@ func TestBuildTable(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tbl, err := buildTable(tc.static, tc.pushed, nil, &meshTransport{}, &net.Dialer{})
+			tbl, err := buildTable(tc.static, tc.pushed, nil, &meshTransport{}, &net.Dialer{}, slog.New(slog.DiscardHandler))
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
@@ -164,7 +165,7 @@ func TestBuildTable(t *testing.T) {
 // table, not in the caller's destinations.
 func TestBuildTableDoesNotModifyItsInput(t *testing.T) {
 	pushed := []config.Outbound{{Service: "orders-api.shipping", Protocol: "mysql"}}
-	if _, err := buildTable(nil, pushed, nil, &meshTransport{}, &net.Dialer{}); err != nil {
+	if _, err := buildTable(nil, pushed, nil, &meshTransport{}, &net.Dialer{}, slog.New(slog.DiscardHandler)); err != nil {
 		t.Fatal(err)
 	}
 	if pushed[0].Protocol != "mysql" {
@@ -180,7 +181,7 @@ func TestPeersCarryOver(t *testing.T) {
 	mt := &meshTransport{}
 	build := func(prev *routeTable, eps ...config.Endpoint) *routeTable {
 		t.Helper()
-		tbl, err := buildTable(nil, []config.Outbound{{Service: "orders-api.shipping", Endpoints: eps}}, prev, mt, &net.Dialer{})
+		tbl, err := buildTable(nil, []config.Outbound{{Service: "orders-api.shipping", Endpoints: eps}}, prev, mt, &net.Dialer{}, slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -217,7 +218,7 @@ func FuzzBuildTable(f *testing.F) {
 			{Service: service, Port: port, Protocol: config.Protocol(protocol), Addresses: []string{addr}, Endpoints: []config.Endpoint{{Address: epAddr, Identity: id}}},
 			{Service: "payments.shipping", Endpoints: []config.Endpoint{{Address: "10.0.0.1:15006", Identity: "spiffe://cluster.local/ns/shipping/sa/payments"}}},
 		}
-		tbl, err := buildTable(static, pushed, nil, &meshTransport{}, &net.Dialer{})
+		tbl, err := buildTable(static, pushed, nil, &meshTransport{}, &net.Dialer{}, slog.New(slog.DiscardHandler))
 		if err != nil {
 			return
 		}
