@@ -51,8 +51,12 @@ type Config struct {
 	// pass it through (ALLOW_ANY, the default) or refuse it
 	// (REGISTRY_ONLY), as Istio's mesh setting of that name.
 	OutboundTrafficPolicy *OutboundTrafficPolicy `yaml:"outboundTrafficPolicy"`
-	Workloads             []Workload             `yaml:"workloads"`
-	Services              []Service              `yaml:"services"`
+	// ExternalAddresses, a CIDR, gives each ServiceEntry host a virtual IP
+	// that sidecars route by, for applications that resolve host names to
+	// addresses the sidecar intercepts (trellis up's network namespaces).
+	ExternalAddresses string     `yaml:"externalAddresses"`
+	Workloads         []Workload `yaml:"workloads"`
+	Services          []Service  `yaml:"services"`
 	// UnmeshedWorkloads run without a sidecar: no proxy registers as
 	// them, and traffic views list them as not meshed, so that operators
 	// see what the mesh does not secure yet.
@@ -68,6 +72,13 @@ type UnmeshedWorkload struct {
 // OutboundTrafficPolicy is the mesh's policy for unknown destinations.
 type OutboundTrafficPolicy struct {
 	Mode string `yaml:"mode"` // ALLOW_ANY or REGISTRY_ONLY
+}
+
+// externalRange is ExternalAddresses parsed (zero when unset or invalid:
+// Validate reports it).
+func (c *Config) externalRange() netip.Prefix {
+	p, _ := netip.ParsePrefix(c.ExternalAddresses)
+	return p
 }
 
 // RegistryOnly reports whether unknown destinations are refused.
@@ -216,6 +227,17 @@ func (c *Config) Validate() error {
 	}
 	if c.Listen == c.AdminListen && !strings.HasSuffix(c.Listen, ":0") {
 		bad("adminListen", "is the same address as listen; give each its own port")
+	}
+	if c.ExternalAddresses != "" {
+		if p, err := netip.ParsePrefix(c.ExternalAddresses); err != nil || !p.Addr().Is4() || p.Bits() > 30 {
+			bad("externalAddresses", "%q is not an IPv4 CIDR with room for hosts, such as 198.19.128.0/17", c.ExternalAddresses)
+		} else {
+			for i, s := range c.Services {
+				if a, err := netip.ParseAddr(s.Address); err == nil && p.Contains(a) {
+					bad(fmt.Sprintf("services[%d].address", i), "%s is inside externalAddresses %s, which ServiceEntry hosts take", a, p)
+				}
+			}
+		}
 	}
 	if p := c.OutboundTrafficPolicy; p != nil && p.Mode != "ALLOW_ANY" && p.Mode != "REGISTRY_ONLY" {
 		bad("outboundTrafficPolicy.mode", "%q is not ALLOW_ANY or REGISTRY_ONLY", p.Mode)

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -69,6 +70,10 @@ type Options struct {
 	Init bool
 	// Coalesce overrides push.DefaultCoalesce (tests).
 	Coalesce time.Duration
+	// OnExternalAddresses, when set, is told the virtual IP of every
+	// ServiceEntry host (Config.ExternalAddresses) whenever resources are
+	// put in force: the local runtime writes them to its hosts files.
+	OnExternalAddresses func(map[string]netip.Addr)
 }
 
 // ControlPlane is one running control plane.
@@ -84,6 +89,8 @@ type ControlPlane struct {
 	token     string
 	// closing is closed when Run stops serving, ending event streams.
 	closing chan struct{}
+	// onExternal is Options.OnExternalAddresses.
+	onExternal func(map[string]netip.Addr)
 
 	grpcLis, adminLis net.Listener
 
@@ -164,16 +171,18 @@ func New(opts Options) (*ControlPlane, error) {
 		return nil, err
 	}
 	pushServer = push.New(push.Config{
-		Registry:     cp.registry,
-		Verify:       cp.verifyPeer,
-		Coalesce:     opts.Coalesce,
-		RegistryOnly: cfg.RegistryOnly(),
-		Encoded:      true,
-		Log:          log.With("component", "push"),
+		Registry:      cp.registry,
+		Verify:        cp.verifyPeer,
+		Coalesce:      opts.Coalesce,
+		RegistryOnly:  cfg.RegistryOnly(),
+		ExternalRange: cfg.externalRange(),
+		Encoded:       true,
+		Log:           log.With("component", "push"),
 	})
 	cp.push = pushServer
 	cp.telemetry = newCollector(cp)
 	cp.closing = make(chan struct{})
+	cp.onExternal = opts.OnExternalAddresses
 	if cfg.Resources != "" {
 		if err := cp.loadInitial(); err != nil {
 			return nil, err
@@ -549,6 +558,9 @@ func (cp *ControlPlane) install(set *policy.Set, stamp string) {
 	cp.resources.Warnings = append(cp.resources.Warnings, tlsFileWarnings(set, time.Now())...)
 	cp.mu.Unlock()
 	cp.push.SetPolicies(set)
+	if cp.onExternal != nil {
+		cp.onExternal(push.ExternalAddresses(set, cp.cfg.externalRange()))
+	}
 }
 
 func resourceErrors(err error) []ResourceError {

@@ -24,6 +24,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -157,6 +158,9 @@ type placement interface {
 	teardown() error
 	// describe says how replicas are isolated, for the summary.
 	describe() string
+	// externalHosts is told the virtual IPs of the ServiceEntry hosts
+	// whenever the control plane puts resources in force.
+	externalHosts(map[string]netip.Addr)
 }
 
 // slot is where and how one replica runs.
@@ -276,7 +280,8 @@ func Run(ctx context.Context, opts Options) (err error) {
 	if err := cpCfg.Validate(); err != nil {
 		return fmt.Errorf("control plane configuration: %w", err)
 	}
-	cp, err := controlplane.New(controlplane.Options{Config: cpCfg, Log: log.With("component", "control-plane"), Init: true})
+	cp, err := controlplane.New(controlplane.Options{Config: cpCfg, Log: log.With("component", "control-plane"), Init: true,
+		OnExternalAddresses: r.place.externalHosts})
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/trellis-mesh/trellis/internal/localnet"
@@ -38,10 +40,15 @@ type netnsPlacement struct {
 	mesh             *meshfile.Mesh // nil when only cleaning up
 	log              *slog.Logger
 	net              *localnet.Network
-	users            map[string]*credential  // workload → who its program runs as
-	hosts            map[string]netip.Addr   // service names → virtual IPs
-	plain            []*localnet.Host        // replicas without sidecar
-	addrs            map[string][]netip.Addr // workload → its replicas' addresses
+	users            map[string]*credential // workload → who its program runs as
+	// hostsMu guards hosts and placed: the control plane reports
+	// ServiceEntry hosts from its own goroutine.
+	hostsMu  sync.Mutex
+	hosts    map[string]netip.Addr // service names (and ServiceEntry hosts) → virtual IPs
+	services map[string]netip.Addr // the mesh file's services' names alone
+	placed   []*localnet.Host
+	plain    []*localnet.Host        // replicas without sidecar
+	addrs    map[string][]netip.Addr // workload → its replicas' addresses
 }
 
 func (p *netnsPlacement) check() error {
@@ -77,19 +84,24 @@ func (p *netnsPlacement) setup() (string, error) {
 	if p.net, err = createNetwork(p.prefix, p.log); err != nil {
 		return "", err
 	}
-	p.hosts = map[string]netip.Addr{}
+	p.services = map[string]netip.Addr{}
 	p.addrs = map[string][]netip.Addr{}
 	vips := p.mesh.ServiceAddresses()
 	for _, s := range p.mesh.Services {
 		for _, n := range meshid.ServiceHostNames(s.Name + "." + s.Namespace) {
-			p.hosts[n] = vips[s.Namespace+"/"+s.Name]
+			p.services[n] = vips[s.Namespace+"/"+s.Name]
 		}
 	}
+	p.hostsMu.Lock()
+	p.hosts = maps.Clone(p.services)
+	p.hostsMu.Unlock()
 	return net.JoinHostPort(p.net.HostAddr().String(), strconv.Itoa(controlPlanePort)), nil
 }
 
 func (p *netnsPlacement) addReplica(w meshfile.Workload, i int, name string) (*slot, error) {
-	spec := localnet.HostSpec{Name: name, Hosts: p.hosts}
+	p.hostsMu.Lock()
+	defer p.hostsMu.Unlock()
+	spec := localnet.HostSpec{Name: name, Hosts: maps.Clone(p.hosts)}
 	if w.Injected() && w.Gateway == nil { // a gateway has no program to intercept
 		spec.Intercept = &intercept.RuleConfig{InboundPort: meshfile.InboundPort, OutboundPort: meshfile.OutboundPort, ExcludeInboundPorts: []int{meshfile.AdminPort, meshfile.StatsPort}}
 	}
@@ -97,6 +109,7 @@ func (p *netnsPlacement) addReplica(w meshfile.Workload, i int, name string) (*s
 	if err != nil {
 		return nil, err
 	}
+	p.placed = append(p.placed, host)
 	p.addrs[w.Ref()] = append(p.addrs[w.Ref()], host.Addr)
 	if !w.Injected() {
 		p.plain = append(p.plain, host)
@@ -119,6 +132,29 @@ func (p *netnsPlacement) addReplica(w meshfile.Workload, i int, name string) (*s
 		// hold secrets.
 		env: []string{"PATH=" + systemPath, "HOME=" + dir, "LANG=C.UTF-8", "TRELLIS_RUN_DIR=" + dir},
 	}, nil
+}
+
+// externalHosts writes the ServiceEntry hosts' virtual IPs into every
+// namespace's hosts file, beside the services' names: an application
+// resolves the host to an address its sidecar intercepts and routes.
+func (p *netnsPlacement) externalHosts(vips map[string]netip.Addr) {
+	p.hostsMu.Lock()
+	defer p.hostsMu.Unlock()
+	if p.services == nil {
+		return // not set up: nothing placed yet, and setup starts afresh
+	}
+	hosts := maps.Clone(p.services)
+	for h, a := range vips {
+		if _, taken := hosts[h]; !taken {
+			hosts[h] = a
+		}
+	}
+	p.hosts = hosts
+	for _, h := range p.placed {
+		if err := h.SetHosts(hosts); err != nil {
+			p.log.Error("updating a namespace's hosts file with ServiceEntry hosts", "netns", h.Netns, "err", err)
+		}
+	}
 }
 
 // started installs, in the namespaces of replicas without a sidecar, what

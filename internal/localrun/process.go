@@ -3,6 +3,7 @@ package localrun
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -255,6 +256,10 @@ func envName(s string) string {
 }
 
 func (p *processPlacement) started() error { return nil }
+
+// externalHosts has nothing to do: programs reach ServiceEntry hosts by
+// name through their sidecar as HTTP proxy.
+func (p *processPlacement) externalHosts(map[string]netip.Addr) {}
 
 func (p *processPlacement) listening(_ Replica, port uint32) bool {
 	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port))), 200*time.Millisecond)

@@ -421,8 +421,12 @@ func (m *Mesh) Path(p string) string {
 	return filepath.Join(m.Dir, p)
 }
 
-// ServiceRange is where service virtual IPs are allocated.
-var ServiceRange = netip.MustParsePrefix("198.19.0.0/16")
+// ServiceRange is where service virtual IPs are allocated (from its
+// start), ExternalRange, its upper half, where ServiceEntry hosts'.
+var (
+	ServiceRange  = netip.MustParsePrefix("198.19.0.0/16")
+	ExternalRange = netip.MustParsePrefix("198.19.128.0/17")
+)
 
 // ServiceAddresses gives each service a virtual IP in ServiceRange, in the
 // order of the file.
@@ -446,6 +450,11 @@ func (m *Mesh) ControlPlane(stateDir, listen, adminListen string) *controlplane.
 		APIVersion: "trellis.dev/v1", Kind: "ControlPlane",
 		TrustDomain: m.TrustDomain, StateDir: stateDir, Listen: listen, AdminListen: adminListen,
 		Resources: m.Path(m.Policies), GracePeriod: &grace, OutboundTrafficPolicy: m.OutboundTrafficPolicy,
+	}
+	if m.Isolation == IsolationNetns {
+		// Applications resolve ServiceEntry hosts in their namespace's
+		// hosts file to these, which their sidecar intercepts.
+		c.ExternalAddresses = ExternalRange.String()
 	}
 	for _, w := range m.Workloads {
 		if !w.Injected() {

@@ -1,6 +1,7 @@
 package push
 
 import (
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,7 +16,7 @@ import (
 // entry's (or the host itself) at the port traffic goes to — the port's
 // targetPort, or the port a VirtualService routes it to — and the TLS the
 // DestinationRule asks for on that port.
-func externalDestinations(set *policy.Set) []*discoveryv1.Destination {
+func externalDestinations(set *policy.Set, vips map[string]netip.Addr) []*discoveryv1.Destination {
 	if set == nil {
 		return nil
 	}
@@ -43,6 +44,9 @@ func externalDestinations(set *policy.Set) []*discoveryv1.Destination {
 					to = byNumber[n]
 				}
 				d := &discoveryv1.Destination{Service: h, Port: p.Number, Protocol: appProtocol(p.Protocol), External: true}
+				if vip, ok := vips[h]; ok {
+					d.Addresses = []string{netip.AddrPortFrom(vip, uint16(p.Number)).String()}
+				}
 				target := to.TargetPort
 				if target == 0 {
 					target = to.Number
@@ -114,6 +118,34 @@ func gatewayRoutes(set *policy.Set, ref string) []*discoveryv1.GatewayRoute {
 					Service: name + "." + ns, Port: r.BackendPort})
 			}
 		}
+	}
+	return out
+}
+
+// ExternalAddresses gives each ServiceEntry host a virtual IP from prefix,
+// in the order of the hosts' names, for runtimes whose applications reach
+// hosts by address (transparent interception resolves them to these in
+// hosts files): the sidecar then knows which host a connection is for.
+// Hosts past the prefix's size get none. A zero prefix gives none.
+func ExternalAddresses(set *policy.Set, prefix netip.Prefix) map[string]netip.Addr {
+	out := map[string]netip.Addr{}
+	if set == nil || !prefix.IsValid() {
+		return out
+	}
+	var hosts []string
+	for _, se := range set.ServiceEntries {
+		for _, h := range se.Spec.Hosts {
+			hosts = append(hosts, strings.ToLower(h))
+		}
+	}
+	slices.Sort(hosts)
+	a := prefix.Masked().Addr().Next()
+	for _, h := range slices.Compact(hosts) {
+		if !prefix.Contains(a) {
+			break
+		}
+		out[h] = a
+		a = a.Next()
 	}
 	return out
 }

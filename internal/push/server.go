@@ -17,6 +17,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -56,6 +57,9 @@ type Config struct {
 	// RegistryOnly refuses destinations outside the registry (mesh
 	// services and ServiceEntry hosts) instead of passing them through.
 	RegistryOnly bool
+	// ExternalRange, when valid, gives ServiceEntry hosts virtual IPs
+	// (ExternalAddresses) that sidecars route by.
+	ExternalRange netip.Prefix
 	// Encoded says the gRPC server runs with Codec, so updates are
 	// encoded once per view rather than once per stream.
 	Encoded bool
@@ -267,7 +271,7 @@ func (s *Server) recompute() {
 	defer s.recomputing.Unlock()
 	snap := s.cfg.Registry.Snapshot()
 	set := s.policies.Load()
-	dests := append(destinations(snap.Destinations()), externalDestinations(set)...)
+	dests := append(destinations(snap.Destinations()), externalDestinations(set, ExternalAddresses(set, s.cfg.ExternalRange))...)
 	table := newDestTable(dests)
 	pas, aps := policypb.FromSet(set)
 	// The destinations are the same for every workload: hash them once

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"github.com/trellis-mesh/trellis/internal/localrun"
 	"os"
 	"path/filepath"
 	"strings"
@@ -98,4 +99,96 @@ func TestEgressExample(t *testing.T) {
 		return strings.Contains(curl("http://partner.example.test/").stdout, "partner: hello CN=shop")
 	})
 	m.down()
+}
+
+// TestEgressNetns runs the egress example under netns isolation (root):
+// the shop resolves partner.example.test, through its namespace's hosts
+// file, to a virtual IP its sidecar intercepts and routes to the partner
+// with the mutual TLS the DestinationRule asks for — no HTTP proxy. The
+// partner runs in a namespace of its own; its ServiceEntry is written once
+// its address is known, so the hosts files follow resources put in force
+// while the mesh runs.
+func TestEgressNetns(t *testing.T) {
+	dir, _ := exampleCopy(t, "egress", "curl", "python3", "nginx", "openssl")
+	for name, edit := range map[string][2]string{
+		"mesh.yaml":             {"isolation: process", "isolation: netns"},
+		"partner/nginx.conf":    {"listen 127.0.0.1:18443 ssl;", "listen 18443 ssl;"},
+		"policies/partner.yaml": {"address: 127.0.0.1", "address: PARTNER"},
+	} {
+		path := filepath.Join(dir, name)
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if edit[0] != "" && !strings.Contains(string(data), edit[0]) {
+			t.Fatalf("%s no longer has %q", name, edit[0])
+		}
+		if err := os.WriteFile(path, []byte(strings.Replace(string(data), edit[0], edit[1], 1)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The ServiceEntry (and its DestinationRule) wait for the partner's
+	// address.
+	entry := filepath.Join(dir, "policies", "partner.yaml")
+	held := filepath.Join(dir, "partner.yaml.held")
+	rule := filepath.Join(dir, "policies", "partner-tls.yaml")
+	heldRule := filepath.Join(dir, "partner-tls.yaml.held")
+	for _, f := range [][2]string{{entry, held}, {rule, heldRule}} {
+		if err := os.Rename(f[0], f[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := run(t, dir, "", "bash", filepath.Join(dir, "make-certs")); r.err != nil {
+		t.Fatalf("make-certs: %v %s", r.err, r.stderr)
+	}
+	// The programs' users must read the partner's server key.
+	if err := filepath.WalkDir(filepath.Join(dir, "certs"), func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		mode := os.FileMode(0o644)
+		if d.IsDir() {
+			mode = 0o755
+		}
+		return os.Chmod(p, mode)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	m := startUp(t, dir)
+	t.Cleanup(m.stop)
+
+	st, err := localrun.ReadState(filepath.Join(dir, ".trellis"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	partner := ""
+	for _, r := range st.Replicas {
+		if r.Workload == "external/partner" {
+			partner = r.Address
+		}
+	}
+	data, err := os.ReadFile(held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(held, []byte(strings.Replace(string(data), "PARTNER", partner, 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The entry first: the rule alone would be rejected.
+	if err := os.Rename(held, entry); err != nil {
+		t.Fatal(err)
+	}
+	trellis(t, dir, "status", "-f", m.file, "--wait", "--timeout", "20s")
+	if err := os.Rename(heldRule, rule); err != nil {
+		t.Fatal(err)
+	}
+	trellis(t, dir, "status", "-f", m.file, "--wait", "--timeout", "20s")
+	waitFor(t, 20*time.Second, "the shop to reach the partner", func() bool {
+		r := m.exec("default/shop", "curl", "-sS", "-m", "5", "http://partner.example.test/")
+		return strings.Contains(r.stdout, "partner: hello CN=shop,O=Shop")
+	})
+	// REGISTRY_ONLY: the partner's own address is not in the registry.
+	if r := m.exec("default/shop", "curl", "-sS", "-m", "5", "http://"+partner+":18443/"); r.err == nil {
+		t.Fatalf("a destination outside the registry was reached: %q", r.stdout)
+	}
 }
