@@ -251,5 +251,9 @@ func (o *originator) checkExpiry(cfg *tls.Config, now time.Time) error {
 }
 
 // retire closes the idle connections of an originator a new routing
-// table no longer uses; requests in flight finish on theirs.
-func (o *originator) retire() { o.transport.CloseIdleConnections() }
+// table no longer uses, now and once the requests in flight have had the
+// drain time to finish (their connections return to the pool idle).
+func (o *originator) retire() {
+	o.transport.CloseIdleConnections()
+	time.AfterFunc(DrainTimeout, o.transport.CloseIdleConnections)
+}
