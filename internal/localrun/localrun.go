@@ -749,6 +749,7 @@ func (r *runner) printSummary(cp *controlplane.ControlPlane) {
 	}
 	fmt.Fprintf(out, "               (the policies decide: an answer, or 403 naming why)\n")
 	fmt.Fprintf(out, "               trellis status -f %s\n", f)
+	fmt.Fprintf(out, "Watch:         trellis stat|edges|check -f %s, trellis tap -f %s NAMESPACE/NAME, trellis dashboard -f %s\n", f, f, f)
 }
 
 // gatewayProxyConfig is a gateway's proxy configuration: its listeners on
