@@ -59,7 +59,24 @@ func NormalizePath(escaped string) (string, error) {
 	if !strings.HasPrefix(p, "/") && p != "*" {
 		return "", errors.New("the path does not start with '/'")
 	}
+	if hasDotSegmentWithParams(p) {
+		return "", errDotParams
+	}
 	return match.CleanPath(p), nil
+}
+
+// errDotParams refuses "..;x" and ".;x" segments: servlet containers
+// (Tomcat, Jetty) drop path parameters and then resolve the dots, so
+// /public/..;/admin is /admin to them while it matches /public/* here.
+var errDotParams = errors.New("the path has a '.' or '..' segment with parameters (';'), which some servers resolve and others do not")
+
+func hasDotSegmentWithParams(p string) bool {
+	for seg := range strings.SplitSeq(p, "/") {
+		if base, _, ok := strings.Cut(seg, ";"); ok && (base == "." || base == "..") {
+			return true
+		}
+	}
+	return false
 }
 
 func isHex(c byte) bool {

@@ -30,6 +30,11 @@ func TestNormalizePath(t *testing.T) {
 		{"/a%zz", "", true},
 		{"/a%2", "", true},
 		{"relative", "", true},
+		{"/public/..;/admin", "", true}, // servlet path parameters
+		{"/public/..;jsessionid=x/admin", "", true},
+		{"/public/.;x/a", "", true},
+		{"/public/%2e%2e;/admin", "", true},
+		{"/a;b/c", "/a;b/c", false}, // parameters elsewhere are the application's
 	} {
 		got, err := NormalizePath(tc.in)
 		if (err != nil) != tc.err || got != tc.want {
