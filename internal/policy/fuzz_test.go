@@ -41,6 +41,7 @@ func FuzzParse(f *testing.F) {
 		"apiVersion: networking.trellis.dev/v1\nkind: ServiceEntry\nmetadata: {name: e}\nspec: {hosts: [a.example.com], ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}], resolution: STATIC, endpoints: [{address: 127.0.0.1, ports: {http: 8443}}]}\n---\n" +
 			"apiVersion: networking.trellis.dev/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: a.example.com, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: c, privateKey: k, caCertificates: ca, sni: a.example.com, subjectAltNames: [a.example.com]}}}\n---\n" +
 			"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec: {hosts: [a.example.com], http: [{match: [{port: 80}], route: [{destination: {host: a.example.com, port: {number: 80}}}]}]}\n",
+		"apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: n}\nspec: {parentRefs: [{name: g}], hostnames: [a.example.com], rules: [{matches: [{path: {type: Exact, value: /x}}], backendRefs: [{name: s, port: 80}]}]}\n",
 	} {
 		f.Add([]byte(s))
 	}
