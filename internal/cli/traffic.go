@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -191,8 +193,8 @@ func printEdges(out io.Writer, rows []controlplane.EdgeTraffic, t controlplane.T
 }
 
 func printScrapeErrors(out io.Writer, t controlplane.Traffic) {
-	for instance, why := range t.ScrapeErrors {
-		fmt.Fprintf(out, "WARNING: the metrics of %s could not be read (%s); its figures are missing.\n", instance, why)
+	for _, instance := range slices.Sorted(maps.Keys(t.ScrapeErrors)) {
+		fmt.Fprintf(out, "WARNING: the metrics of %s could not be read (%s); its figures are missing.\n", instance, t.ScrapeErrors[instance])
 	}
 }
 
@@ -405,7 +407,7 @@ at most --rate events a second; the tap ends after --max events or Ctrl-C.`,
 	cmd.Flags().StringVar(&method, "method", "", "only requests with this method")
 	cmd.Flags().StringVar(&path, "path", "", "only requests whose path starts with this")
 	cmd.Flags().IntVar(&max, "max", 0, "stop after this many events (0: until Ctrl-C)")
-	cmd.Flags().IntVar(&rate, "rate", 0, "at most this many events a second from each proxy (default 100)")
+	cmd.Flags().IntVar(&rate, "rate", 0, "at most this many events a second from each proxy (default 100, at most 1000)")
 	return cmd
 }
 
@@ -423,6 +425,9 @@ made: allowed with no ALLOW policy in force, or denied because none matched.`,
   trellis authz -f examples/zero-trust/mesh.yaml shipping/orders-api --window 10m -o json`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if f.namespace != "" {
+				return errors.New("--namespace: authz takes one workload, NAMESPACE/NAME")
+			}
 			t, err := f.fetch(cmd)
 			if err != nil {
 				return err

@@ -188,6 +188,9 @@ interception); under process isolation with the environment its program has
   trellis exec shipping/orders-api --replica 1 -- curl -sS 127.0.0.1:15000/config`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if replica < 0 {
+				return fmt.Errorf("--replica %d: give a replica's index, 0 or more", replica)
+			}
 			reps, err := replicasOf(cmd, &f, args[0], replica)
 			if err != nil {
 				return err

@@ -42,9 +42,9 @@ func tlsFileWarnings(set *policy.Set, now time.Time) []ResourceError {
 			if t.Mode != policy.TLSMutual {
 				return
 			}
-			for name, f := range map[string]string{"clientCertificate": t.ClientCertificate, "privateKey": t.PrivateKey} {
-				if _, err := os.Stat(f); err != nil {
-					warn(field+"."+name, "%v", err)
+			for _, f := range [][2]string{{"clientCertificate", t.ClientCertificate}, {"privateKey", t.PrivateKey}} {
+				if _, err := os.Stat(f[1]); err != nil {
+					warn(field+"."+f[0], "%v", err)
 					return
 				}
 			}

@@ -322,7 +322,9 @@ func (m *Mesh) Validate() error {
 		// What the control plane checks (service ports, protocols) is
 		// reported now, against the mesh file, not after start.
 		if err := m.ControlPlane(m.Dir, "127.0.0.1:1", "127.0.0.1:2").Validate(); err != nil {
-			errs = append(errs, err) // its field paths are the mesh file's
+			// Its field paths are the control plane configuration's, whose
+			// workloads leave out those without sidecar.
+			errs = append(errs, fmt.Errorf("the control plane configuration made from this file (workloads without sidecar listed apart): %w", err))
 		}
 	}
 	return errors.Join(errs...)
@@ -375,7 +377,7 @@ func checkGateway(m *Mesh, w Workload, f string, bad func(string, string, ...any
 		switch l.Protocol {
 		case "HTTP":
 			if l.Certificate != "" || l.PrivateKey != "" {
-				bad(lf+".certificate", "is for protocol HTTPS")
+				bad(lf+".certificate", "is for protocol HTTPS: remove it, or set protocol: HTTPS")
 			}
 		case "HTTPS":
 			if l.Certificate == "" || l.PrivateKey == "" {

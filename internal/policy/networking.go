@@ -418,11 +418,11 @@ func validHost(h string) string {
 		return "ends with a dot: write the name without it"
 	}
 	if _, err := netip.ParseAddr(h); err == nil {
-		return "is an address: give a name, and the address as a STATIC endpoint"
+		return "is an IP address, not a host name"
 	}
-	for _, label := range strings.Split(strings.TrimSuffix(h, "."), ".") {
+	for _, label := range strings.Split(h, ".") {
 		if err := meshid.ValidateName("host label", strings.ToLower(label)); err != nil || strings.Contains(label, ".") {
-			return "is not a DNS name"
+			return "is not a DNS name: use letters, digits and '-' in labels separated by dots, such as api.example.com"
 		}
 	}
 	return ""

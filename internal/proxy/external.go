@@ -42,6 +42,7 @@ type originator struct {
 	stamp    string    // their sizes and modification times then
 	material *tls.Config
 	err      error
+	warned   time.Time // when the last "keeping the previous" warning went out
 }
 
 // tlsRecheck is how often an originator looks at its files for changes.
@@ -129,7 +130,10 @@ func (o *originator) config() (*tls.Config, error) {
 		// Files caught mid-rotation (a certificate written before its
 		// key), or replaced by ones that do not work: the ones that did
 		// stay in use, and the change is tried again.
-		o.log.Warn("TLS files of an external destination changed and cannot be used; keeping the previous ones", "host", o.host, "err", err)
+		if now.Sub(o.warned) >= time.Minute {
+			o.warned = now
+			o.log.Warn("TLS files of an external destination changed and cannot be used; keeping the previous ones", "host", o.host, "err", err)
+		}
 		o.stamp = ""
 		return o.material, nil
 	}
@@ -170,9 +174,9 @@ func (o *originator) load(now time.Time) (*tls.Config, error) {
 		cfg.RootCAs = pool
 	}
 	if t.Mode == "MUTUAL" {
-		for name, f := range map[string]string{"clientCertificate": t.ClientCertificate, "privateKey": t.PrivateKey} {
-			if _, err := os.Stat(f); err != nil {
-				return nil, fmt.Errorf("%s: %w", name, err)
+		for _, f := range [][2]string{{"clientCertificate", t.ClientCertificate}, {"privateKey", t.PrivateKey}} {
+			if _, err := os.Stat(f[1]); err != nil {
+				return nil, fmt.Errorf("%s: %w", f[0], err)
 			}
 		}
 		pair, err := tls.LoadX509KeyPair(t.ClientCertificate, t.PrivateKey)

@@ -137,6 +137,14 @@ func (p *Proxy) serveGateway(w http.ResponseWriter, r *http.Request) {
 		p.metrics.requests.WithLabelValues("outbound", p.selfLabel(), dest, "true", "", "", statusClass(rec.status)).Inc()
 		p.metrics.duration.WithLabelValues("outbound", p.selfLabel(), dest, "true").Observe(time.Since(start).Seconds())
 	}
+	if p.tap.tapped() {
+		dest := "unreachable"
+		if call.used != nil {
+			dest = call.used.label
+		}
+		p.tap.publish(TapEvent{Time: start, Direction: "outbound", Source: p.selfLabel(), Destination: dest, Authority: r.Host,
+			Method: r.Method, Path: r.URL.Path, Status: rec.status, Latency: time.Since(start), TLS: true})
+	}
 }
 
 // gatewayServer is the HTTP server of the gateway's listeners.
@@ -162,6 +170,7 @@ type certificateFiles struct {
 	stamp     string
 	pair      *tls.Certificate
 	err       error
+	warned    time.Time // when the last "keeping the previous" warning went out
 }
 
 func (c *certificateFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -189,7 +198,10 @@ func (c *certificateFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			// Caught mid-rotation, or replaced by files that do not
 			// work: the certificate that did stays, and the files are
 			// tried again.
-			c.log.Warn("gateway certificate files changed and cannot be used; keeping the previous certificate", "err", err)
+			if now.Sub(c.warned) >= time.Minute {
+				c.warned = now
+				c.log.Warn("gateway certificate files changed and cannot be used; keeping the previous certificate", "err", err)
+			}
 			c.stamp = ""
 			return c.pair, nil
 		}

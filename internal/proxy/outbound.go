@@ -257,7 +257,7 @@ func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 			dest = call.used.label
 		}
 		p.tap.publish(TapEvent{Time: start, Direction: "outbound", Source: m.peerLabel, Destination: dest, Authority: r.Host,
-			Method: r.Method, Path: r.URL.Path, Status: rec.status, Latency: time.Since(start), TLS: true})
+			Method: r.Method, Path: r.URL.Path, Status: rec.status, Latency: time.Since(start), TLS: call.route == nil || call.route.tlsLabel() == "true"})
 	}
 }
 

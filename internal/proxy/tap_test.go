@@ -49,8 +49,12 @@ func TestTap(t *testing.T) {
 		t.Fatalf("an event beyond the tap's rate: %+v", ev)
 	default:
 	}
+	// Stopped, the hub takes nothing; its fast path says so.
 	orders.StopTap(7)
-	getBody(t, client, "http://"+out+"/v1/d")
+	if orders.tap.tapped() {
+		t.Fatal("a tap is still active after StopTap")
+	}
+	orders.tap.publish(TapEvent{Time: time.Now(), Method: "GET", Path: "/v1/d"})
 	select {
 	case ev := <-orders.TapEvents():
 		t.Fatalf("an event after the tap stopped: %+v", ev)

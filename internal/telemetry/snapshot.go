@@ -47,7 +47,7 @@ const (
 type Edge struct {
 	Direction   string // "inbound" or "outbound"
 	Source      string // SPIFFE ID, or "unknown" for a plaintext caller
-	Destination string // SPIFFE ID, "passthrough" (outside the mesh) or "unreachable"
+	Destination string // SPIFFE ID, a ServiceEntry host, "passthrough" (elsewhere outside the mesh) or "unreachable"
 	TLS         bool
 }
 

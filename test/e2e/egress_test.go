@@ -72,8 +72,8 @@ func TestEgressExample(t *testing.T) {
 	// Without the DestinationRule the sidecar speaks plain HTTP to the
 	// HTTPS port: nothing gets through.
 	setTLS("")
-	if r := curl("http://partner.example.test/"); strings.Contains(r.stdout, "partner: hello") {
-		t.Fatalf("got through without the DestinationRule: %q", r.stdout)
+	if r := curl("http://partner.example.test/"); strings.Contains(r.stdout, "partner: hello") || !strings.Contains(r.stdout, "plain HTTP request was sent to HTTPS port") {
+		t.Fatalf("without the DestinationRule: %q, want nginx refusing plain HTTP", r.stdout)
 	}
 	// A client certificate from another CA: nginx names the CA it
 	// accepts, and the shop gets a 502 that says so.
@@ -187,8 +187,13 @@ func TestEgressNetns(t *testing.T) {
 		r := m.exec("default/shop", "curl", "-sS", "-m", "5", "http://partner.example.test/")
 		return strings.Contains(r.stdout, "partner: hello CN=shop,O=Shop")
 	})
-	// REGISTRY_ONLY: the partner's own address is not in the registry.
+	// REGISTRY_ONLY: the partner's own address is not in the registry;
+	// the sidecar refuses and counts it.
 	if r := m.exec("default/shop", "curl", "-sS", "-m", "5", "http://"+partner+":18443/"); r.err == nil {
 		t.Fatalf("a destination outside the registry was reached: %q", r.stdout)
+	}
+	metrics := m.exec("default/shop", "curl", "-sS", "127.0.0.1:15000/metrics").stdout
+	if !strings.Contains(metrics, `trellis_refused_connections_total{direction="outbound",reason="not in the registry (REGISTRY_ONLY)"} 1`) {
+		t.Fatalf("the refusal is not counted:\n%s", metrics)
 	}
 }

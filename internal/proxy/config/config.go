@@ -251,7 +251,7 @@ func (c *Config) Validate() error {
 			switch l.Protocol {
 			case "HTTP":
 				if l.Certificate != "" || l.PrivateKey != "" {
-					bad(f+".certificate", "is for protocol HTTPS")
+					bad(f+".certificate", "is for protocol HTTPS: remove it, or set protocol: HTTPS")
 				}
 			case "HTTPS":
 				if l.Certificate == "" || l.PrivateKey == "" {
