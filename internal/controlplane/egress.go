@@ -1,15 +1,13 @@
 package controlplane
 
 import (
-	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"maps"
-	"os"
 	"slices"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/tlsfiles"
 )
 
 // tlsFileWarnings checks the files the DestinationRules name, as the
@@ -32,29 +30,11 @@ func tlsFileWarnings(set *policy.Set, now time.Time) []ResourceError {
 			if t.InsecureSkipVerify {
 				warn(field+".insecureSkipVerify", "is true: the server is not verified at all (caCertificates, sni and subjectAltNames are ignored); use it for tests only")
 			}
-			if t.CACertificates != "" {
-				if data, err := os.ReadFile(t.CACertificates); err != nil {
-					warn(field+".caCertificates", "%v", err)
-				} else if !x509.NewCertPool().AppendCertsFromPEM(data) {
-					warn(field+".caCertificates", "%s holds no PEM certificate", t.CACertificates)
-				}
-			}
-			if t.Mode != policy.TLSMutual {
-				return
-			}
-			for _, f := range [][2]string{{"clientCertificate", t.ClientCertificate}, {"privateKey", t.PrivateKey}} {
-				if _, err := os.Stat(f[1]); err != nil {
-					warn(field+"."+f[0], "%v", err)
-					return
-				}
-			}
-			pair, err := tls.LoadX509KeyPair(t.ClientCertificate, t.PrivateKey)
-			if err != nil {
-				warn(field+".privateKey", "%s and %s: %v", t.ClientCertificate, t.PrivateKey, err)
-				return
-			}
-			if leaf := pair.Leaf; leaf != nil && (now.After(leaf.NotAfter) || now.Before(leaf.NotBefore)) {
-				warn(field+".clientCertificate", "%s is valid from %s to %s only", t.ClientCertificate, leaf.NotBefore.Format(time.RFC3339), leaf.NotAfter.Format(time.RFC3339))
+			// What the sidecars will make of the files, in their words.
+			client := tlsfiles.Client{Mutual: t.Mode == policy.TLSMutual, Certificate: t.ClientCertificate, PrivateKey: t.PrivateKey,
+				CACertificates: t.CACertificates, SNI: t.SNI, SubjectAltNames: t.SubjectAltNames, InsecureSkipVerify: t.InsecureSkipVerify}
+			if _, err := client.Config(dr.Spec.Host, now); err != nil {
+				warn(field, "%v", err)
 			}
 		}
 		check("spec.trafficPolicy.tls", dr.Spec.TLS)

@@ -9,13 +9,12 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
+	"github.com/trellis-mesh/trellis/internal/tlsfiles"
 )
 
 // An ingress gateway is a proxy without a workload beside it: it serves
@@ -158,69 +157,24 @@ func (p *Proxy) gatewayServer() *http.Server {
 	}
 }
 
-// certificateFiles serves a listener's certificate from its files, read
-// again when they change (checked at most every second), so a renewed
-// certificate needs no restart. A file that cannot be used fails the
-// handshake, with the reason in the log.
-type certificateFiles struct {
-	log       *slog.Logger
-	cert, key string
-	mu        sync.Mutex
-	checked   time.Time
-	stamp     string
-	pair      *tls.Certificate
-	err       error
-	warned    time.Time // when the last "keeping the previous" warning went out
-}
-
-func (c *certificateFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	now := time.Now()
-	if now.Sub(c.checked) < tlsRecheck && (c.pair != nil || c.err != nil) {
-		return c.pair, c.err
-	}
-	c.checked = now
-	var stamp strings.Builder
-	for _, f := range []string{c.cert, c.key} {
-		if fi, err := os.Stat(f); err == nil {
-			fmt.Fprintf(&stamp, "%s:%d:%d;", f, fi.Size(), fi.ModTime().UnixNano())
-		}
-	}
-	if stamp.String() == c.stamp && (c.pair != nil || c.err != nil) {
-		return c.pair, c.err
-	}
-	c.stamp = stamp.String()
-	pair, err := tls.LoadX509KeyPair(c.cert, c.key)
-	if err != nil {
-		err = fmt.Errorf("gateway certificate %s and key %s: %w", c.cert, c.key, err)
-		if c.pair != nil {
-			// Caught mid-rotation, or replaced by files that do not
-			// work: the certificate that did stays, and the files are
-			// tried again.
-			if now.Sub(c.warned) >= time.Minute {
-				c.warned = now
-				c.log.Warn("gateway certificate files changed and cannot be used; keeping the previous certificate", "err", err)
-			}
-			c.stamp = ""
-			return c.pair, nil
-		}
-		c.err = err
-		return nil, c.err
-	}
-	c.pair, c.err = &pair, nil
-	return c.pair, nil
-}
-
 // gatewayListener wraps a listener of the gateway in TLS when it is
 // HTTPS; its certificate files must be usable now.
 func gatewayListener(l net.Listener, cfg config.GatewayListener, log *slog.Logger) (net.Listener, error) {
 	if cfg.Protocol != "HTTPS" {
 		return l, nil
 	}
-	files := &certificateFiles{cert: cfg.Certificate, key: cfg.PrivateKey, log: log}
-	if _, err := files.get(nil); err != nil {
+	// Read again when the files change, so a renewed certificate needs
+	// no restart; files caught mid-rotation keep the previous one.
+	cert := &tlsfiles.Reloader[*tls.Certificate]{
+		Files: []string{cfg.Certificate, cfg.PrivateKey},
+		Load: func(time.Time) (*tls.Certificate, error) {
+			return tlsfiles.ServerCertificate(cfg.Certificate, cfg.PrivateKey)
+		},
+		Log: log.With("listener", cfg.Listen), What: "the gateway certificate:",
+	}
+	if _, err := cert.Get(time.Now()); err != nil {
 		return nil, err
 	}
-	return tls.NewListener(l, &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: files.get, NextProtos: []string{"http/1.1"}}), nil
+	get := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert.Get(time.Now()) }
+	return tls.NewListener(l, &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: get, NextProtos: []string{"http/1.1"}}), nil
 }
