@@ -12,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/trellis-mesh/trellis/internal/meshid"
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 	"github.com/trellis-mesh/trellis/internal/telemetry"
 )
 
@@ -64,10 +65,6 @@ type EdgeTraffic struct {
 	telemetry.Golden
 }
 
-// StrictRefusal is the proxies' reason for refusing plaintext on a STRICT
-// port (trellis_refused_connections_total{reason}).
-const StrictRefusal = "plaintext on a STRICT port"
-
 // Names for the ends of edges that are not workloads.
 const (
 	NoSidecar     = "(no sidecar)"
@@ -118,9 +115,9 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 			return workload
 		case len(byIdentity[identity]) == 1:
 			return byIdentity[identity][0]
-		case identity == "unknown":
+		case identity == meshmetrics.Unknown:
 			return NoSidecar
-		case identity == "passthrough":
+		case identity == meshmetrics.Passthrough:
 			return OutsideMesh
 		case identity != "" && !strings.HasPrefix(identity, "spiffe://"):
 			return identity + " " + OutsideMesh // a ServiceEntry host
@@ -154,15 +151,15 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 			SourceIdentity: e.SourceIdentity, DestinationIdentity: e.DestinationIdentity,
 			MTLS: e.MTLS, MeasuredBy: e.MeasuredBy, Golden: e.Golden,
 		}
-		if et.SourceIdentity == "unknown" {
+		if et.SourceIdentity == meshmetrics.Unknown {
 			et.SourceIdentity = ""
 		}
-		if et.DestinationIdentity == "passthrough" {
+		if et.DestinationIdentity == meshmetrics.Passthrough {
 			et.DestinationIdentity = ""
 		}
 		switch {
 		case e.MTLS:
-		case e.SourceIdentity == "unknown":
+		case e.SourceIdentity == meshmetrics.Unknown:
 			et.Plaintext = "the caller has no sidecar (PERMISSIVE let it in; STRICT would refuse it)"
 		case !strings.HasPrefix(e.DestinationIdentity, "spiffe://"):
 			et.Plaintext = "the destination is outside the mesh (originate TLS to it with a DestinationRule)"
@@ -174,7 +171,7 @@ func (cp *ControlPlane) Traffic(ctx context.Context, window time.Duration) Traff
 	// Plaintext the callee refused never became a request or a relayed
 	// connection; it is an edge all the same, and the one to look at.
 	for _, w := range out.Workloads {
-		if r := w.Refused[StrictRefusal]; r > 0 {
+		if r := w.Refused[meshmetrics.RefusedStrictPlaintext]; r > 0 {
 			out.Edges = append(out.Edges, EdgeTraffic{Source: NoSidecar, Destination: w.Workload, MeasuredBy: "inbound", RefusedPerSecond: r,
 				Plaintext: "refused: the port is STRICT and the caller has no sidecar"})
 		}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 	"github.com/trellis-mesh/trellis/internal/tlsfiles"
 )
@@ -129,7 +130,7 @@ func (p *Proxy) serveGateway(w http.ResponseWriter, r *http.Request) {
 		p.outboundProxy.ServeHTTP(rec, r)
 	}
 	if p.metrics != nil {
-		dest := "unreachable"
+		dest := meshmetrics.Unreachable
 		if call.used != nil {
 			dest = call.used.label
 		}
@@ -137,7 +138,7 @@ func (p *Proxy) serveGateway(w http.ResponseWriter, r *http.Request) {
 		p.metrics.duration.WithLabelValues("outbound", p.selfLabel(), dest, "true").Observe(time.Since(start).Seconds())
 	}
 	if p.tap.tapped() {
-		dest := "unreachable"
+		dest := meshmetrics.Unreachable
 		if call.used != nil {
 			dest = call.used.label
 		}

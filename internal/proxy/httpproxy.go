@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 )
 
@@ -75,11 +76,11 @@ func (p *Proxy) forwardOutside(w http.ResponseWriter, r *http.Request) {
 	guardBody(w, r)
 	p.outsideProxy.ServeHTTP(rec, r)
 	if p.metrics != nil {
-		p.metrics.requests.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false", "", "", statusClass(rec.status)).Inc()
-		p.metrics.duration.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false").Observe(time.Since(start).Seconds())
+		p.metrics.requests.WithLabelValues("outbound", p.selfLabel(), meshmetrics.Passthrough, "false", "", "", statusClass(rec.status)).Inc()
+		p.metrics.duration.WithLabelValues("outbound", p.selfLabel(), meshmetrics.Passthrough, "false").Observe(time.Since(start).Seconds())
 	}
 	if p.tap.tapped() {
-		p.tap.publish(TapEvent{Time: start, Direction: "outbound", Source: p.selfLabel(), Destination: "passthrough", Authority: r.Host,
+		p.tap.publish(TapEvent{Time: start, Direction: "outbound", Source: p.selfLabel(), Destination: meshmetrics.Passthrough, Authority: r.Host,
 			Method: r.Method, Path: r.URL.Path, Status: rec.status, Latency: time.Since(start)})
 	}
 }

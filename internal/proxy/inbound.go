@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/meshid"
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 
 	"github.com/trellis-mesh/trellis/internal/policy"
 	"github.com/trellis-mesh/trellis/internal/policy/authz"
@@ -162,11 +163,10 @@ func (p *Proxy) handleInbound(c net.Conn, in config.Inbound, appAddr string) {
 		// The application's own TLS (or a malformed hello): opaque bytes.
 	}
 	if mode == policy.ModeStrict {
-		// The control plane looks for this reason (controlplane.StrictRefusal).
-		p.refuse(c, "inbound", "plaintext on a STRICT port", "port", in.AppPort, "sniffed", kind.String())
+		p.refuse(c, "inbound", meshmetrics.RefusedStrictPlaintext, "port", in.AppPort, "sniffed", kind.String())
 		return
 	}
-	meta.tlsLabel, meta.peerLabel = "false", "unknown"
+	meta.tlsLabel, meta.peerLabel = "false", meshmetrics.Unknown
 	if !p.admitted(c, meta) {
 		return
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/trellis-mesh/trellis/internal/identity"
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 	"github.com/trellis-mesh/trellis/internal/proxy/sniff"
 )
@@ -240,7 +241,7 @@ func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 		p.outboundProxy.ServeHTTP(rec, r)
 	}
 	if p.metrics != nil {
-		dest := "unreachable"
+		dest := meshmetrics.Unreachable
 		if call.used != nil {
 			dest = call.used.label
 		}
@@ -252,7 +253,7 @@ func (p *Proxy) serveOutboundHTTP(w http.ResponseWriter, r *http.Request) {
 		p.metrics.duration.WithLabelValues("outbound", m.peerLabel, dest, tlsLabel).Observe(time.Since(start).Seconds())
 	}
 	if p.tap.tapped() {
-		dest := "unreachable"
+		dest := meshmetrics.Unreachable
 		if call.used != nil {
 			dest = call.used.label
 		}

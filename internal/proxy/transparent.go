@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 	"github.com/trellis-mesh/trellis/internal/proxy/config"
 	"github.com/trellis-mesh/trellis/internal/proxy/intercept"
 )
@@ -79,7 +80,7 @@ func (p *Proxy) passthrough(c net.Conn, dst string) {
 // connection to a destination outside the mesh.
 func (p *Proxy) relayOutside(c, up net.Conn) {
 	if p.metrics != nil {
-		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), "passthrough", "false", "allow", "").Inc()
+		p.metrics.connections.WithLabelValues("outbound", p.selfLabel(), meshmetrics.Passthrough, "false", "allow", "").Inc()
 	}
-	p.relay(c, up, "outbound", p.selfLabel(), "passthrough", "false")
+	p.relay(c, up, "outbound", p.selfLabel(), meshmetrics.Passthrough, "false")
 }

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 )
 
 // traffic is one proxy's traffic over a window: what its counters grew by,
@@ -276,7 +278,7 @@ func (c *Collector) Window(now time.Time, d time.Duration) ([]WorkloadTraffic, [
 			switch {
 			case e.Direction == "inbound":
 				return ekey{src: e.Source, dst: t.target.Identity, dstWorkload: t.target.Workload, tls: e.TLS, by: "inbound"}, true
-			case e.Direction == "outbound" && e.Destination != "unreachable" && !strings.HasPrefix(e.Destination, "spiffe://"):
+			case e.Direction == "outbound" && e.Destination != meshmetrics.Unreachable && !strings.HasPrefix(e.Destination, "spiffe://"):
 				// Outside the mesh: passed through, or a ServiceEntry host.
 				return ekey{src: t.target.Identity, srcWorkload: t.target.Workload, dst: e.Destination, tls: e.TLS, by: "outbound"}, true
 			}

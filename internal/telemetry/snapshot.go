@@ -21,17 +21,19 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+
+	"github.com/trellis-mesh/trellis/internal/meshmetrics"
 )
 
 // The proxy's metric names (internal/proxy/metrics.go; docs/metrics.md).
 const (
-	metricRequests    = "trellis_requests_total"
-	metricDuration    = "trellis_request_duration_seconds"
-	metricConnections = "trellis_tcp_connections_total"
-	metricOpen        = "trellis_tcp_open_connections"
-	metricRefused     = "trellis_refused_connections_total"
-	metricRules       = "trellis_authz_decisions_total"
-	metricStart       = "process_start_time_seconds"
+	metricRequests    = meshmetrics.Requests
+	metricDuration    = meshmetrics.RequestDuration
+	metricConnections = meshmetrics.TCPConnections
+	metricOpen        = meshmetrics.TCPOpen
+	metricRefused     = meshmetrics.Refused
+	metricRules       = meshmetrics.AuthzDecisions
+	metricStart       = meshmetrics.ProcessStart
 )
 
 // Limits on what one scrape may hold: a proxy's series are bounded by the
