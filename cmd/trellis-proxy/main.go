@@ -33,7 +33,6 @@ import (
 	"google.golang.org/grpc"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
-	identityv1 "github.com/trellis-mesh/trellis/api/identity/v1"
 	"github.com/trellis-mesh/trellis/internal/admin"
 	"github.com/trellis-mesh/trellis/internal/certpem"
 	"github.com/trellis-mesh/trellis/internal/discovery"
@@ -70,7 +69,9 @@ type config struct {
 	namespace      string
 	serviceAccount string
 	joinTokenFile  string
-	ttl            time.Duration
+	// kubeTokenFile is a projected Kubernetes service account token.
+	kubeTokenFile string
+	ttl           time.Duration
 	// follow makes the proxy follow the control plane at identityAddr:
 	// it registers as an instance of the config's workload and takes its
 	// policies and destinations from there.
@@ -94,12 +95,14 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.namespace, "namespace", "", "namespace of the workload")
 	fs.StringVar(&c.serviceAccount, "service-account", "", "service account of the workload")
 	fs.StringVar(&c.joinTokenFile, "join-token-file", "", "file holding the join token for the first certificate")
+	fs.StringVar(&c.kubeTokenFile, "kubernetes-token-file", "", "file holding the pod's projected service account token (audience trellis), read again at each use, for the first certificate (instead of --join-token-file)")
 	fs.DurationVar(&c.ttl, "cert-ttl", 0, "workload certificate lifetime to ask for (default: the control plane's)")
 	fs.BoolVar(&c.follow, "control-plane", false, "register the --config workload with the control plane at --identity-addr and take policies and destinations from it")
 	fs.StringVar(&c.instance, "instance", "", "name of this replica among the workload's (default: the host name)")
 	fs.StringVar(&c.advertiseIP, "advertise-ip", "", "IP address mesh peers reach this workload at (needed for transparent inbound and wildcard listeners)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, `Usage: trellis-proxy [flags]
+       trellis-proxy intercept [flags]   (install the interception rules and exit)
 
 Examples:
   trellis-proxy --ca-bundle .trellis/bundle.pem --namespace shipping \
@@ -133,9 +136,13 @@ Flags:
 	if c.static != "" {
 		return c, nil
 	}
+	if c.joinTokenFile != "" && c.kubeTokenFile != "" {
+		return c, errors.New("--join-token-file and --kubernetes-token-file are two ways to prove the identity: give one")
+	}
+	credential := c.joinTokenFile + c.kubeTokenFile
 	var missing []string
 	for _, f := range []struct{ name, val string }{
-		{"--ca-bundle", c.caBundle}, {"--namespace", c.namespace}, {"--service-account", c.serviceAccount}, {"--join-token-file", c.joinTokenFile},
+		{"--ca-bundle", c.caBundle}, {"--namespace", c.namespace}, {"--service-account", c.serviceAccount}, {"--join-token-file (or --kubernetes-token-file)", credential},
 	} {
 		if f.val == "" {
 			missing = append(missing, f.name)
@@ -148,6 +155,9 @@ Flags:
 }
 
 func run(ctx context.Context, args []string, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "intercept" {
+		return runIntercept(args[1:], stderr)
+	}
 	cfg, err := parseFlags(args, stderr)
 	if err != nil {
 		return err
@@ -155,7 +165,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	log := slog.New(slog.NewTextHandler(stderr, nil))
 	var pcfg *proxyconfig.Config
 	if cfg.configFile != "" {
-		if pcfg, err = proxyconfig.Load(cfg.configFile); err != nil {
+		if pcfg, err = proxyconfig.Load(cfg.configFile, cfg.namespace); err != nil {
 			return err
 		}
 	}
@@ -291,7 +301,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 // it must carry the bypass mark, or the rules would send them back to the
 // proxy's outbound listener.
 func controlPlaneDial(pcfg *proxyconfig.Config) []grpc.DialOption {
-	if pcfg == nil || pcfg.Transparent == nil {
+	if pcfg == nil || !pcfg.Transparent.MarksSockets() {
 		return nil
 	}
 	return []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
@@ -317,13 +327,16 @@ func newSource(cfg config, log *slog.Logger, dial []grpc.DialOption) (*identity.
 	if err != nil {
 		return nil, fmt.Errorf("--ca-bundle %s: %w", cfg.caBundle, err)
 	}
-	token, err := os.ReadFile(cfg.joinTokenFile)
-	if err != nil {
-		return nil, fmt.Errorf("--join-token-file: %w", err)
+	credFile, credType := cfg.joinTokenFile, identity.CredentialJoinToken
+	if cfg.kubeTokenFile != "" {
+		credFile, credType = cfg.kubeTokenFile, identity.CredentialKubernetes
+	}
+	if _, err := os.Stat(credFile); err != nil {
+		return nil, fmt.Errorf("credential: %w", err)
 	}
 	return identity.NewSource(identity.Config{
 		Log: log, Addr: cfg.identityAddr, ID: id, ServerID: meshid.ControlPlane(td), Bundle: bundle, TTL: cfg.ttl,
-		Credential:  &identityv1.Credential{Type: identity.CredentialJoinToken, Value: strings.TrimSpace(string(token))},
+		CredentialFile: credFile, CredentialType: credType,
 		DialOptions: dial,
 	})
 }

@@ -13,6 +13,8 @@ import (
 	"math"
 	mathrand "math/rand/v2"
 	"net/url"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -87,6 +89,10 @@ type Config struct {
 	// Credential authenticates the first request, and any request after the
 	// current SVID has expired.
 	Credential *identityv1.Credential
+	// CredentialFile, instead of Credential, holds a credential of type
+	// CredentialType, read again at each use: Kubernetes refreshes a
+	// projected service account token in place before it expires.
+	CredentialFile, CredentialType string
 	// TTL asks for a certificate lifetime; zero takes the server's default.
 	TTL time.Duration
 	// DialOptions are added to the gRPC dial (tests use them).
@@ -202,6 +208,30 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// CredentialKubernetes is the credential type of Kubernetes service
+// account tokens (audience "trellis"), which the control plane checks with
+// a TokenReview.
+const CredentialKubernetes = "kubernetes-service-account-token"
+
+// credential returns the credential to authenticate with.
+func (s *Source) credential() (*identityv1.Credential, error) {
+	if s.cfg.CredentialFile != "" {
+		data, err := os.ReadFile(s.cfg.CredentialFile)
+		if err != nil {
+			return nil, fmt.Errorf("credential: %w", err)
+		}
+		tok := strings.TrimSpace(string(data))
+		if tok == "" {
+			return nil, fmt.Errorf("credential file %s is empty", s.cfg.CredentialFile)
+		}
+		return &identityv1.Credential{Type: s.cfg.CredentialType, Value: tok}, nil
+	}
+	if s.cfg.Credential == nil {
+		return nil, errors.New("no valid certificate to renew with and no credential configured")
+	}
+	return s.cfg.Credential, nil
+}
+
 // Fetch makes one request: a new key, a CSR for the configured ID, signed by
 // the identity service. It authenticates with the current SVID while that is
 // valid and with the configured credential otherwise. On success the new
@@ -212,10 +242,11 @@ func (s *Source) Fetch(ctx context.Context) error {
 	useSVID := cur != nil && now.Before(cur.NotAfter())
 	req := &identityv1.SignCertificateRequest{}
 	if !useSVID {
-		if s.cfg.Credential == nil {
-			return errors.New("fetch SVID: no valid certificate to renew with and no credential configured")
+		cred, err := s.credential()
+		if err != nil {
+			return fmt.Errorf("fetch SVID: %w", err)
 		}
-		req.Credential = s.cfg.Credential
+		req.Credential = cred
 	}
 	if s.cfg.TTL > 0 {
 		req.Ttl = durationpb.New(s.cfg.TTL)

@@ -10,6 +10,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -461,5 +463,36 @@ func TestSVIDFilesRoundTrip(t *testing.T) {
 	}
 	if _, err := identity.NewSVID(loaded.Chain, loaded.Key, otherSrc.Current().Bundle, time.Now()); err == nil {
 		t.Fatal("accepted a chain that does not verify against the bundle")
+	}
+}
+
+// TestCredentialFileIsReadAtEachUse: a token file (Kubernetes refreshes
+// its projected token in place) is read when a credential is needed, not
+// once at start.
+func TestCredentialFileIsReadAtEachUse(t *testing.T) {
+	cp := startControlPlane(t)
+	file := filepath.Join(t.TempDir(), "token")
+	src, err := identity.NewSource(identity.Config{
+		Addr: cp.addr, ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/shipping/sa/orders-api"),
+		ServerID: meshid.ControlPlane(td), Bundle: cp.ca.Bundle(),
+		CredentialFile: file, CredentialType: identityservice.JoinTokenType,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Fetch(ctx(t)); err == nil || !strings.Contains(err.Error(), "token") {
+		t.Fatalf("without the file: %v, want an error naming it", err)
+	}
+	if err := os.WriteFile(file, []byte("\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Fetch(ctx(t)); err == nil || !strings.Contains(err.Error(), "is empty") {
+		t.Fatalf("with an empty file: %v", err)
+	}
+	if err := os.WriteFile(file, []byte(cp.token(t, "shipping", "orders-api")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Fetch(ctx(t)); err != nil {
+		t.Fatalf("once the file holds a token: %v", err)
 	}
 }

@@ -166,7 +166,7 @@ func New(opts Options) (*Proxy, error) {
 	}
 	p.policies.Store(st)
 	p.dialer = &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
-	if cfg.Transparent != nil {
+	if cfg.Transparent.MarksSockets() {
 		p.dialer.Control = intercept.MarkControl
 	}
 	p.inboundByPort = map[uint32]config.Inbound{}

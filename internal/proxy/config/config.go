@@ -114,7 +114,21 @@ type Workload struct {
 type Transparent struct {
 	Inbound  string `yaml:"inbound" json:"inbound,omitempty"`
 	Outbound string `yaml:"outbound" json:"outbound,omitempty"`
+	// Bypass is how the proxy's own connections escape the redirection:
+	// BypassMark (the default) marks their sockets, which needs
+	// CAP_NET_ADMIN; BypassUID relies on the rules exempting the proxy's
+	// user, so the proxy needs no capability (Kubernetes injection).
+	Bypass string `yaml:"bypass" json:"bypass,omitempty"`
 }
+
+// Ways of bypassing interception.
+const (
+	BypassMark = "mark"
+	BypassUID  = "uid"
+)
+
+// MarksSockets reports whether the proxy must mark its sockets.
+func (t *Transparent) MarksSockets() bool { return t != nil && t.Bypass != BypassUID }
 
 // Inbound is a workload port: a listener of its own, or (without listen) a
 // port reached through the transparent inbound listener.
@@ -169,13 +183,15 @@ type Endpoint struct {
 	Identity string `yaml:"identity" json:"identity,omitempty"`
 }
 
-// Load reads and validates a configuration file.
-func Load(path string) (*Config, error) {
+// Load reads and validates a configuration file. A workload without a
+// namespace is in namespace (the proxy's --namespace: the file Kubernetes
+// injection writes does not know it); one in another namespace is an error.
+func Load(path, namespace string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("proxy config: %w", err)
 	}
-	c, err := Parse(data)
+	c, err := parse(data, namespace)
 	if err != nil {
 		return nil, fmt.Errorf("proxy config %s: %w", path, err)
 	}
@@ -184,10 +200,19 @@ func Load(path string) (*Config, error) {
 
 // Parse decodes a configuration strictly (an unknown field is an error) and
 // validates it.
-func Parse(data []byte) (*Config, error) {
+func Parse(data []byte) (*Config, error) { return parse(data, "") }
+
+func parse(data []byte, namespace string) (*Config, error) {
 	var c Config
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
 		return nil, err
+	}
+	switch {
+	case namespace == "":
+	case c.Workload.Namespace == "":
+		c.Workload.Namespace = namespace
+	case c.Workload.Namespace != namespace:
+		return nil, fmt.Errorf("workload.namespace: %q, but the proxy's identity is of namespace %q (--namespace): a proxy serves a workload of its own namespace", c.Workload.Namespace, namespace)
 	}
 	if err := c.Validate(); err != nil {
 		return nil, err
@@ -236,6 +261,13 @@ func (c *Config) Validate() error {
 		}
 		if t.Outbound != "" {
 			checkListen("transparent.outbound", t.Outbound)
+		}
+		switch t.Bypass {
+		case "":
+			t.Bypass = BypassMark
+		case BypassMark, BypassUID:
+		default:
+			bad("transparent.bypass", "%q is not %s (the proxy marks its sockets) or %s (the rules exempt the proxy's user)", t.Bypass, BypassMark, BypassUID)
 		}
 	}
 	if c.HTTPProxy != "" {

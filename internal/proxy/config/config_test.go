@@ -30,12 +30,36 @@ func write(t *testing.T, s string) string {
 }
 
 func TestLoadValid(t *testing.T) {
-	c, err := Load(write(t, valid))
+	c, err := Load(write(t, valid), "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.AppHost != "127.0.0.1" || c.Inbound[0].AppPort != 8080 || c.Outbound[0].Endpoints[0].Identity == "" {
 		t.Fatalf("loaded %+v", c)
+	}
+}
+
+// A configuration without namespace (Kubernetes injection cannot know it
+// offline) takes the proxy's; one naming another namespace is refused.
+func TestLoadTakesTheProxysNamespace(t *testing.T) {
+	noNS := "apiVersion: trellis.dev/v1\nkind: ProxyConfig\nworkload: {name: orders}\ntransparent: {inbound: \"0.0.0.0:15006\", outbound: \"0.0.0.0:15001\", bypass: uid}\n"
+	c, err := Load(write(t, noNS), "shipping")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Workload.Namespace != "shipping" || c.Transparent.MarksSockets() {
+		t.Errorf("workload %+v, transparent %+v: want namespace shipping, bypass by uid", c.Workload, c.Transparent)
+	}
+	if _, err := Load(write(t, noNS), ""); err == nil || !strings.Contains(err.Error(), "workload.namespace") {
+		t.Errorf("without --namespace: err = %v, want workload.namespace named", err)
+	}
+	other := strings.Replace(noNS, "{name: orders}", "{namespace: billing, name: orders}", 1)
+	if _, err := Load(write(t, other), "shipping"); err == nil || !strings.Contains(err.Error(), `"billing", but the proxy's identity is of namespace "shipping"`) {
+		t.Errorf("other namespace: err = %v", err)
+	}
+	bad := strings.Replace(noNS, "bypass: uid", "bypass: root", 1)
+	if _, err := Load(write(t, bad), "shipping"); err == nil || !strings.Contains(err.Error(), "transparent.bypass") {
+		t.Errorf("bad bypass: err = %v", err)
 	}
 }
 
@@ -51,7 +75,7 @@ func TestLoadErrorsNameTheField(t *testing.T) {
 		{valid + "httpProxy: 127.0.0.1:15080\n", "outbound[0].listen: 127.0.0.1:15080 is also httpProxy"},
 		{valid + "httpProxy: localhost:3128\n", "httpProxy: \"localhost:3128\" is not an ip:port"},
 	} {
-		_, err := Load(write(t, tc.edit))
+		_, err := Load(write(t, tc.edit), "")
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("err = %v, want it to mention %q", err, tc.want)
 		}
@@ -121,7 +145,7 @@ func TestValidateOutbound(t *testing.T) {
 }
 
 func TestKubernetesProtocolNamesAreAccepted(t *testing.T) {
-	c, err := Load(write(t, strings.Replace(strings.Replace(valid, "protocol: http}", "protocol: kubernetes.io/h2c}", 1), "protocol: tcp", "protocol: mysql", 1)))
+	c, err := Load(write(t, strings.Replace(strings.Replace(valid, "protocol: http}", "protocol: kubernetes.io/h2c}", 1), "protocol: tcp", "protocol: mysql", 1)), "")
 	if err != nil {
 		t.Fatal(err)
 	}

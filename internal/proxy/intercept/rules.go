@@ -1,6 +1,11 @@
 package intercept
 
-import "strconv"
+import (
+	"fmt"
+	"os/exec"
+	"strconv"
+	"strings"
+)
 
 // RuleConfig says what the interception rules redirect where.
 type RuleConfig struct {
@@ -11,6 +16,12 @@ type RuleConfig struct {
 	// ExcludeInboundPorts reach the network namespace unredirected: the
 	// proxy's admin port, for health checks from outside.
 	ExcludeInboundPorts []int
+	// ExcludeOutboundPorts leave the workload unredirected.
+	ExcludeOutboundPorts []int
+	// ProxyUID, when not zero, is the proxy's user, whose connections are
+	// not redirected (besides those carrying BypassMark): a proxy without
+	// CAP_NET_ADMIN cannot mark its sockets.
+	ProxyUID int
 }
 
 // Chains created by Rules; Cleanup removes them.
@@ -42,12 +53,19 @@ func Rules(c RuleConfig) [][]string {
 		[]string{"-t", "nat", "-N", OutboundChain},
 		// The proxy's own connections: to peers, to the app, passthrough.
 		[]string{"-t", "nat", "-A", OutboundChain, "-m", "mark", "--mark", strconv.Itoa(BypassMark), "-j", "RETURN"},
-		// Loopback stays local (the proxy's admin port, app-to-itself).
-		[]string{"-t", "nat", "-A", OutboundChain, "-o", "lo", "-j", "RETURN"},
+	)
+	if c.ProxyUID != 0 {
+		rules = append(rules, []string{"-t", "nat", "-A", OutboundChain, "-m", "owner", "--uid-owner", strconv.Itoa(c.ProxyUID), "-j", "RETURN"})
+	}
+	// Loopback stays local (the proxy's admin port, app-to-itself).
+	rules = append(rules, []string{"-t", "nat", "-A", OutboundChain, "-o", "lo", "-j", "RETURN"})
+	for _, p := range c.ExcludeOutboundPorts {
+		rules = append(rules, []string{"-t", "nat", "-A", OutboundChain, "-p", "tcp", "--dport", strconv.Itoa(p), "-j", "RETURN"})
+	}
+	return append(rules,
 		[]string{"-t", "nat", "-A", OutboundChain, "-p", "tcp", "-j", "REDIRECT", "--to-ports", out},
 		[]string{"-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OutboundChain},
 	)
-	return rules
 }
 
 // Cleanup returns the iptables commands that undo Rules; each may fail
@@ -61,4 +79,40 @@ func Cleanup() [][]string {
 		{"-t", "nat", "-F", OutboundChain},
 		{"-t", "nat", "-X", OutboundChain},
 	}
+}
+
+// Install runs Rules in the current network namespace, with iptables and
+// then ip6tables, after Cleanup (an init container that runs again finds
+// its rules in place). It is what Kubernetes injection's init container
+// does; a kernel without IPv6 NAT is reported as such.
+func Install(c RuleConfig) error {
+	for _, tool := range []string{"iptables", "ip6tables"} {
+		for _, rule := range Cleanup() {
+			_ = exec.Command(tool, append([]string{"-w", "5"}, rule...)...).Run()
+		}
+		for _, rule := range Rules(c) {
+			args := append([]string{"-w", "5"}, rule...)
+			if out, err := exec.Command(tool, args...).CombinedOutput(); err != nil {
+				return fmt.Errorf("%s %s: %v: %s", tool, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+			}
+		}
+	}
+	return nil
+}
+
+// ParsePorts parses a comma-separated list of port numbers ("3306, 6379"),
+// as the exclusion flags and annotations give them.
+func ParsePorts(s string) ([]int, error) {
+	var out []int
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 || n > 65535 {
+			return nil, fmt.Errorf("%q is not a port number (write port numbers separated by commas, such as \"3306,6379\")", f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
