@@ -41,6 +41,7 @@ between workloads mutual TLS, and decides who may call whom by identity.`,
 		newDownCommand(),
 		newExecCommand(),
 		newLogsCommand(),
+		newInjectCommand(),
 	)
 	return root
 }
