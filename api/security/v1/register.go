@@ -1,0 +1,20 @@
+package v1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+)
+
+// GroupVersion is the API group and version of these resources.
+var GroupVersion = schema.GroupVersion{Group: "security.trellis.dev", Version: "v1"}
+
+// AddToScheme registers the types with a scheme.
+func AddToScheme(s *runtime.Scheme) error {
+	s.AddKnownTypes(GroupVersion,
+		&PeerAuthentication{}, &PeerAuthenticationList{},
+		&AuthorizationPolicy{}, &AuthorizationPolicyList{},
+	)
+	metav1.AddToGroupVersion(s, GroupVersion)
+	return nil
+}
