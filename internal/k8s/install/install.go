@@ -1,0 +1,356 @@
+// Package install writes the manifests that install Trellis in a
+// Kubernetes cluster: its namespace, the CRDs, the control plane's service
+// account with the least privilege it needs, its Deployment and Service,
+// and the sidecar injector's webhook configuration.
+package install
+
+import (
+	"bytes"
+	"fmt"
+	"io/fs"
+	"slices"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	admissionv1 "k8s.io/api/admissionregistration/v1"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/yaml"
+
+	"github.com/trellis-mesh/trellis/deploy"
+	"github.com/trellis-mesh/trellis/internal/k8s/inject"
+	"github.com/trellis-mesh/trellis/internal/meshid"
+)
+
+// Names of what the manifests create.
+const (
+	Namespace   = "trellis-system"
+	Name        = "trellis-control-plane"
+	WebhookName = "trellis-sidecar-injector"
+	// CASecret holds the CA's root and intermediate when the control
+	// plane makes them (or the user supplies them).
+	CASecret = "trellis-ca"
+)
+
+// Ports of the control plane.
+const (
+	ProxyPort   = 15012 // identity and discovery for proxies (gRPC, mTLS)
+	AdminPort   = 15014 // admin API (HTTPS)
+	WebhookPort = 15017 // admission webhook (HTTPS)
+	HealthPort  = 15021 // /ready and /live (HTTP)
+)
+
+// WebhookPath is where the injector serves admission reviews.
+const WebhookPath = "/inject"
+
+// Options are what an install may choose.
+type Options struct {
+	Image       string // the trellis image
+	ProxyImage  string // the trellis-proxy image
+	TrustDomain string
+	// HA runs Replicas control planes (default 3 with HA, else 1) with
+	// leader election for what must happen once.
+	HA       bool
+	Replicas int32
+	// CASecret names a Secret in trellis-system (kubernetes.io/tls shape,
+	// with ca.crt) holding a root the control plane signs with instead of
+	// one of its own, such as one cert-manager maintains.
+	CASecret string
+}
+
+// Render returns the manifests as one YAML stream, CRDs first.
+func Render(o Options) ([]byte, error) {
+	if o.Image == "" || o.ProxyImage == "" {
+		return nil, fmt.Errorf("install: the trellis and trellis-proxy images are required")
+	}
+	if o.TrustDomain == "" {
+		o.TrustDomain = meshid.DefaultTrustDomain
+	}
+	if _, err := spiffeid.TrustDomainFromString(o.TrustDomain); err != nil {
+		return nil, fmt.Errorf("--trust-domain: %w", err)
+	}
+	if o.Replicas == 0 {
+		o.Replicas = 1
+		if o.HA {
+			o.Replicas = 3
+		}
+	}
+	if o.Replicas > 1 && !o.HA {
+		return nil, fmt.Errorf("--replicas %d needs --ha: several control planes elect a leader for what must happen once", o.Replicas)
+	}
+	caSecret := CASecret
+	if o.CASecret != "" {
+		caSecret = o.CASecret
+	}
+
+	var out bytes.Buffer
+	crds, err := fs.Glob(deploy.CRDs, "crds/*.yaml")
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(crds)
+	for _, name := range crds {
+		data, err := fs.ReadFile(deploy.CRDs, name)
+		if err != nil {
+			return nil, err
+		}
+		out.WriteString("---\n")
+		out.Write(bytes.TrimPrefix(data, []byte("---\n")))
+	}
+
+	labels := map[string]string{"app.kubernetes.io/name": Name, "app.kubernetes.io/part-of": "trellis"}
+	meta := func(name string) metav1.ObjectMeta {
+		return metav1.ObjectMeta{Name: name, Namespace: Namespace, Labels: labels}
+	}
+	objects := []any{
+		&corev1.Namespace{TypeMeta: typeMeta("v1", "Namespace"), ObjectMeta: metav1.ObjectMeta{Name: Namespace, Labels: map[string]string{"app.kubernetes.io/part-of": "trellis"}}},
+		&corev1.ServiceAccount{TypeMeta: typeMeta("v1", "ServiceAccount"), ObjectMeta: meta(Name)},
+		clusterRole(labels),
+		&rbacv1.ClusterRoleBinding{
+			TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+			ObjectMeta: metav1.ObjectMeta{Name: Name, Labels: labels},
+			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: Name},
+			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: Name, Namespace: Namespace}},
+		},
+		namespaceRole(meta(Name), caSecret),
+		&rbacv1.RoleBinding{
+			TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "RoleBinding"),
+			ObjectMeta: meta(Name),
+			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: Name},
+			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: Name, Namespace: Namespace}},
+		},
+		service(meta(Name), labels),
+		deployment(meta(Name), labels, o, caSecret),
+	}
+	if o.Replicas > 1 {
+		objects = append(objects, &policyv1.PodDisruptionBudget{
+			TypeMeta:   typeMeta("policy/v1", "PodDisruptionBudget"),
+			ObjectMeta: meta(Name),
+			Spec: policyv1.PodDisruptionBudgetSpec{
+				MinAvailable: ptr.To(intstr.FromInt32(1)),
+				Selector:     &metav1.LabelSelector{MatchLabels: labels},
+			},
+		})
+	}
+	objects = append(objects, webhook(labels))
+	for _, obj := range objects {
+		data, err := yaml.Marshal(obj)
+		if err != nil {
+			return nil, err
+		}
+		out.WriteString("---\n")
+		out.Write(cleanup(data))
+	}
+	return out.Bytes(), nil
+}
+
+func typeMeta(apiVersion, kind string) metav1.TypeMeta {
+	return metav1.TypeMeta{APIVersion: apiVersion, Kind: kind}
+}
+
+// cleanup drops the empty fields typed objects marshal (status: {},
+// creationTimestamp: null). None of these objects has an empty mapping
+// that means something, such as a pod volume's emptyDir: {}.
+func cleanup(data []byte) []byte {
+	var m map[string]any
+	if err := yaml.Unmarshal(data, &m); err != nil {
+		return data
+	}
+	prune(m)
+	out, err := yaml.Marshal(m)
+	if err != nil {
+		return data
+	}
+	return out
+}
+
+func prune(v any) bool {
+	switch t := v.(type) {
+	case map[string]any:
+		for k, e := range t {
+			if e == nil || prune(e) {
+				delete(t, k)
+			}
+		}
+		return len(t) == 0
+	case []any:
+		for _, e := range t {
+			prune(e)
+		}
+		return false
+	}
+	return false
+}
+
+// clusterRole is what the control plane reads cluster-wide, and the little
+// it writes: its resources' status, events, the trust bundle ConfigMap in
+// each namespace, token reviews, and its own webhook's CA bundle.
+func clusterRole(labels map[string]string) *rbacv1.ClusterRole {
+	read := []string{"get", "list", "watch"}
+	return &rbacv1.ClusterRole{
+		TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "ClusterRole"),
+		ObjectMeta: metav1.ObjectMeta{Name: Name, Labels: labels},
+		Rules: []rbacv1.PolicyRule{
+			{APIGroups: []string{""}, Resources: []string{"namespaces", "pods", "services", "serviceaccounts"}, Verbs: read},
+			{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: read},
+			{APIGroups: []string{"apps"}, Resources: []string{"replicasets"}, Verbs: read},
+			{APIGroups: []string{"security.trellis.dev"}, Resources: []string{"peerauthentications", "authorizationpolicies"}, Verbs: read},
+			{APIGroups: []string{"networking.trellis.dev"}, Resources: []string{"serviceentries", "destinationrules", "virtualservices"}, Verbs: read},
+			{APIGroups: []string{"security.trellis.dev"}, Resources: []string{"peerauthentications/status", "authorizationpolicies/status"}, Verbs: []string{"update", "patch"}},
+			{APIGroups: []string{"networking.trellis.dev"}, Resources: []string{"serviceentries/status", "destinationrules/status", "virtualservices/status"}, Verbs: []string{"update", "patch"}},
+			{APIGroups: []string{"gateway.networking.k8s.io"}, Resources: []string{"httproutes"}, Verbs: read},
+			{APIGroups: []string{"", "events.k8s.io"}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
+			{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{inject.CAConfigMap}, Verbs: []string{"get", "update", "patch"}},
+			// create cannot be limited by name.
+			{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"create"}},
+			{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},
+			{APIGroups: []string{"admissionregistration.k8s.io"}, Resources: []string{"mutatingwebhookconfigurations"}, ResourceNames: []string{WebhookName}, Verbs: []string{"get", "update", "patch"}},
+			{APIGroups: []string{"apiextensions.k8s.io"}, Resources: []string{"customresourcedefinitions"}, Verbs: read},
+		},
+	}
+}
+
+// namespaceRole is what the control plane may do in its own namespace:
+// keep the CA in a Secret and elect a leader with a Lease.
+func namespaceRole(meta metav1.ObjectMeta, caSecret string) *rbacv1.Role {
+	return &rbacv1.Role{
+		TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "Role"),
+		ObjectMeta: meta,
+		Rules: []rbacv1.PolicyRule{
+			{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{caSecret}, Verbs: []string{"get", "update", "patch"}},
+			{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
+			{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{Name}, Verbs: []string{"get", "update", "patch"}},
+			{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
+		},
+	}
+}
+
+func service(meta metav1.ObjectMeta, labels map[string]string) *corev1.Service {
+	return &corev1.Service{
+		TypeMeta:   typeMeta("v1", "Service"),
+		ObjectMeta: meta,
+		Spec: corev1.ServiceSpec{
+			Selector: labels,
+			Ports: []corev1.ServicePort{
+				{Name: "grpc-proxies", Port: ProxyPort, TargetPort: intstr.FromInt32(ProxyPort), AppProtocol: ptr.To("grpc")},
+				{Name: "https-admin", Port: AdminPort, TargetPort: intstr.FromInt32(AdminPort)},
+				{Name: "https-webhook", Port: 443, TargetPort: intstr.FromInt32(WebhookPort)},
+			},
+		},
+	}
+}
+
+func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options, caSecret string) *appsv1.Deployment {
+	args := []string{"control-plane", "--kubernetes",
+		"--trust-domain", o.TrustDomain, "--proxy-image", o.ProxyImage, "--ca-secret", caSecret}
+	if o.HA {
+		args = append(args, "--leader-elect")
+	}
+	probe := func(path string, period int32) *corev1.Probe {
+		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(HealthPort)}}, PeriodSeconds: period}
+	}
+	pod := corev1.PodSpec{
+		ServiceAccountName: Name,
+		// Its own sidecar would have to ask itself for a certificate.
+		Containers: []corev1.Container{{
+			Name:  "control-plane",
+			Image: o.Image,
+			Args:  args,
+			Env: []corev1.EnvVar{
+				{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
+				{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
+			},
+			Ports: []corev1.ContainerPort{
+				{Name: "grpc-proxies", ContainerPort: ProxyPort},
+				{Name: "https-admin", ContainerPort: AdminPort},
+				{Name: "https-webhook", ContainerPort: WebhookPort},
+				{Name: "http-health", ContainerPort: HealthPort},
+			},
+			ReadinessProbe: probe("/ready", 2),
+			LivenessProbe:  probe("/live", 10),
+			Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{
+				corev1.ResourceCPU: resource.MustParse("100m"), corev1.ResourceMemory: resource.MustParse("128Mi"),
+			}},
+			SecurityContext: &corev1.SecurityContext{
+				RunAsNonRoot: ptr.To(true), RunAsUser: ptr.To[int64](65532), RunAsGroup: ptr.To[int64](65532),
+				AllowPrivilegeEscalation: ptr.To(false), ReadOnlyRootFilesystem: ptr.To(true),
+				Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+			},
+		}},
+	}
+	podMeta := metav1.ObjectMeta{Labels: labels, Annotations: map[string]string{inject.Annotation: "disabled"}}
+	d := &appsv1.Deployment{
+		TypeMeta:   typeMeta("apps/v1", "Deployment"),
+		ObjectMeta: meta,
+		Spec: appsv1.DeploymentSpec{
+			Replicas: ptr.To(o.Replicas),
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{ObjectMeta: podMeta, Spec: pod},
+		},
+	}
+	if o.Replicas > 1 {
+		// Spread over nodes, so one node's loss leaves a leader.
+		d.Spec.Template.Spec.Affinity = &corev1.Affinity{PodAntiAffinity: &corev1.PodAntiAffinity{
+			PreferredDuringSchedulingIgnoredDuringExecution: []corev1.WeightedPodAffinityTerm{{
+				Weight: 100,
+				PodAffinityTerm: corev1.PodAffinityTerm{
+					TopologyKey:   "kubernetes.io/hostname",
+					LabelSelector: &metav1.LabelSelector{MatchLabels: labels},
+				},
+			}},
+		}}
+	}
+	return d
+}
+
+// webhook calls the injector for pods of namespaces labelled
+// trellis.dev/inject=enabled, and for pods annotated trellis.dev/inject:
+// enabled elsewhere (a match condition: selectors see labels only). The
+// control plane fills in the CA bundle. Failing closed keeps pods of a
+// meshed namespace from starting unmeshed while the control plane is down.
+func webhook(labels map[string]string) *admissionv1.MutatingWebhookConfiguration {
+	rules := []admissionv1.RuleWithOperations{{
+		Operations: []admissionv1.OperationType{admissionv1.Create},
+		Rule:       admissionv1.Rule{APIGroups: []string{""}, APIVersions: []string{"v1"}, Resources: []string{"pods"}, Scope: ptr.To(admissionv1.NamespacedScope)},
+	}}
+	client := admissionv1.WebhookClientConfig{Service: &admissionv1.ServiceReference{
+		Namespace: Namespace, Name: Name, Path: ptr.To(WebhookPath), Port: ptr.To[int32](443),
+	}}
+	common := func(name string) admissionv1.MutatingWebhook {
+		return admissionv1.MutatingWebhook{
+			Name:                    name,
+			ClientConfig:            client,
+			Rules:                   rules,
+			FailurePolicy:           ptr.To(admissionv1.Fail),
+			SideEffects:             ptr.To(admissionv1.SideEffectClassNone),
+			AdmissionReviewVersions: []string{"v1"},
+			TimeoutSeconds:          ptr.To[int32](10),
+			ReinvocationPolicy:      ptr.To(admissionv1.IfNeededReinvocationPolicy),
+		}
+	}
+	byNamespace := common("namespace.inject.trellis.dev")
+	byNamespace.NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{inject.NamespaceLabel: "enabled"}}
+	byNamespace.MatchConditions = []admissionv1.MatchCondition{{
+		Name:       "not-opted-out",
+		Expression: fmt.Sprintf(`!has(object.metadata.annotations) || !(%q in object.metadata.annotations) || !(object.metadata.annotations[%q] in ["disabled", "false"])`, inject.Annotation, inject.Annotation),
+	}}
+	byPod := common("pod.inject.trellis.dev")
+	byPod.NamespaceSelector = &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{
+		{Key: inject.NamespaceLabel, Operator: metav1.LabelSelectorOpNotIn, Values: []string{"enabled"}},
+		{Key: "kubernetes.io/metadata.name", Operator: metav1.LabelSelectorOpNotIn, Values: []string{"kube-system", Namespace}},
+	}}
+	byPod.MatchConditions = []admissionv1.MatchCondition{{
+		Name:       "opted-in",
+		Expression: fmt.Sprintf(`has(object.metadata.annotations) && %q in object.metadata.annotations && object.metadata.annotations[%q] in ["enabled", "true"]`, inject.Annotation, inject.Annotation),
+	}}
+	return &admissionv1.MutatingWebhookConfiguration{
+		TypeMeta:   typeMeta("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"),
+		ObjectMeta: metav1.ObjectMeta{Name: WebhookName, Labels: labels},
+		Webhooks:   []admissionv1.MutatingWebhook{byNamespace, byPod},
+	}
+}
