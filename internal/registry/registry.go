@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -42,6 +43,10 @@ type Workload struct {
 	ServiceAccount string
 	Labels         map[string]string
 	Ports          []WorkloadPort
+	// Instances, when not nil, are the only instances that may register
+	// (a Kubernetes workload's pods, by name) and the IP address each
+	// serves at: a proxy can claim its own pod only.
+	Instances map[string]netip.Addr
 }
 
 // Ref returns "namespace/name".
@@ -115,8 +120,8 @@ type Config struct {
 // Registry is safe for concurrent use.
 type Registry struct {
 	cfg       Config
-	workloads map[string]Workload // by namespace/name
 	mu        sync.Mutex
+	workloads map[string]Workload // by namespace/name
 	instances map[string]*entry
 	byAddr    map[string]string // port address → instance key
 	session   uint64
@@ -183,6 +188,12 @@ func New(cfg Config) (*Registry, error) {
 // Claim checks that the holder of id may serve workload name, and returns
 // its declaration.
 func (r *Registry) Claim(id spiffeid.ID, name string) (Workload, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.claimLocked(id, name)
+}
+
+func (r *Registry) claimLocked(id spiffeid.ID, name string) (Workload, error) {
 	ns, sa, err := meshid.Parse(id)
 	if err != nil {
 		return Workload{}, fmt.Errorf("%w: %v", ErrNotAllowed, err)
@@ -209,6 +220,10 @@ var ErrAddressInUse = errors.New("address in use")
 // address was reused).
 func (r *Registry) Register(in Instance) (session uint64, err error) {
 	r.mu.Lock()
+	if err := r.admitLocked(in); err != nil {
+		r.mu.Unlock()
+		return 0, err
+	}
 	evicted := false
 	for port, addr := range in.Ports {
 		k, ok := r.byAddr[addr]
@@ -240,6 +255,59 @@ func (r *Registry) Register(in Instance) (session uint64, err error) {
 		r.cfg.OnChange()
 	}
 	return session, nil
+}
+
+// admitLocked checks an instance against its workload's declared
+// instances, if the declaration lists them.
+func (r *Registry) admitLocked(in Instance) error {
+	w, ok := r.workloads[in.Namespace+"/"+in.Workload]
+	if !ok {
+		return fmt.Errorf("%w: no workload %s/%s is declared", ErrNotAllowed, in.Namespace, in.Workload)
+	}
+	if w.Instances == nil {
+		return nil
+	}
+	ip, ok := w.Instances[in.Instance]
+	if !ok {
+		return fmt.Errorf("%w: workload %s has no instance (pod) %s with an address: register as your own pod (--instance $(POD_NAME))", ErrNotAllowed, w.Ref(), in.Instance)
+	}
+	for port, addr := range in.Ports {
+		ap, err := netip.ParseAddrPort(addr)
+		if err != nil || ap.Addr().Unmap() != ip {
+			return fmt.Errorf("%w: port %d's address %s is not instance %s's address %s", ErrNotAllowed, port, addr, in.Instance, ip)
+		}
+	}
+	return nil
+}
+
+// SetDeclarations replaces the declared workloads and services (a
+// Kubernetes cluster's change as pods and services come and go). Instances
+// the new declarations no longer allow — their workload or pod is gone,
+// its service account or address changed — are removed at once, without
+// grace period: their pod no longer exists.
+func (r *Registry) SetDeclarations(d Declarations) {
+	r.mu.Lock()
+	r.cfg.Declarations = d
+	r.workloads = make(map[string]Workload, len(d.Workloads))
+	for _, w := range d.Workloads {
+		r.workloads[w.Ref()] = w
+	}
+	for key, e := range r.instances {
+		id, err := spiffeid.FromString(e.Identity)
+		if err == nil {
+			_, err = r.claimLocked(id, e.Workload)
+		}
+		if err == nil {
+			err = r.admitLocked(e.Instance)
+		}
+		if err != nil {
+			r.removeLocked(key)
+			r.dirty = true
+			r.cfg.Log.Info("instance removed: the declarations no longer allow it", "instance", key, "why", err)
+		}
+	}
+	r.mu.Unlock()
+	r.cfg.OnChange()
 }
 
 // Disconnect marks the session's instance disconnected; graceful removes

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"errors"
+	"net/netip"
 	"path/filepath"
 	"testing"
 	"time"
@@ -154,5 +155,68 @@ func TestAddressConflicts(t *testing.T) {
 		if in.Key() == orders.Key() {
 			t.Fatal("the disconnected instance kept a reused address")
 		}
+	}
+}
+
+// Kubernetes declarations list each workload's pods: a proxy registers as
+// its own pod, at its pod's address, and leaves when the pod does.
+func TestDeclaredInstances(t *testing.T) {
+	pods := Declarations{Workloads: []Workload{{
+		Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders"},
+		Instances: map[string]netip.Addr{"orders-7d9-a": netip.MustParseAddr("10.0.0.5"), "orders-7d9-b": netip.MustParseAddr("10.0.0.6")},
+	}}}
+	changes := 0
+	r, err := New(Config{Declarations: pods, OnChange: func() { changes++ }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inst := func(pod, addr string) Instance {
+		return Instance{Namespace: "shipping", Workload: "orders", Instance: pod, Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: addr}}
+	}
+	for _, tc := range []struct {
+		name string
+		in   Instance
+		ok   bool
+	}{
+		{"its own pod at its address", inst("orders-7d9-a", "10.0.0.5:8080"), true},
+		{"its own pod at another address", inst("orders-7d9-b", "10.0.0.5:8080"), false},
+		{"a pod that does not exist", inst("orders-7d9-z", "10.0.0.9:8080"), false},
+		{"an unparseable address", inst("orders-7d9-b", "pod-b:8080"), false},
+	} {
+		_, err := r.Register(tc.in)
+		if tc.ok != (err == nil) {
+			t.Errorf("%s: err = %v, want ok=%v", tc.name, err, tc.ok)
+		}
+		if err != nil && !errors.Is(err, ErrNotAllowed) {
+			t.Errorf("%s: err = %v, want ErrNotAllowed", tc.name, err)
+		}
+	}
+	if n := len(r.Snapshot().Instances); n != 1 {
+		t.Fatalf("%d instances registered, want 1", n)
+	}
+
+	// The pod is deleted: its instance leaves at once, no grace period.
+	changes = 0
+	gone := pods
+	gone.Workloads = []Workload{pods.Workloads[0]}
+	gone.Workloads[0].Instances = map[string]netip.Addr{"orders-7d9-b": netip.MustParseAddr("10.0.0.6")}
+	r.SetDeclarations(gone)
+	if n := len(r.Snapshot().Instances); n != 0 || changes != 1 {
+		t.Errorf("after the pod's deletion: %d instances, %d changes; want 0 and 1", n, changes)
+	}
+	// The workload's service account changes: its old proxies cannot stay.
+	if _, err := r.Register(inst("orders-7d9-b", "10.0.0.6:8080")); err != nil {
+		t.Fatal(err)
+	}
+	other := gone
+	other.Workloads = []Workload{gone.Workloads[0]}
+	other.Workloads[0].ServiceAccount = "orders-v2"
+	r.SetDeclarations(other)
+	if n := len(r.Snapshot().Instances); n != 0 {
+		t.Errorf("after a service account change: %d instances, want 0", n)
+	}
+	// Claims follow the new declarations.
+	if _, err := r.Claim(spiffeid.RequireFromString("spiffe://td/ns/shipping/sa/orders-v2"), "orders"); err != nil {
+		t.Errorf("the new service account's claim: %v", err)
 	}
 }
