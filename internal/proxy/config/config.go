@@ -202,6 +202,9 @@ func Load(path, namespace string) (*Config, error) {
 // validates it.
 func Parse(data []byte) (*Config, error) { return parse(data, "") }
 
+// ParseIn is Parse for a proxy of namespace, as Load.
+func ParseIn(data []byte, namespace string) (*Config, error) { return parse(data, namespace) }
+
 func parse(data []byte, namespace string) (*Config, error) {
 	var c Config
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
