@@ -70,6 +70,9 @@ type Options struct {
 	Init bool
 	// Coalesce overrides push.DefaultCoalesce (tests).
 	Coalesce time.Duration
+	// Kubernetes, when set, takes workloads, services and resources from
+	// a cluster instead of the configuration.
+	Kubernetes *Kubernetes
 	// OnExternalAddresses, when set, is told the virtual IP of every
 	// ServiceEntry host (Config.ExternalAddresses) whenever resources are
 	// put in force: the local runtime writes them to its hosts files.
@@ -91,6 +94,7 @@ type ControlPlane struct {
 	closing chan struct{}
 	// onExternal is Options.OnExternalAddresses.
 	onExternal func(map[string]netip.Addr)
+	kube       *Kubernetes
 
 	grpcLis, adminLis net.Listener
 
@@ -131,6 +135,11 @@ func New(opts Options) (*ControlPlane, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if opts.Kubernetes != nil {
+		if err := checkKubernetesConfig(cfg); err != nil {
+			return nil, err
+		}
+	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
@@ -150,13 +159,17 @@ func New(opts Options) (*ControlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
-	cp := &ControlPlane{cfg: cfg, log: log, ca: authority, token: token}
+	cp := &ControlPlane{cfg: cfg, log: log, ca: authority, token: token, kube: opts.Kubernetes}
+	auths := []identityservice.Authenticator{
+		identityservice.JoinTokens{Store: jointoken.NewStore(cfg.StateDir, nil), TrustDomain: authority.TrustDomain()},
+	}
+	if k := opts.Kubernetes; k != nil && k.Authenticator != nil {
+		auths = append(auths, k.Authenticator)
+	}
 	cp.identity = identityservice.New(identityservice.Config{
-		CA:  authority,
-		Log: log.With("component", "identity"),
-		Authenticators: []identityservice.Authenticator{
-			identityservice.JoinTokens{Store: jointoken.NewStore(cfg.StateDir, nil), TrustDomain: authority.TrustDomain()},
-		},
+		CA:             authority,
+		Log:            log.With("component", "identity"),
+		Authenticators: auths,
 	})
 	var pushServer *push.Server
 	cp.registry, err = registry.New(registry.Config{
@@ -164,6 +177,7 @@ func New(opts Options) (*ControlPlane, error) {
 		GracePeriod:  time.Duration(*cfg.GracePeriod),
 		RestoreGrace: restoreGrace,
 		StateFile:    filepath.Join(cfg.StateDir, registrationsFile),
+		Pending:      opts.Kubernetes != nil,
 		OnChange:     func() { pushServer.Changed() },
 		Log:          log.With("component", "registry"),
 	})
@@ -183,11 +197,18 @@ func New(opts Options) (*ControlPlane, error) {
 	cp.telemetry = newCollector(cp)
 	cp.closing = make(chan struct{})
 	cp.onExternal = opts.OnExternalAddresses
-	if cfg.Resources != "" {
+	switch {
+	case cfg.Resources != "":
 		if err := cp.loadInitial(); err != nil {
 			return nil, err
 		}
-	} else {
+	case opts.Kubernetes != nil:
+		// Until the cluster's resources are listed: the last valid ones.
+		cp.resources = ResourceStatus{Directory: "kubernetes", Version: "none"}
+		if last, err := cp.loadLastGood(); err == nil {
+			cp.install(last, "last-good")
+		}
+	default:
 		cp.resources = ResourceStatus{Version: "none"}
 	}
 	cp.grpcLis, err = net.Listen("tcp", cfg.Listen)
@@ -291,6 +312,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	eg.Go(func() error { return cp.push.Run(ctx) })
 	eg.Go(func() error { return cp.maintainRegistry(ctx) })
 	eg.Go(func() error { return cp.telemetry.Run(ctx) })
+	if cp.kube != nil {
+		cp.runKubernetes(ctx, cp.kube, eg.Go)
+	}
 	if cp.cfg.Resources != "" {
 		eg.Go(func() error {
 			return dirwatch.Watch(ctx, dirwatch.Config{Dir: cp.cfg.Resources, Since: cp.resourceStamp(), OnChange: cp.reload, Log: cp.log})
@@ -417,8 +441,10 @@ func (cp *ControlPlane) loadResources() (*policy.Set, error) {
 // API's defaults, without ReferenceGrants) and one of its ports.
 func (cp *ControlPlane) checkMesh(set *policy.Set) error {
 	var errs policy.Errors
+	// The mesh's services: the configuration's, or the cluster's.
+	services := cp.registry.Snapshot().Declarations.Services
 	names := map[string]string{}
-	for _, s := range cp.cfg.Services {
+	for _, s := range services {
 		for _, n := range meshid.ServiceHostNames(s.Name + "." + s.Namespace) {
 			names[n] = s.Namespace + "/" + s.Name
 		}
@@ -439,7 +465,7 @@ func (cp *ControlPlane) checkMesh(set *policy.Set) error {
 		}
 	}
 	servicePorts := map[string][]uint32{}
-	for _, s := range cp.cfg.Services {
+	for _, s := range services {
 		for _, p := range s.Ports {
 			servicePorts[s.Namespace+"/"+s.Name] = append(servicePorts[s.Namespace+"/"+s.Name], p.Port)
 		}
@@ -551,7 +577,11 @@ func (cp *ControlPlane) install(set *policy.Set, stamp string) {
 	}
 	cp.mu.Lock()
 	cp.stamp = stamp
-	cp.resources = ResourceStatus{Directory: cp.cfg.Resources, Version: stamp, LoadedAt: time.Now(), Files: set.Files}
+	dir := cp.cfg.Resources
+	if cp.kube != nil {
+		dir = "kubernetes"
+	}
+	cp.resources = ResourceStatus{Directory: dir, Version: stamp, LoadedAt: time.Now(), Files: set.Files}
 	for _, w := range set.Warnings {
 		cp.resources.Warnings = append(cp.resources.Warnings, ResourceError{File: w.File, Line: w.Line, Resource: w.Resource, Field: w.Field, Message: w.Message})
 	}

@@ -110,6 +110,10 @@ type Config struct {
 	RestoreGrace time.Duration
 	// StateFile persists instances across restarts; empty: not persisted.
 	StateFile string
+	// Pending says the declarations arrive later (SetDeclarations, from a
+	// cluster): restored instances are kept until then, and the first
+	// declarations decide which stay.
+	Pending bool
 	// OnChange is called (without locks held) after endpoints may have
 	// changed.
 	OnChange func()
@@ -167,14 +171,16 @@ func New(cfg Config) (*Registry, error) {
 	}
 	now := cfg.Now()
 	for _, in := range saved {
-		w, ok := r.workloads[in.Namespace+"/"+in.Workload]
-		if !ok {
-			continue // no longer declared
-		}
-		if id, err := spiffeid.FromString(in.Identity); err != nil {
-			continue
-		} else if _, err := r.Claim(id, w.Name); err != nil {
-			continue // the declaration changed its service account
+		if !cfg.Pending {
+			w, ok := r.workloads[in.Namespace+"/"+in.Workload]
+			if !ok {
+				continue // no longer declared
+			}
+			if id, err := spiffeid.FromString(in.Identity); err != nil {
+				continue
+			} else if _, err := r.Claim(id, w.Name); err != nil {
+				continue // the declaration changed its service account
+			}
 		}
 		// The grace period starts over, and lasts long enough for
 		// proxies to come back: while the control plane was down none
