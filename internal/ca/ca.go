@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -254,7 +255,7 @@ func (c *CA) Sign(csrDER []byte, id spiffeid.ID, ttl time.Duration) ([]*x509.Cer
 	if err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
 	}
-	return c.issue(csr.PublicKey, id, ttl)
+	return c.issue(csr.PublicKey, id, ttl, nil, nil)
 }
 
 // SignPublicKey issues an SVID for a key the caller already holds; the
@@ -264,10 +265,20 @@ func (c *CA) SignPublicKey(pub crypto.PublicKey, id spiffeid.ID, ttl time.Durati
 	if err := checkPublicKey(pub); err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
 	}
-	return c.issue(pub, id, ttl)
+	return c.issue(pub, id, ttl, nil, nil)
 }
 
-func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error) {
+// SignServing signs a certificate for id that also names the host names
+// and addresses a client checks by name, such as a Kubernetes API server
+// calling a webhook: https://trellis-control-plane.trellis-system.svc.
+func (c *CA) SignServing(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration, dnsNames []string, ips []net.IP) ([]*x509.Certificate, error) {
+	if err := checkPublicKey(pub); err != nil {
+		return nil, fmt.Errorf("sign: %w", err)
+	}
+	return c.issue(pub, id, ttl, dnsNames, ips)
+}
+
+func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration, dnsNames []string, ips []net.IP) ([]*x509.Certificate, error) {
 	p := c.cur.Load()
 	now := c.cfg.Now()
 	if ttl == 0 {
@@ -302,6 +313,8 @@ func (c *CA) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*
 		NotBefore:             notBefore,
 		NotAfter:              notAfter,
 		URIs:                  []*url.URL{id.URL()},
+		DNSNames:              dnsNames,
+		IPAddresses:           ips,
 		KeyUsage:              usage,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,

@@ -18,6 +18,7 @@ func newControlPlaneCommand() *cobra.Command {
 	var (
 		configFile string
 		initCA     bool
+		kube       kubeFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "control-plane",
@@ -28,16 +29,31 @@ the CLI reads its admin API. The configuration file (kind: ControlPlane)
 declares the workloads and services; the resources directory it names holds
 PeerAuthentication and AuthorizationPolicy files and is watched: a valid
 change is pushed to the proxies it concerns, an invalid one is rejected
-whole and reported by 'trellis status'.`,
+whole and reported by 'trellis status'.
+
+With --kubernetes, a cluster declares the workloads (pods injected with the
+sidecar) and services, its custom resources (trellis install) replace the
+resources directory, proxies prove their pod's service account with a
+projected token, and the control plane serves the sidecar injector webhook.`,
 		Example: `  trellis control-plane --config mesh/control-plane.yaml --init
-  trellis status --state-dir mesh/.trellis --wait`,
+  trellis status --state-dir mesh/.trellis --wait
+  trellis control-plane --config cp.yaml --init --kubernetes --kubeconfig ~/.kube/config \
+    --webhook-listen 127.0.0.1:15017 --webhook-url auto`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := controlplane.LoadConfig(configFile)
 			if err != nil {
 				return err
 			}
-			cp, err := controlplane.New(controlplane.Options{Config: cfg, Log: logger(cmd), Init: initCA})
+			opts := controlplane.Options{Config: cfg, Log: logger(cmd), Init: initCA}
+			if kube.enabled {
+				if opts.Kubernetes, err = kube.connect(cfg.TrustDomain); err != nil {
+					return err
+				}
+			} else if f := kube.given(cmd); f != "" {
+				return fmt.Errorf("--%s needs --kubernetes", f)
+			}
+			cp, err := controlplane.New(opts)
 			if err != nil {
 				return err
 			}
@@ -48,6 +64,7 @@ whole and reported by 'trellis status'.`,
 	}
 	cmd.Flags().StringVar(&configFile, "config", "", "control plane configuration file (kind: ControlPlane)")
 	cmd.Flags().BoolVar(&initCA, "init", false, "create the CA if the state directory has none")
+	kube.add(cmd)
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
 }

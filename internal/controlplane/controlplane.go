@@ -37,6 +37,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/dirwatch"
 	"github.com/trellis-mesh/trellis/internal/identityservice"
 	"github.com/trellis-mesh/trellis/internal/jointoken"
+	"github.com/trellis-mesh/trellis/internal/k8s/install"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/policy"
 	"github.com/trellis-mesh/trellis/internal/push"
@@ -97,6 +98,8 @@ type ControlPlane struct {
 	kube       *Kubernetes
 
 	grpcLis, adminLis net.Listener
+	// webhookLis serves the sidecar injector (Kubernetes only).
+	webhookLis net.Listener
 
 	reloadMu  sync.Mutex
 	mu        sync.Mutex
@@ -220,9 +223,23 @@ func New(opts Options) (*ControlPlane, error) {
 		cp.grpcLis.Close()
 		return nil, fmt.Errorf("adminListen: %w (is another control plane running? change adminListen)", err)
 	}
+	if k := opts.Kubernetes; k != nil && k.WebhookListen != "" {
+		if cp.webhookLis, err = net.Listen("tcp", k.WebhookListen); err != nil {
+			cp.grpcLis.Close()
+			cp.adminLis.Close()
+			return nil, fmt.Errorf("webhook listen: %w", err)
+		}
+		if k.WebhookURL == "auto" {
+			// Outside the cluster: the API server calls the listener.
+			k.WebhookURL = "https://" + cp.webhookLis.Addr().String() + install.WebhookPath
+		}
+	}
 	if err := cp.writeEndpoints(); err != nil {
 		cp.grpcLis.Close()
 		cp.adminLis.Close()
+		if cp.webhookLis != nil {
+			cp.webhookLis.Close()
+		}
 		return nil, err
 	}
 	return cp, nil

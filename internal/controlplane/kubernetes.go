@@ -1,27 +1,41 @@
 package controlplane
 
 import (
+	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/trellis-mesh/trellis/internal/ca"
 	"github.com/trellis-mesh/trellis/internal/certpem"
 	"github.com/trellis-mesh/trellis/internal/identityservice"
 	"github.com/trellis-mesh/trellis/internal/k8s/inject"
+	"github.com/trellis-mesh/trellis/internal/k8s/install"
 	"github.com/trellis-mesh/trellis/internal/k8s/resources"
+	"github.com/trellis-mesh/trellis/internal/k8s/webhook"
 	"github.com/trellis-mesh/trellis/internal/k8s/workloads"
+	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/policy"
 )
 
@@ -34,6 +48,15 @@ type Kubernetes struct {
 	// Authenticator checks the service account tokens of pods' proxies
 	// (a TokenReview); nil leaves proxies only join tokens.
 	Authenticator identityservice.Authenticator
+	// Inject is what the sidecar injector gives pods (the proxy image,
+	// the address proxies reach the control plane at).
+	Inject inject.Config
+	// WebhookListen serves the injector (HTTPS); empty serves none.
+	WebhookListen string
+	// WebhookURL, when set, is written into the webhook configuration in
+	// place of its Service, for a control plane outside the cluster;
+	// "auto" is the WebhookListen listener's own address.
+	WebhookURL string
 }
 
 // checkKubernetesConfig refuses what the cluster replaces.
@@ -66,6 +89,141 @@ func (cp *ControlPlane) runKubernetes(ctx context.Context, k *Kubernetes, start 
 		return src.Run(ctx)
 	})
 	start(func() error { return cp.publishBundle(ctx, k.Client) })
+	if cp.webhookLis != nil {
+		start(func() error { return cp.serveWebhook(ctx, k) })
+		start(func() error { return cp.configureWebhook(ctx, k) })
+	}
+}
+
+// Names the webhook's certificate is valid for: its Service's, and the
+// address it listens on when that is an IP (the API server checks the
+// name it calls).
+var webhookDNSNames = []string{
+	install.Name + "." + install.Namespace + ".svc",
+	install.Name + "." + install.Namespace + ".svc.cluster.local",
+}
+
+// serveWebhook serves the sidecar injector until ctx ends, with a
+// certificate from the mesh's CA, renewed as the CA's own are.
+func (cp *ControlPlane) serveWebhook(ctx context.Context, k *Kubernetes) error {
+	var ips []net.IP
+	if ap, err := netip.ParseAddrPort(cp.webhookLis.Addr().String()); err == nil && !ap.Addr().IsUnspecified() {
+		ips = append(ips, ap.Addr().AsSlice())
+	}
+	var (
+		mu  sync.Mutex
+		cur *tls.Certificate
+	)
+	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		now := time.Now()
+		if cur != nil && !ca.ShouldRotate(now, cur.Leaf.NotBefore, cur.Leaf.NotAfter) && cur.Leaf.CheckSignatureFrom(cp.ca.Issuer()) == nil {
+			return cur, nil
+		}
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		chain, err := cp.ca.SignServing(key.Public(), meshid.ControlPlane(cp.ca.TrustDomain()), 0, webhookDNSNames, ips)
+		if err != nil {
+			if cur != nil && now.Before(cur.Leaf.NotAfter) {
+				return cur, nil
+			}
+			return nil, err
+		}
+		c := &tls.Certificate{PrivateKey: key, Leaf: chain[0]}
+		for _, x := range chain {
+			c.Certificate = append(c.Certificate, x.Raw)
+		}
+		cur = c
+		return c, nil
+	}
+	namespaces := informers.NewSharedInformerFactory(k.Client, 0)
+	lister := namespaces.Core().V1().Namespaces().Lister()
+	namespaces.Start(ctx.Done())
+	defer namespaces.Shutdown()
+	injector := &webhook.Injector{
+		Config: k.Inject,
+		Namespaces: func(ctx context.Context, name string) (map[string]string, error) {
+			ns, err := lister.Get(name)
+			if apierrors.IsNotFound(err) {
+				// A namespace created a moment ago may not have reached
+				// the informer yet.
+				ns, err = k.Client.CoreV1().Namespaces().Get(ctx, name, metav1.GetOptions{})
+			}
+			if err != nil {
+				return nil, err
+			}
+			return ns.Labels, nil
+		},
+		Log: cp.log.With("component", "injector"),
+	}
+	mux := http.NewServeMux()
+	mux.Handle(install.WebhookPath, injector)
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 5 * time.Second,
+		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: getCert},
+	}
+	go func() {
+		<-ctx.Done()
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutdownCtx)
+	}()
+	cp.log.Info("sidecar injector serving", "addr", "https://"+cp.webhookLis.Addr().String()+install.WebhookPath, "proxyImage", k.Inject.ProxyImage)
+	if err := srv.ServeTLS(cp.webhookLis, "", ""); !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("webhook: %w", err)
+	}
+	return nil
+}
+
+// configureWebhook keeps the injector's webhook configuration (which
+// trellis install creates) trusting the mesh's CA, and pointing at
+// WebhookURL when set; it follows the bundle as the CA rotates.
+func (cp *ControlPlane) configureWebhook(ctx context.Context, k *Kubernetes) error {
+	t := time.NewTicker(caCheckInterval)
+	defer t.Stop()
+	warned := false
+	for {
+		err := patchWebhook(ctx, k, certpem.EncodeCerts(cp.ca.Bundle()...))
+		switch {
+		case apierrors.IsNotFound(err) && !warned:
+			cp.log.Warn("no webhook configuration "+install.WebhookName+" yet: pods are not injected until trellis install's manifests are applied", "err", err)
+			warned = true
+		case err != nil && !apierrors.IsNotFound(err) && ctx.Err() == nil:
+			cp.log.Error("configuring the injector's webhook failed; retrying", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func patchWebhook(ctx context.Context, k *Kubernetes, bundle []byte) error {
+	api := k.Client.AdmissionregistrationV1().MutatingWebhookConfigurations()
+	cfg, err := api.Get(ctx, install.WebhookName, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	changed := false
+	for i := range cfg.Webhooks {
+		cc := &cfg.Webhooks[i].ClientConfig
+		if !bytes.Equal(cc.CABundle, bundle) {
+			cc.CABundle, changed = bundle, true
+		}
+		if k.WebhookURL != "" && (cc.URL == nil || *cc.URL != k.WebhookURL || cc.Service != nil) {
+			cc.URL, cc.Service, changed = &k.WebhookURL, nil, true
+		}
+	}
+	if !changed {
+		return nil
+	}
+	_, err = api.Update(ctx, cfg, metav1.UpdateOptions{})
+	return err
 }
 
 // applyResources puts the cluster's valid resources in force, checked

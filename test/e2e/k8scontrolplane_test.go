@@ -1,0 +1,176 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/k8s/inject"
+	"github.com/trellis-mesh/trellis/internal/k8s/install"
+	"github.com/trellis-mesh/trellis/test/k8senv"
+)
+
+// TestKubernetesControlPlane runs 'trellis control-plane --kubernetes'
+// outside a real cluster (API server and controller manager 1.34, no
+// kubelet) and checks what it does there: it points the injector's
+// webhook configuration at itself, so that a Deployment in a labelled
+// namespace gets pods with the sidecar; it publishes the trust bundle in
+// every namespace; it reports a bad resource in its status; and a proxy
+// proving its pod's service account with a projected token gets a
+// certificate, registers as its pod, and leaves when the pod is deleted.
+func TestKubernetesControlPlane(t *testing.T) {
+	env := k8senv.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	kubectl := func(stdin string, args ...string) string {
+		t.Helper()
+		out, err := env.Kubectl(ctx, stdin, args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	manifests, err := install.Render(install.Options{Image: "r.example/trellis:test", ProxyImage: "r.example/trellis-proxy:test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubectl(string(manifests), "apply", "-f", "-")
+	kubectl("", "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+
+	dir := t.TempDir()
+	grpcAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cfg := fmt.Sprintf("apiVersion: trellis.dev/v1\nkind: ControlPlane\nstateDir: state\nlisten: %q\nadminListen: \"127.0.0.1:%d\"\n", grpcAddr, freePort(t))
+	if err := os.WriteFile(filepath.Join(dir, "cp.yaml"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	background(t, dir, "sidecar injector serving", trellisBin, "control-plane", "--config", "cp.yaml", "--init",
+		"--kubernetes", "--kubeconfig", env.Kubeconfig, "--proxy-image", "r.example/trellis-proxy:test",
+		"--webhook-listen", "127.0.0.1:0", "--webhook-url", "auto")
+
+	waitFor(t, 30*time.Second, "the webhook configuration pointing at the control plane with its CA", func() bool {
+		out, err := env.Kubectl(ctx, "", "get", "mutatingwebhookconfiguration", install.WebhookName, "-o", "jsonpath={.webhooks[0].clientConfig.url} {.webhooks[0].clientConfig.caBundle}")
+		f := strings.Fields(out)
+		return err == nil && len(f) == 2 && strings.HasPrefix(f[0], "https://127.0.0.1:")
+	})
+
+	kubectl(`apiVersion: v1
+kind: Namespace
+metadata: {name: shipping, labels: {trellis.dev/inject: enabled}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: orders-api, namespace: shipping}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: orders-api, namespace: shipping}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: orders-api}}
+  template:
+    metadata: {labels: {app: orders-api}}
+    spec:
+      serviceAccountName: orders-api
+      containers: [{name: api, image: r.example/orders-api:1, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: orders-api, namespace: shipping}
+spec:
+  selector: {app: orders-api}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+`, "apply", "-f", "-")
+
+	// The controller manager's pod, injected by the control plane.
+	var pod struct {
+		Metadata struct {
+			Name        string            `json:"name"`
+			Annotations map[string]string `json:"annotations"`
+		} `json:"metadata"`
+		Spec struct {
+			InitContainers []struct {
+				Name string `json:"name"`
+			} `json:"initContainers"`
+		} `json:"spec"`
+	}
+	waitFor(t, 60*time.Second, "an injected orders-api pod", func() bool {
+		out, err := env.Kubectl(ctx, "", "get", "pods", "-n", "shipping", "-l", "app=orders-api", "-o", "jsonpath={.items[0]}")
+		return err == nil && json.Unmarshal([]byte(out), &pod) == nil && len(pod.Spec.InitContainers) == 2
+	})
+	if pod.Spec.InitContainers[1].Name != inject.ProxyContainer || !strings.Contains(pod.Metadata.Annotations[inject.ProxyConfigAnnotation], "name: orders-api") {
+		t.Fatalf("pod %s: init containers %+v, proxy configuration %q", pod.Metadata.Name, pod.Spec.InitContainers, pod.Metadata.Annotations[inject.ProxyConfigAnnotation])
+	}
+
+	// The trust bundle, where injected proxies read it.
+	var bundle string
+	waitFor(t, 30*time.Second, "the trust bundle ConfigMap in shipping", func() bool {
+		out, err := env.Kubectl(ctx, "", "get", "configmap", inject.CAConfigMap, "-n", "shipping", "-o", "jsonpath={.data.root-cert\\.pem}")
+		bundle = out
+		return err == nil && strings.Contains(out, "BEGIN CERTIFICATE")
+	})
+
+	// Resources: a valid one accepted, an invalid one reported.
+	kubectl(`apiVersion: security.trellis.dev/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shipping}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.trellis.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: shipping}
+spec:
+  selector: {matchLabels: {app: orders-api}}
+  rules: [{from: [{source: {principals: ["spiffe://cluster.local/ns/default/sa/checkout"]}}]}]
+`, "apply", "-f", "-")
+	waitFor(t, 30*time.Second, "the resources' conditions", func() bool {
+		pa, _ := env.Kubectl(ctx, "", "get", "peerauthentication", "default", "-n", "shipping", "-o", "jsonpath={.status.conditions[0].status}")
+		ap, _ := env.Kubectl(ctx, "", "get", "authorizationpolicy", "bad", "-n", "shipping", "-o", "jsonpath={.status.conditions[0].status}")
+		return pa == "True" && ap == "False"
+	})
+	msg := kubectl("", "get", "authorizationpolicy", "bad", "-n", "shipping", "-o", "jsonpath={.status.conditions[0].message}")
+	if !strings.Contains(msg, "spec.rules[0].from[0].source.principals[0]") {
+		t.Errorf("the rejected policy's condition %q does not name the field", msg)
+	}
+
+	// A proxy for the pod, run here: the pod gets an address of the
+	// loopback range as a kubelet would give it an IP, and a token bound
+	// to it.
+	podIP := "127.0.0.77"
+	kubectl("", "patch", "pod", pod.Metadata.Name, "-n", "shipping", "--subresource=status", "--type=merge",
+		"-p", fmt.Sprintf(`{"status":{"podIP":%q,"podIPs":[{"ip":%q}]}}`, podIP, podIP))
+	token := strings.TrimSpace(kubectl("", "create", "token", "orders-api", "-n", "shipping", "--audience", inject.TokenAudience,
+		"--bound-object-kind", "Pod", "--bound-object-name", pod.Metadata.Name, "--duration", "10m"))
+	files := map[string]string{
+		"token":      token,
+		"bundle.pem": bundle,
+		"proxy.yaml": fmt.Sprintf("apiVersion: trellis.dev/v1\nkind: ProxyConfig\nworkload: {name: orders-api}\ninbound:\n  - {listen: \"%s:%d\", appPort: 8080, protocol: http}\n", podIP, freePort(t)),
+	}
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	background(t, dir, "configuration applied", proxyBin, "--config", "proxy.yaml", "--control-plane", "--identity-addr", grpcAddr,
+		"--ca-bundle", "bundle.pem", "--namespace", "shipping", "--service-account", "orders-api",
+		"--kubernetes-token-file", "token", "--instance", pod.Metadata.Name, "--advertise-ip", podIP,
+		"--admin-addr", fmt.Sprintf("127.0.0.1:%d", freePort(t)))
+	status := func() string {
+		r := run(t, dir, "", trellisBin, "status", "--state-dir", filepath.Join(dir, "state"))
+		return r.stdout + r.stderr
+	}
+	waitFor(t, 30*time.Second, "the proxy listed by trellis status as its pod", func() bool {
+		return strings.Contains(status(), "shipping/orders-api/"+pod.Metadata.Name)
+	})
+
+	// The pod is deleted (there is no kubelet to finish it): its proxy's
+	// registration goes with it.
+	kubectl("", "delete", "pod", pod.Metadata.Name, "-n", "shipping", "--grace-period=0", "--force")
+	waitFor(t, 30*time.Second, "the deleted pod's instance gone from the registry", func() bool {
+		return !strings.Contains(status(), "shipping/orders-api/"+pod.Metadata.Name)
+	})
+}
