@@ -225,6 +225,23 @@ func (s *Server) Changed() {
 	}
 }
 
+// evict ends the streams whose instance the registry no longer holds
+// under their session (removed with its pod): their proxies reconnect,
+// and are refused while the pod is gone.
+func (s *Server) evict() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for st := range s.streams {
+		if s.owners[st.key] != st {
+			continue // taken over: its replaced channel says so
+		}
+		if !st.evictedClosed && !s.cfg.Registry.Holds(st.key, st.session) {
+			st.evictedClosed = true
+			close(st.evicted)
+		}
+	}
+}
+
 // Run recomputes views after changes until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
 	s.recompute()
@@ -270,6 +287,7 @@ func (s *Server) recompute() {
 	s.recomputing.Lock()
 	defer s.recomputing.Unlock()
 	snap := s.cfg.Registry.Snapshot()
+	s.evict()
 	set := s.policies.Load()
 	dests := append(destinations(snap.Destinations()), externalDestinations(set, ExternalAddresses(set, s.cfg.ExternalRange))...)
 	table := newDestTable(dests)

@@ -46,7 +46,13 @@ func truncate(s string, n int) string {
 // stream is one connected proxy.
 type stream struct {
 	key      string // namespace/workload/instance
+	session  uint64 // the registry session the stream owns
 	replaced chan struct{}
+	// evicted is closed when the registry no longer holds the stream's
+	// instance (its pod was deleted); evictedClosed guards it, under the
+	// server's mu.
+	evicted       chan struct{}
+	evictedClosed bool
 	// ended is closed when the stream's handler returns: the proxy's tap
 	// stream ends with it.
 	ended chan struct{}
@@ -152,7 +158,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	now := s.cfg.Now()
 	st := &stream{
 		workload: w, instance: hello.GetInstance(), identity: id, peer: peerAddr,
-		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), replaced: make(chan struct{}), ended: make(chan struct{}), certExpiry: certExpiry, certIssued: certIssued,
+		connectedAt: now, lastSeen: now, notify: make(chan struct{}, 1), replaced: make(chan struct{}), evicted: make(chan struct{}), ended: make(chan struct{}), certExpiry: certExpiry, certIssued: certIssued,
 	}
 	// A proxy that already runs the current version (a reconnect after a
 	// control plane restart) is not sent it again.
@@ -165,7 +171,7 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 		s.cfg.Log.Warn("proxy registration refused", "id", id, "peer", peerAddr, "instance", in.Key(), "err", err)
 		return status.Error(codes.FailedPrecondition, err.Error())
 	}
-	st.key = in.Key()
+	st.key, st.session = in.Key(), session
 	s.mu.Lock()
 	// A newer connection of the same instance (a reconnect the old
 	// connection has not noticed, or two replicas given one name) takes
@@ -207,6 +213,8 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			return errStopping
 		case <-st.replaced:
 			return status.Errorf(codes.Aborted, "instance %s connected again from another connection, which takes over; if two replicas share this instance name, give each its own --instance", in.Key())
+		case <-st.evicted:
+			return status.Errorf(codes.PermissionDenied, "instance %s is no longer registered: its pod or workload is gone, or its service account changed", in.Key())
 		case <-expiry.C:
 			return status.Error(codes.Unauthenticated, "the certificate this stream was opened with has expired; reconnect with the renewed one")
 		case <-reverify.C:

@@ -263,6 +263,15 @@ func (r *Registry) Register(in Instance) (session uint64, err error) {
 	return session, nil
 }
 
+// Holds reports whether the instance is registered under session: false
+// once another connection took it over, or the declarations removed it.
+func (r *Registry) Holds(key string, session uint64) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.instances[key]
+	return ok && e.session == session
+}
+
 // admitLocked checks an instance against its workload's declared
 // instances, if the declaration lists them.
 func (r *Registry) admitLocked(in Instance) error {
