@@ -16,6 +16,10 @@ import (
 	"github.com/trellis-mesh/trellis/internal/statefile"
 )
 
+// StateFile is the file under the state directory that holds the whole
+// CA, keys included: what a Kubernetes control plane keeps in a Secret.
+const StateFile = stateFileName
+
 // Files under the state directory.
 const (
 	stateFileName  = "ca.json"    // authoritative state, keys included: 0600

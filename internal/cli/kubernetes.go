@@ -2,6 +2,7 @@ package cli
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -24,6 +25,7 @@ type kubeFlags struct {
 	proxyAddress  string
 	webhookListen string
 	webhookURL    string
+	caSecret      string
 }
 
 func (k *kubeFlags) add(cmd *cobra.Command) {
@@ -33,12 +35,13 @@ func (k *kubeFlags) add(cmd *cobra.Command) {
 	f.StringVar(&k.proxyImage, "proxy-image", version.ProxyImage(), "the trellis-proxy image the injector gives pods")
 	f.StringVar(&k.proxyAddress, "proxy-address", "", "host:port injected proxies reach the control plane at (default: its Service, trellis-control-plane.trellis-system.svc:15012)")
 	f.StringVar(&k.webhookListen, "webhook-listen", "", "address of the sidecar injector webhook (HTTPS), such as 0.0.0.0:15017; empty: no injector")
+	f.StringVar(&k.caSecret, "ca-secret", "", "namespace/name of a Secret keeping the CA, so a control plane whose state directory is emptied (a new pod) restarts with the same CA; empty: the state directory only")
 	f.StringVar(&k.webhookURL, "webhook-url", "", "URL the API server calls the injector at, written into its webhook configuration (\"auto\": the --webhook-listen address, for a control plane outside the cluster); empty: the Service")
 }
 
 // given returns a Kubernetes flag set without --kubernetes, if any.
 func (k *kubeFlags) given(cmd *cobra.Command) string {
-	for _, f := range []string{"kubeconfig", "proxy-image", "proxy-address", "webhook-listen", "webhook-url"} {
+	for _, f := range []string{"kubeconfig", "proxy-image", "proxy-address", "webhook-listen", "webhook-url", "ca-secret"} {
 		if cmd.Flags().Changed(f) {
 			return f
 		}
@@ -70,6 +73,9 @@ func (k *kubeFlags) connect(trustDomain string) (*controlplane.Kubernetes, error
 	if err != nil {
 		return nil, err
 	}
+	if ns, name, ok := strings.Cut(k.caSecret, "/"); k.caSecret != "" && (!ok || ns == "" || name == "") {
+		return nil, fmt.Errorf("--ca-secret %q: write namespace/name, such as trellis-system/trellis-ca", k.caSecret)
+	}
 	if k.webhookURL != "" && k.webhookListen == "" {
 		return nil, fmt.Errorf("--webhook-url needs --webhook-listen: the injector must listen somewhere")
 	}
@@ -80,5 +86,6 @@ func (k *kubeFlags) connect(trustDomain string) (*controlplane.Kubernetes, error
 		Inject:        inject.Config{ProxyImage: k.proxyImage, ControlPlane: k.proxyAddress, TrustDomain: trustDomain},
 		WebhookListen: k.webhookListen,
 		WebhookURL:    k.webhookURL,
+		CASecret:      k.caSecret,
 	}, nil
 }

@@ -42,6 +42,7 @@ between workloads mutual TLS, and decides who may call whom by identity.`,
 		newExecCommand(),
 		newLogsCommand(),
 		newInjectCommand(),
+		newInstallCommand(),
 	)
 	return root
 }

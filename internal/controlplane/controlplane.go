@@ -146,6 +146,11 @@ func New(opts Options) (*ControlPlane, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
+	if k := opts.Kubernetes; k != nil {
+		if err := restoreCA(k, cfg.StateDir); err != nil {
+			return nil, err
+		}
+	}
 	caCfg := ca.Config{StateDir: cfg.StateDir, Log: log}
 	authority, err := ca.Load(caCfg)
 	if errors.Is(err, ca.ErrNotInitialized) && opts.Init {

@@ -14,6 +14,9 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -37,6 +40,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/k8s/workloads"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/statefile"
 )
 
 // Kubernetes connects a control plane to a cluster, which then declares
@@ -53,6 +57,11 @@ type Kubernetes struct {
 	Inject inject.Config
 	// WebhookListen serves the injector (HTTPS); empty serves none.
 	WebhookListen string
+	// CASecret, "namespace/name", keeps the CA (its state file, keys
+	// included) in a Secret, so that a control plane whose state directory
+	// is an emptyDir restarts with the same CA; empty keeps it in the state
+	// directory only.
+	CASecret string
 	// WebhookURL, when set, is written into the webhook configuration in
 	// place of its Service, for a control plane outside the cluster;
 	// "auto" is the WebhookListen listener's own address.
@@ -69,6 +78,80 @@ func checkKubernetesConfig(cfg *Config) error {
 		errs = append(errs, errors.New("workloads, services: the cluster declares them (pods and Services) with a cluster: remove them"))
 	}
 	return errors.Join(errs...)
+}
+
+// restoreCA writes the CA kept in the Secret into an empty state
+// directory, before the CA is loaded.
+func restoreCA(k *Kubernetes, dir string) error {
+	if k.CASecret == "" {
+		return nil
+	}
+	path := filepath.Join(dir, ca.StateFile)
+	if _, err := os.Stat(path); err == nil {
+		return nil
+	}
+	ns, name, _ := strings.Cut(k.CASecret, "/")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sec, err := k.Client.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil // a new CA: --init makes it, mirrorCA keeps it
+	}
+	if err != nil {
+		return fmt.Errorf("CA secret %s: %w", k.CASecret, err)
+	}
+	data, ok := sec.Data[ca.StateFile]
+	if !ok {
+		return fmt.Errorf("CA secret %s has no key %s: it is not a Trellis CA; remove it or name another with --ca-secret", k.CASecret, ca.StateFile)
+	}
+	return statefile.WriteAtomic(path, data, 0o600)
+}
+
+// mirrorCA keeps the Secret equal to the CA's state file (it changes when
+// the intermediate rotates) until ctx ends.
+func (cp *ControlPlane) mirrorCA(ctx context.Context, k *Kubernetes) error {
+	ns, name, _ := strings.Cut(k.CASecret, "/")
+	secrets := k.Client.CoreV1().Secrets(ns)
+	t := time.NewTicker(caCheckInterval)
+	defer t.Stop()
+	var mirrored []byte
+	for {
+		data, err := os.ReadFile(filepath.Join(cp.cfg.StateDir, ca.StateFile))
+		if err == nil && !bytes.Equal(data, mirrored) {
+			if err = writeSecret(ctx, secrets, ns, name, data); err == nil {
+				mirrored = data
+				cp.log.Info("CA kept in its secret", "secret", k.CASecret)
+			}
+		}
+		if err != nil && ctx.Err() == nil {
+			cp.log.Error("keeping the CA in its secret failed; retrying", "secret", k.CASecret, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func writeSecret(ctx context.Context, secrets typedcorev1.SecretInterface, ns, name string, data []byte) error {
+	cur, err := secrets.Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		_, err = secrets.Create(ctx, &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app.kubernetes.io/part-of": "trellis"}},
+			Data:       map[string][]byte{ca.StateFile: data},
+		}, metav1.CreateOptions{})
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	if cur.Data == nil {
+		cur.Data = map[string][]byte{}
+	}
+	cur.Data[ca.StateFile] = data
+	_, err = secrets.Update(ctx, cur, metav1.UpdateOptions{})
+	return err
 }
 
 // runKubernetes watches the cluster until ctx ends.
@@ -89,6 +172,9 @@ func (cp *ControlPlane) runKubernetes(ctx context.Context, k *Kubernetes, start 
 		return src.Run(ctx)
 	})
 	start(func() error { return cp.publishBundle(ctx, k.Client) })
+	if k.CASecret != "" {
+		start(func() error { return cp.mirrorCA(ctx, k) })
+	}
 	if cp.webhookLis != nil {
 		start(func() error { return cp.serveWebhook(ctx, k) })
 		start(func() error { return cp.configureWebhook(ctx, k) })

@@ -48,9 +48,12 @@ func TestKubernetesControlPlane(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "cp.yaml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	background(t, dir, "sidecar injector serving", trellisBin, "control-plane", "--config", "cp.yaml", "--init",
-		"--kubernetes", "--kubeconfig", env.Kubeconfig, "--proxy-image", "r.example/trellis-proxy:test",
-		"--webhook-listen", "127.0.0.1:0", "--webhook-url", "auto")
+	startControlPlane := func() *proc {
+		return background(t, dir, "sidecar injector serving", trellisBin, "control-plane", "--config", "cp.yaml", "--init",
+			"--kubernetes", "--kubeconfig", env.Kubeconfig, "--proxy-image", "r.example/trellis-proxy:test",
+			"--webhook-listen", "127.0.0.1:0", "--webhook-url", "auto", "--ca-secret", install.Namespace+"/"+install.CASecret)
+	}
+	cp := startControlPlane()
 
 	waitFor(t, 30*time.Second, "the webhook configuration pointing at the control plane with its CA", func() bool {
 		out, err := env.Kubectl(ctx, "", "get", "mutatingwebhookconfiguration", install.WebhookName, "-o", "jsonpath={.webhooks[0].clientConfig.url} {.webhooks[0].clientConfig.caBundle}")
@@ -173,4 +176,27 @@ spec:
 	waitFor(t, 30*time.Second, "the deleted pod's instance gone from the registry", func() bool {
 		return !strings.Contains(status(), "shipping/orders-api/"+pod.Metadata.Name)
 	})
+
+	// The CA is kept in its Secret: a control plane whose state directory
+	// is gone (a new pod's emptyDir) comes back with the same CA.
+	waitFor(t, 30*time.Second, "the CA in its secret", func() bool {
+		out, err := env.Kubectl(ctx, "", "get", "secret", install.CASecret, "-n", install.Namespace, "-o", "jsonpath={.data.ca\\.json}")
+		return err == nil && out != ""
+	})
+	_ = cp.cmd.Process.Kill()
+	<-cp.exited
+	if err := os.RemoveAll(filepath.Join(dir, "state")); err != nil {
+		t.Fatal(err)
+	}
+	startControlPlane()
+	kubectl("apiVersion: v1\nkind: Namespace\nmetadata: {name: billing}\n", "apply", "-f", "-")
+	var after string
+	waitFor(t, 30*time.Second, "the trust bundle published in a namespace made after the restart", func() bool {
+		out, err := env.Kubectl(ctx, "", "get", "configmap", inject.CAConfigMap, "-n", "billing", "-o", "jsonpath={.data.root-cert\\.pem}")
+		after = out
+		return err == nil && out != ""
+	})
+	if after != bundle {
+		t.Errorf("after a restart with an empty state directory the trust bundle changed:\nbefore %s\nafter %s", bundle, after)
+	}
 }

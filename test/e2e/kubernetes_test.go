@@ -38,12 +38,13 @@ func TestKubernetesManifests(t *testing.T) {
 		return out
 	}
 
-	manifests, err := install.Render(install.Options{Image: "registry.example/trellis:test", ProxyImage: "registry.example/trellis-proxy:test", HA: true})
-	if err != nil {
-		t.Fatal(err)
+	// trellis install | kubectl apply -f -, with strict field validation:
+	// a field the API does not know fails here.
+	inst := run(t, "", "", trellisBin, "install", "--image", "registry.example/trellis:test", "--proxy-image", "registry.example/trellis-proxy:test")
+	if inst.err != nil {
+		t.Fatalf("trellis install: %v\n%s", inst.err, inst.stderr)
 	}
-	// Strict field validation: a field the API does not know fails here.
-	kubectl(string(manifests), "apply", "--validate=strict", "-f", "-")
+	kubectl(inst.stdout, "apply", "--validate=strict", "-f", "-")
 	kubectl("", "wait", "--for=condition=Established", "--timeout=60s",
 		"crd/peerauthentications.security.trellis.dev", "crd/authorizationpolicies.security.trellis.dev",
 		"crd/serviceentries.networking.trellis.dev", "crd/destinationrules.networking.trellis.dev", "crd/virtualservices.networking.trellis.dev")
@@ -57,6 +58,8 @@ func TestKubernetesManifests(t *testing.T) {
 		{[]string{"watch", "pods", "--all-namespaces"}, "yes"},
 		{[]string{"patch", "authorizationpolicies.security.trellis.dev", "--subresource=status", "-n", "shipping"}, "yes"},
 		{[]string{"get", "secrets", "-n", "shipping"}, "no"},
+		{[]string{"update", "secrets/" + install.CASecret, "-n", install.Namespace}, "yes"},
+		{[]string{"get", "secrets/other", "-n", install.Namespace}, "no"},
 		{[]string{"delete", "pods", "-n", "shipping"}, "no"},
 		{[]string{"update", "authorizationpolicies.security.trellis.dev", "-n", "shipping"}, "no"},
 	} {

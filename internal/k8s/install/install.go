@@ -14,7 +14,6 @@ import (
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
-	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -40,9 +39,14 @@ const (
 // Ports of the control plane.
 const (
 	ProxyPort   = 15012 // identity and discovery for proxies (gRPC, mTLS)
-	AdminPort   = 15014 // admin API (HTTPS)
+	AdminPort   = 15014 // admin API (HTTPS; /healthz unauthenticated)
 	WebhookPort = 15017 // admission webhook (HTTPS)
-	HealthPort  = 15021 // /ready and /live (HTTP)
+)
+
+// Paths in the control plane's container.
+const (
+	configDir = "/etc/trellis"
+	stateDir  = "/var/lib/trellis"
 )
 
 // WebhookPath is where the injector serves admission reviews.
@@ -53,14 +57,6 @@ type Options struct {
 	Image       string // the trellis image
 	ProxyImage  string // the trellis-proxy image
 	TrustDomain string
-	// HA runs Replicas control planes (default 3 with HA, else 1) with
-	// leader election for what must happen once.
-	HA       bool
-	Replicas int32
-	// CASecret names a Secret in trellis-system (kubernetes.io/tls shape,
-	// with ca.crt) holding a root the control plane signs with instead of
-	// one of its own, such as one cert-manager maintains.
-	CASecret string
 }
 
 // Render returns the manifests as one YAML stream, CRDs first.
@@ -73,19 +69,6 @@ func Render(o Options) ([]byte, error) {
 	}
 	if _, err := spiffeid.TrustDomainFromString(o.TrustDomain); err != nil {
 		return nil, fmt.Errorf("--trust-domain: %w", err)
-	}
-	if o.Replicas == 0 {
-		o.Replicas = 1
-		if o.HA {
-			o.Replicas = 3
-		}
-	}
-	if o.Replicas > 1 && !o.HA {
-		return nil, fmt.Errorf("--replicas %d needs --ha: several control planes elect a leader for what must happen once", o.Replicas)
-	}
-	caSecret := CASecret
-	if o.CASecret != "" {
-		caSecret = o.CASecret
 	}
 
 	var out bytes.Buffer
@@ -117,27 +100,18 @@ func Render(o Options) ([]byte, error) {
 			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: Name},
 			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: Name, Namespace: Namespace}},
 		},
-		namespaceRole(meta(Name), caSecret),
+		namespaceRole(meta(Name), CASecret),
 		&rbacv1.RoleBinding{
 			TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "RoleBinding"),
 			ObjectMeta: meta(Name),
 			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: Name},
 			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: Name, Namespace: Namespace}},
 		},
+		configMap(meta(Name), o.TrustDomain),
 		service(meta(Name), labels),
-		deployment(meta(Name), labels, o, caSecret),
+		deployment(meta(Name), labels, o),
+		webhook(labels),
 	}
-	if o.Replicas > 1 {
-		objects = append(objects, &policyv1.PodDisruptionBudget{
-			TypeMeta:   typeMeta("policy/v1", "PodDisruptionBudget"),
-			ObjectMeta: meta(Name),
-			Spec: policyv1.PodDisruptionBudgetSpec{
-				MinAvailable: ptr.To(intstr.FromInt32(1)),
-				Selector:     &metav1.LabelSelector{MatchLabels: labels},
-			},
-		})
-	}
-	objects = append(objects, webhook(labels))
 	for _, obj := range objects {
 		data, err := yaml.Marshal(obj)
 		if err != nil {
@@ -155,7 +129,7 @@ func typeMeta(apiVersion, kind string) metav1.TypeMeta {
 
 // cleanup drops the empty fields typed objects marshal (status: {},
 // creationTimestamp: null). None of these objects has an empty mapping
-// that means something, such as a pod volume's emptyDir: {}.
+// that means something (the state emptyDir names its medium).
 func cleanup(data []byte) []byte {
 	var m map[string]any
 	if err := yaml.Unmarshal(data, &m); err != nil {
@@ -216,7 +190,7 @@ func clusterRole(labels map[string]string) *rbacv1.ClusterRole {
 }
 
 // namespaceRole is what the control plane may do in its own namespace:
-// keep the CA in a Secret and elect a leader with a Lease.
+// keep the CA in a Secret.
 func namespaceRole(meta metav1.ObjectMeta, caSecret string) *rbacv1.Role {
 	return &rbacv1.Role{
 		TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "Role"),
@@ -224,8 +198,6 @@ func namespaceRole(meta metav1.ObjectMeta, caSecret string) *rbacv1.Role {
 		Rules: []rbacv1.PolicyRule{
 			{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{caSecret}, Verbs: []string{"get", "update", "patch"}},
 			{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
-			{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{Name}, Verbs: []string{"get", "update", "patch"}},
-			{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		},
 	}
 }
@@ -245,14 +217,34 @@ func service(meta metav1.ObjectMeta, labels map[string]string) *corev1.Service {
 	}
 }
 
-func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options, caSecret string) *appsv1.Deployment {
-	args := []string{"control-plane", "--kubernetes",
-		"--trust-domain", o.TrustDomain, "--proxy-image", o.ProxyImage, "--ca-secret", caSecret}
-	if o.HA {
-		args = append(args, "--leader-elect")
+// configMap is the control plane's configuration file: the cluster
+// declares workloads, services and resources, so it says only where to
+// listen and keep state.
+func configMap(meta metav1.ObjectMeta, trustDomain string) *corev1.ConfigMap {
+	return &corev1.ConfigMap{
+		TypeMeta:   typeMeta("v1", "ConfigMap"),
+		ObjectMeta: meta,
+		Data: map[string]string{"control-plane.yaml": fmt.Sprintf(`apiVersion: trellis.dev/v1
+kind: ControlPlane
+trustDomain: %s
+stateDir: %s
+listen: 0.0.0.0:%d
+adminListen: 0.0.0.0:%d
+`, trustDomain, stateDir, ProxyPort, AdminPort)},
 	}
-	probe := func(path string, period int32) *corev1.Probe {
-		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(HealthPort)}}, PeriodSeconds: period}
+}
+
+// deployment runs one control plane: the CA's state lives in an emptyDir
+// and is kept in a Secret, so a restarted pod signs with the same CA.
+// (Several replicas would need leader election for the CA, not built yet.)
+func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options) *appsv1.Deployment {
+	args := []string{"control-plane", "--config", configDir + "/control-plane.yaml", "--init",
+		"--kubernetes", "--proxy-image", o.ProxyImage, "--ca-secret", Namespace + "/" + CASecret,
+		"--webhook-listen", fmt.Sprintf("0.0.0.0:%d", WebhookPort)}
+	probe := func(period int32) *corev1.Probe {
+		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
+			Path: "/healthz", Port: intstr.FromInt32(AdminPort), Scheme: corev1.URISchemeHTTPS,
+		}}, PeriodSeconds: period}
 	}
 	pod := corev1.PodSpec{
 		ServiceAccountName: Name,
@@ -261,18 +253,13 @@ func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options, caS
 			Name:  "control-plane",
 			Image: o.Image,
 			Args:  args,
-			Env: []corev1.EnvVar{
-				{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
-				{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
-			},
 			Ports: []corev1.ContainerPort{
 				{Name: "grpc-proxies", ContainerPort: ProxyPort},
 				{Name: "https-admin", ContainerPort: AdminPort},
 				{Name: "https-webhook", ContainerPort: WebhookPort},
-				{Name: "http-health", ContainerPort: HealthPort},
 			},
-			ReadinessProbe: probe("/ready", 2),
-			LivenessProbe:  probe("/live", 10),
+			ReadinessProbe: probe(2),
+			LivenessProbe:  probe(10),
 			Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{
 				corev1.ResourceCPU: resource.MustParse("100m"), corev1.ResourceMemory: resource.MustParse("128Mi"),
 			}},
@@ -281,31 +268,29 @@ func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options, caS
 				AllowPrivilegeEscalation: ptr.To(false), ReadOnlyRootFilesystem: ptr.To(true),
 				Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 			},
+			VolumeMounts: []corev1.VolumeMount{
+				{Name: "config", MountPath: configDir, ReadOnly: true},
+				{Name: "state", MountPath: stateDir},
+			},
 		}},
+		Volumes: []corev1.Volume{
+			{Name: "config", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: Name}}}},
+			{Name: "state", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}},
+		},
+		SecurityContext: &corev1.PodSecurityContext{FSGroup: ptr.To[int64](65532)},
 	}
 	podMeta := metav1.ObjectMeta{Labels: labels, Annotations: map[string]string{inject.Annotation: "disabled"}}
-	d := &appsv1.Deployment{
+	return &appsv1.Deployment{
 		TypeMeta:   typeMeta("apps/v1", "Deployment"),
 		ObjectMeta: meta,
 		Spec: appsv1.DeploymentSpec{
-			Replicas: ptr.To(o.Replicas),
+			Replicas: ptr.To[int32](1),
+			// One control plane at a time: two would both write the CA.
+			Strategy: appsv1.DeploymentStrategy{Type: appsv1.RecreateDeploymentStrategyType},
 			Selector: &metav1.LabelSelector{MatchLabels: labels},
 			Template: corev1.PodTemplateSpec{ObjectMeta: podMeta, Spec: pod},
 		},
 	}
-	if o.Replicas > 1 {
-		// Spread over nodes, so one node's loss leaves a leader.
-		d.Spec.Template.Spec.Affinity = &corev1.Affinity{PodAntiAffinity: &corev1.PodAntiAffinity{
-			PreferredDuringSchedulingIgnoredDuringExecution: []corev1.WeightedPodAffinityTerm{{
-				Weight: 100,
-				PodAffinityTerm: corev1.PodAffinityTerm{
-					TopologyKey:   "kubernetes.io/hostname",
-					LabelSelector: &metav1.LabelSelector{MatchLabels: labels},
-				},
-			}},
-		}}
-	}
-	return d
 }
 
 // webhook calls the injector for pods of namespaces labelled

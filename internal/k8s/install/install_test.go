@@ -42,35 +42,13 @@ func TestRender(t *testing.T) {
 	if order[0] != "CustomResourceDefinition" {
 		t.Errorf("first document is a %s; CRDs come first so that resources using them can follow", order[0])
 	}
-	for _, k := range []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment", "MutatingWebhookConfiguration"} {
+	for _, k := range []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Service", "Deployment", "MutatingWebhookConfiguration"} {
 		if len(byKind[k]) != 1 {
 			t.Errorf("%d %s documents, want 1", len(byKind[k]), k)
 		}
 	}
-	if len(byKind["PodDisruptionBudget"]) != 0 {
-		t.Error("a PodDisruptionBudget for a single control plane would block node drains")
-	}
-	if s := string(out); strings.Contains(s, "--leader-elect") || !strings.Contains(s, "replicas: 1") {
-		t.Error("without --ha: want one replica and no leader election")
-	}
-}
-
-func TestRenderHA(t *testing.T) {
-	o := images
-	o.HA = true
-	out, err := Render(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, byKind := kinds(t, out)
-	if len(byKind["PodDisruptionBudget"]) != 1 {
-		t.Error("HA without a PodDisruptionBudget")
-	}
-	s := string(out)
-	for _, want := range []string{"replicas: 3", "--leader-elect", "podAntiAffinity"} {
-		if !strings.Contains(s, want) {
-			t.Errorf("HA manifests lack %q", want)
-		}
+	if s := string(out); !strings.Contains(s, "replicas: 1") || !strings.Contains(s, "type: Recreate") {
+		t.Error("want one control plane at a time: two would both write the CA")
 	}
 }
 
@@ -81,7 +59,6 @@ func TestRenderErrors(t *testing.T) {
 		want string
 	}{
 		{"no images", Options{}, "images are required"},
-		{"replicas without HA", Options{Image: "a", ProxyImage: "b", Replicas: 2}, "--replicas 2 needs --ha"},
 		{"bad trust domain", Options{Image: "a", ProxyImage: "b", TrustDomain: "Not A Domain"}, "--trust-domain"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
