@@ -174,6 +174,15 @@ spec:
 			if !hasVolumePrefix(p.Spec.Volumes, "kube-api-access-") {
 				t.Errorf("pod %s: volumes %v lost the service account token", p.Name, p.Spec.Volumes)
 			}
+			// ...but the sidecar's containers do not get it: they never
+			// call the Kubernetes API.
+			for _, c := range ic {
+				for _, m := range c.VolumeMounts {
+					if strings.HasPrefix(m.Name, "kube-api-access-") {
+						t.Errorf("pod %s: container %s mounts the Kubernetes API token %s", p.Name, c.Name, m.Name)
+					}
+				}
+			}
 		}
 	})
 

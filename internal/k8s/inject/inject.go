@@ -58,6 +58,11 @@ const (
 	tokenVolume    = "trellis-token"
 	caVolume       = "trellis-ca"
 	tmpVolume      = "trellis-tmp"
+	// noAPIVolume hides the pod's Kubernetes API token from the sidecar's
+	// containers: the ServiceAccount admission plugin mounts it into every
+	// container without something at its path, and neither needs the API.
+	noAPIVolume = "trellis-no-kube-api"
+	apiTokenDir = "/var/run/secrets/kubernetes.io/serviceaccount"
 )
 
 // Ports of the injected proxy (those of trellis up's netns sidecars).
@@ -201,7 +206,8 @@ func (c Config) Pod(workload string, meta *metav1.ObjectMeta, spec *corev1.PodSp
 				Drop: []corev1.Capability{"ALL"},
 			},
 		},
-		Resources: corev1.ResourceRequirements{Requests: requests},
+		Resources:    corev1.ResourceRequirements{Requests: requests},
+		VolumeMounts: []corev1.VolumeMount{{Name: noAPIVolume, MountPath: apiTokenDir, ReadOnly: true}},
 	}
 	proxy := corev1.Container{
 		Name:          ProxyContainer,
@@ -253,6 +259,7 @@ func (c Config) Pod(workload string, meta *metav1.ObjectMeta, spec *corev1.PodSp
 			{Name: tokenVolume, MountPath: TokenDir, ReadOnly: true},
 			{Name: caVolume, MountPath: CADir, ReadOnly: true},
 			{Name: tmpVolume, MountPath: "/tmp"},
+			{Name: noAPIVolume, MountPath: apiTokenDir, ReadOnly: true},
 		},
 	}
 	// The sidecar starts before the application's containers and any init
@@ -271,6 +278,7 @@ func (c Config) Pod(workload string, meta *metav1.ObjectMeta, spec *corev1.PodSp
 			LocalObjectReference: corev1.LocalObjectReference{Name: CAConfigMap},
 		}}},
 		corev1.Volume{Name: tmpVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}},
+		corev1.Volume{Name: noAPIVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}},
 	)
 	return nil
 }
@@ -285,7 +293,7 @@ func Remove(meta *metav1.ObjectMeta, spec *corev1.PodSpec) {
 	}
 	spec.Volumes = slices.DeleteFunc(spec.Volumes, func(v corev1.Volume) bool {
 		switch v.Name {
-		case configVolume, tokenVolume, caVolume, tmpVolume:
+		case configVolume, tokenVolume, caVolume, tmpVolume, noAPIVolume:
 			return true
 		}
 		return false

@@ -292,8 +292,8 @@ func TestInjectKeepsUnknownFields(t *testing.T) {
 	if diff := cmp.Diff([]string{inject.InitContainer, inject.ProxyContainer, "migrate"}, names); diff != "" {
 		t.Errorf("init containers (-want +got):\n%s", diff)
 	}
-	if len(doc.Spec.Volumes) != 5 || doc.Spec.Volumes[0]["futureField"] != true {
-		t.Errorf("volumes %v: want data (with futureField) and the sidecar's four", doc.Spec.Volumes)
+	if len(doc.Spec.Volumes) != 6 || doc.Spec.Volumes[0]["futureField"] != true {
+		t.Errorf("volumes %v: want data (with futureField) and the sidecar's five", doc.Spec.Volumes)
 	}
 }
 
