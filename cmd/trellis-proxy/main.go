@@ -253,6 +253,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		Shutdown:  shutdown,
 		Profiling: cfg.pprof,
 	}
+	if pcfg != nil && len(pcfg.AppProbes) > 0 {
+		endpoints.AppHealth = proxy.AppHealth(pcfg.AppProbes)
+	}
 	servers := []*http.Server{{Handler: admin.Handler(endpoints), ReadHeaderTimeout: 5 * time.Second}}
 	listeners := []net.Listener{lis}
 	if cfg.statsAddr != "" {

@@ -47,6 +47,9 @@ type Endpoints struct {
 	Metrics http.Handler
 	// Shutdown starts a graceful shutdown (POST /shutdown).
 	Shutdown func()
+	// AppHealth serves the application's probes under /app-health/ (for
+	// the kubelet, on the stats listener too).
+	AppHealth http.Handler
 	// Profiling serves Go's pprof endpoints under /debug/pprof/, for
 	// finding where a proxy spends its time; off unless asked for.
 	Profiling bool
@@ -81,6 +84,9 @@ func Handler(e Endpoints) http.Handler {
 	if e.Metrics != nil {
 		mux.Handle("GET /metrics", e.Metrics)
 	}
+	if e.AppHealth != nil {
+		mux.Handle("GET /app-health/", e.AppHealth)
+	}
 	if e.Profiling {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -97,10 +103,10 @@ func Handler(e Endpoints) http.Handler {
 	return mux
 }
 
-// StatsHandler serves what scrapers may read — /metrics, /live, /ready —
-// and nothing else, for a listener reachable from outside the workload
-// (the control plane and Prometheus scrape it), unlike the admin port,
-// whose /config and /shutdown stay on loopback.
+// StatsHandler serves what scrapers and the kubelet may read — /metrics,
+// /live, /ready, /app-health/ — and nothing else, for a listener reachable
+// from outside the workload (the control plane and Prometheus scrape it),
+// unlike the admin port, whose /config and /shutdown stay on loopback.
 func StatsHandler(e Endpoints) http.Handler {
-	return Handler(Endpoints{Ready: e.Ready, Metrics: e.Metrics})
+	return Handler(Endpoints{Ready: e.Ready, Metrics: e.Metrics, AppHealth: e.AppHealth})
 }

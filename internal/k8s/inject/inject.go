@@ -13,6 +13,7 @@ package inject
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -22,6 +23,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
+	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	proxyconfig "github.com/trellis-mesh/trellis/internal/proxy/config"
@@ -169,8 +171,10 @@ func (c Config) Pod(workload string, meta *metav1.ObjectMeta, spec *corev1.PodSp
 	if meta.Annotations == nil {
 		meta.Annotations = map[string]string{}
 	}
-	cfg, err := proxyConfig(workload, spec.Containers, exIn)
+	probes := moveProbes(spec.Containers)
+	cfg, err := proxyConfig(workload, spec.Containers, exIn, probes)
 	if err != nil {
+		restoreProbes(spec.Containers, probes)
 		return err
 	}
 	meta.Annotations[ProxyConfigAnnotation] = cfg
@@ -285,6 +289,14 @@ func (c Config) Pod(workload string, meta *metav1.ObjectMeta, spec *corev1.PodSp
 
 // Remove takes out what injection added, leaving the pod as it was.
 func Remove(meta *metav1.ObjectMeta, spec *corev1.PodSpec) {
+	if cfg := meta.Annotations[ProxyConfigAnnotation]; cfg != "" {
+		var moved struct {
+			AppProbes map[string]proxyconfig.AppProbe `json:"appProbes"`
+		}
+		if yaml.Unmarshal([]byte(cfg), &moved) == nil {
+			restoreProbes(spec.Containers, moved.AppProbes)
+		}
+	}
 	spec.InitContainers = slices.DeleteFunc(spec.InitContainers, func(c corev1.Container) bool {
 		return c.Name == InitContainer || c.Name == ProxyContainer
 	})
@@ -313,7 +325,7 @@ func Remove(meta *metav1.ObjectMeta, spec *corev1.PodSpec) {
 // declares (http-web, grpc, mysql…). The namespace is the pod's, which
 // the proxy takes from --namespace: a manifest injected offline may not
 // name it.
-func proxyConfig(workload string, containers []corev1.Container, excluded []int) (string, error) {
+func proxyConfig(workload string, containers []corev1.Container, excluded []int, probes map[string]proxyconfig.AppProbe) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "apiVersion: trellis.dev/v1\nkind: ProxyConfig\nworkload: {name: %s}\n", workload)
 	fmt.Fprintf(&b, "transparent: {inbound: \"0.0.0.0:%d\", outbound: \"0.0.0.0:%d\", bypass: %s}\n", InboundPort, OutboundPort, proxyconfig.BypassUID)
@@ -341,7 +353,94 @@ func proxyConfig(workload string, containers []corev1.Container, excluded []int)
 			b.WriteString(p)
 		}
 	}
+	if len(probes) > 0 {
+		out, err := yaml.Marshal(map[string]any{"appProbes": probes})
+		if err != nil {
+			return "", err
+		}
+		b.Write(out)
+	}
 	return b.String(), nil
+}
+
+// moveProbes points the containers' HTTP probes at the proxy's stats
+// port (/app-health/CONTAINER/KIND), which makes them on loopback: the
+// kubelet's plaintext probe would be refused by a STRICT port. It returns
+// what it moved, for the proxy's configuration. A probe on a named port
+// the container does not declare is left alone.
+func moveProbes(containers []corev1.Container) map[string]proxyconfig.AppProbe {
+	moved := map[string]proxyconfig.AppProbe{}
+	for i := range containers {
+		c := &containers[i]
+		for _, pr := range []struct {
+			kind  string
+			probe *corev1.Probe
+		}{{"livez", c.LivenessProbe}, {"readyz", c.ReadinessProbe}, {"startupz", c.StartupProbe}} {
+			// A probe of another host is not the pod's to answer.
+			if pr.probe == nil || pr.probe.HTTPGet == nil || pr.probe.HTTPGet.Host != "" {
+				continue
+			}
+			g := pr.probe.HTTPGet
+			port, ok := containerPort(c, g.Port)
+			if !ok {
+				continue
+			}
+			ap := proxyconfig.AppProbe{Port: port, Path: g.Path, Scheme: string(g.Scheme)}
+			if ap.Path == "" {
+				ap.Path = "/"
+			}
+			if ap.Scheme == string(corev1.URISchemeHTTP) {
+				ap.Scheme = ""
+			}
+			for _, h := range g.HTTPHeaders {
+				if ap.Headers == nil {
+					ap.Headers = map[string]string{}
+				}
+				ap.Headers[h.Name] = h.Value
+			}
+			key := c.Name + "/" + pr.kind
+			moved[key] = ap
+			*g = corev1.HTTPGetAction{Path: "/app-health/" + key, Port: intstr.FromInt32(StatsPort), Scheme: corev1.URISchemeHTTP}
+		}
+	}
+	if len(moved) == 0 {
+		return nil
+	}
+	return moved
+}
+
+// restoreProbes undoes moveProbes (a named port comes back as its number).
+func restoreProbes(containers []corev1.Container, moved map[string]proxyconfig.AppProbe) {
+	for i := range containers {
+		c := &containers[i]
+		for _, pr := range []struct {
+			kind  string
+			probe *corev1.Probe
+		}{{"livez", c.LivenessProbe}, {"readyz", c.ReadinessProbe}, {"startupz", c.StartupProbe}} {
+			ap, ok := moved[c.Name+"/"+pr.kind]
+			if !ok || pr.probe == nil || pr.probe.HTTPGet == nil {
+				continue
+			}
+			g := corev1.HTTPGetAction{Path: ap.Path, Port: intstr.FromInt32(int32(ap.Port)), Scheme: corev1.URIScheme(ap.Scheme)}
+			for _, name := range slices.Sorted(maps.Keys(ap.Headers)) {
+				g.HTTPHeaders = append(g.HTTPHeaders, corev1.HTTPHeader{Name: name, Value: ap.Headers[name]})
+			}
+			*pr.probe.HTTPGet = g
+		}
+	}
+}
+
+// containerPort resolves a probe's port, a number or a port name.
+func containerPort(c *corev1.Container, p intstr.IntOrString) (uint32, bool) {
+	if p.Type == intstr.Int {
+		return uint32(p.IntVal), p.IntVal > 0 && p.IntVal <= 65535
+	}
+	for _, cp := range c.Ports {
+		if cp.Name == p.StrVal {
+			return uint32(cp.ContainerPort), true
+		}
+	}
+	return 0, false
 }
 
 func fieldEnv(name, path string) corev1.EnvVar {

@@ -10,6 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	proxyconfig "github.com/trellis-mesh/trellis/internal/proxy/config"
 )
@@ -69,7 +70,7 @@ func TestProxyConfigIsValid(t *testing.T) {
 	var meta metav1.ObjectMeta
 	spec := corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app", Ports: []corev1.ContainerPort{
 		{Name: "http-web", ContainerPort: 8080}, {Name: "mysql", ContainerPort: 3306}, {ContainerPort: 7000},
-	}}}}
+	}, ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/ready", Port: intstr.FromString("http-web")}}}}}}
 	if err := testConfig.Pod("orders", &meta, &spec); err != nil {
 		t.Fatal(err)
 	}
@@ -91,6 +92,12 @@ func TestProxyConfigIsValid(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, cfg.Inbound); diff != "" {
 		t.Errorf("inbound ports (-want +got):\n%s", diff)
+	}
+	if got := cfg.AppProbes["app/readyz"]; got.Port != 8080 || got.Path != "/ready" {
+		t.Errorf("the readiness probe moved to the proxy as %+v, want port 8080 path /ready", got)
+	}
+	if g := spec.Containers[0].ReadinessProbe.HTTPGet; g.Port.IntVal != StatsPort || g.Path != "/app-health/app/readyz" {
+		t.Errorf("the kubelet probes %s:%s, want the proxy's stats port", g.Port.String(), g.Path)
 	}
 }
 

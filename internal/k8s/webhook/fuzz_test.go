@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -17,11 +18,15 @@ import (
 // FuzzServe feeds arbitrary bodies to the handler: it never panics and
 // always answers; a 200 answers the request's uid, and a patch it admits
 // applies to the pod and yields an injected pod.
+// probePath is a container probe injection moves to the proxy.
+var probePath = regexp.MustCompile(`^/spec/containers/[0-9]+/(liveness|readiness|startup)Probe$`)
+
 func FuzzServe(f *testing.F) {
 	f.Add(reviewOf(f, "a", "shipping", marshal(f, deploymentPod())))
 	f.Add(reviewOf(f, "b", "legacy", marshal(f, barePod("legacy", map[string]string{inject.Annotation: "enabled"}))))
 	f.Add(reviewOf(f, "c", "shipping", marshal(f, barePod("shipping", map[string]string{inject.ExcludeInboundPorts: "x"}))))
 	f.Add(reviewOf(f, "d", "shipping", []byte(`{"metadata":{"name":"p","annotations":null},"spec":{"initContainers":null,"volumes":[null]}}`)))
+	f.Add(reviewOf(f, "e", "shipping", []byte(`{"metadata":{"name":"p"},"spec":{"containers":[{"name":"a","image":"a","readinessProbe":{"httpGet":{"port":8080,"path":"/r"}}}]}}`)))
 	f.Add(reviewOf(f, "e", "shipping", []byte(`{"metadata":{"Annotations":{"a":"b"},"name":"p"},"spec":{"Volumes":[]}}`)))
 	f.Add([]byte(`{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x","resource":{"version":"v1","resource":"pods"},"operation":"CREATE","object":5}}`))
 	f.Add([]byte(`{}`))
@@ -59,8 +64,9 @@ func FuzzServe(f *testing.F) {
 			t.Fatal(err)
 		}
 		for _, op := range ops {
-			switch op.Path {
-			case "/metadata/annotations", "/spec/initContainers", "/spec/volumes":
+			switch {
+			case op.Path == "/metadata/annotations", op.Path == "/spec/initContainers", op.Path == "/spec/volumes":
+			case probePath.MatchString(op.Path) && op.Op == "replace":
 			default:
 				t.Fatalf("patch writes %s", op.Path)
 			}

@@ -20,8 +20,9 @@ type operation struct {
 // jsonPatch returns the JSON patch that turns raw, the pod as the API
 // server sent it (decoded as before), into after. Injection changes three
 // fields, each patched whole: the annotations, the init containers and the
-// volumes. Anything else changed is an error rather than a pod admitted
-// half injected.
+// volumes; and the HTTP probes of the application's containers, which it
+// moves to the proxy, each patched alone. Anything else changed is an
+// error rather than a pod admitted half injected.
 func jsonPatch(raw []byte, before, after *corev1.Pod) ([]byte, error) {
 	if err := onlyPatchedFields(before, after); err != nil {
 		return nil, err
@@ -62,6 +63,23 @@ func jsonPatch(raw []byte, before, after *corev1.Pod) ([]byte, error) {
 		}
 		set(doc.Spec, "/spec", "initContainers", v)
 	}
+	for i := range after.Spec.Containers {
+		b, a := &before.Spec.Containers[i], &after.Spec.Containers[i]
+		for _, p := range []struct {
+			field         string
+			before, after *corev1.Probe
+		}{{"livenessProbe", b.LivenessProbe, a.LivenessProbe}, {"readinessProbe", b.ReadinessProbe, a.ReadinessProbe}, {"startupProbe", b.StartupProbe, a.StartupProbe}} {
+			if equality.Semantic.DeepEqual(p.before, p.after) {
+				continue
+			}
+			v, err := json.Marshal(p.after)
+			if err != nil {
+				return nil, err
+			}
+			// Injection rewrites a probe the container has: replace.
+			ops = append(ops, operation{Op: "replace", Path: fmt.Sprintf("/spec/containers/%d/%s", i, p.field), Value: v})
+		}
+	}
 	if !equality.Semantic.DeepEqual(before.Spec.Volumes, after.Spec.Volumes) {
 		v, err := list(doc.Spec["volumes"], before.Spec.Volumes, after.Spec.Volumes, func(v *corev1.Volume) string { return v.Name })
 		if err != nil {
@@ -78,9 +96,13 @@ func onlyPatchedFields(before, after *corev1.Pod) error {
 	b, a := before.DeepCopy(), after.DeepCopy()
 	for _, p := range []*corev1.Pod{a, b} {
 		p.Annotations, p.Spec.InitContainers, p.Spec.Volumes = nil, nil, nil
+		for i := range p.Spec.Containers {
+			c := &p.Spec.Containers[i]
+			c.LivenessProbe, c.ReadinessProbe, c.StartupProbe = nil, nil, nil
+		}
 	}
 	if !equality.Semantic.DeepEqual(a, b) {
-		return errors.New("injection changed a field other than metadata.annotations, spec.initContainers and spec.volumes")
+		return errors.New("injection changed a field other than metadata.annotations, spec.initContainers, spec.volumes and the containers' probes")
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -17,6 +18,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	apitypes "k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	kjson "k8s.io/apimachinery/pkg/util/json"
 	"k8s.io/utils/ptr"
 
@@ -158,6 +160,14 @@ func applyPatch(t testing.TB, doc, patch []byte) []byte {
 		}
 		parent := root
 		for _, p := range parts[1 : len(parts)-1] {
+			if l, ok := parent.([]any); ok {
+				i, err := strconv.Atoi(p)
+				if err != nil || i < 0 || i >= len(l) {
+					t.Fatalf("op %s %s: %s is not an index of the list", op.Op, op.Path, p)
+				}
+				parent = l[i]
+				continue
+			}
 			m, ok := parent.(map[string]any)
 			if !ok || m[p] == nil {
 				t.Fatalf("op %s %s: %s is not an object in the document", op.Op, op.Path, p)
@@ -248,6 +258,11 @@ func TestInject(t *testing.T) {
 			name: "a pod without annotations, init containers or volumes", pod: barePod("shipping", nil), workload: "debug", namespace: "shipping",
 			wantOps: map[string]string{"/metadata/annotations": "add", "/spec/initContainers": "add", "/spec/volumes": "add"},
 		},
+		{
+			name: "a pod whose HTTP probes move to the proxy", pod: probedPod(), workload: "debug", namespace: "shipping",
+			wantOps: map[string]string{"/metadata/annotations": "add", "/spec/initContainers": "add", "/spec/volumes": "add",
+				"/spec/containers/0/readinessProbe": "replace", "/spec/containers/0/livenessProbe": "replace"},
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			object := marshal(t, tc.pod)
@@ -262,6 +277,16 @@ func TestInject(t *testing.T) {
 			}
 		})
 	}
+}
+
+// probedPod has HTTP probes (moved to the proxy) and a TCP one (left).
+func probedPod() *corev1.Pod {
+	p := barePod("shipping", nil)
+	c := &p.Spec.Containers[0]
+	c.ReadinessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/ready", Port: intstr.FromInt32(8080)}}}
+	c.LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/live", Port: intstr.FromInt32(8080)}}}
+	c.StartupProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(8080)}}}
+	return p
 }
 
 // TestInjectKeepsUnknownFields: the user's own init containers and volumes

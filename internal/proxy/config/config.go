@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -85,7 +86,25 @@ type Config struct {
 	// AuthorizationPolicy files; without it every port is PERMISSIVE and
 	// every caller allowed, as in a mesh with no policy.
 	Policies string `yaml:"policies" json:"policies,omitempty"`
+	// AppProbes are the application's HTTP health checks, keyed
+	// "container/kind" (kind: livez, readyz or startupz), which the proxy
+	// answers at /app-health/container/kind on its stats listener by
+	// calling the application on loopback. Kubernetes injection moves the
+	// kubelet's probes there: arriving in plaintext from outside, they
+	// would be refused by a STRICT port.
+	AppProbes map[string]AppProbe `yaml:"appProbes" json:"appProbes,omitempty"`
 }
+
+// AppProbe is one application health check.
+type AppProbe struct {
+	Port    uint32            `yaml:"port" json:"port"`
+	Path    string            `yaml:"path" json:"path"`
+	Scheme  string            `yaml:"scheme" json:"scheme,omitempty"` // HTTP (default) or HTTPS
+	Headers map[string]string `yaml:"headers" json:"headers,omitempty"`
+}
+
+// AppProbeKinds are the kinds of AppProbes keys.
+var AppProbeKinds = []string{"livez", "readyz", "startupz"}
 
 // Gateway is an ingress gateway's listeners.
 type Gateway struct {
@@ -275,6 +294,22 @@ func (c *Config) Validate() error {
 	}
 	if c.HTTPProxy != "" {
 		checkListen("httpProxy", c.HTTPProxy)
+	}
+	for key, p := range c.AppProbes {
+		f := "appProbes[" + key + "]"
+		container, kind, ok := strings.Cut(key, "/")
+		if !ok || container == "" || !slices.Contains(AppProbeKinds, kind) {
+			bad(f, "the key must be container/kind, kind one of %s", strings.Join(AppProbeKinds, ", "))
+		}
+		if p.Port == 0 || p.Port > 65535 {
+			bad(f+".port", "must be a port number from 1 to 65535")
+		}
+		if !strings.HasPrefix(p.Path, "/") {
+			bad(f+".path", "%q must start with /", p.Path)
+		}
+		if p.Scheme != "" && p.Scheme != "HTTP" && p.Scheme != "HTTPS" {
+			bad(f+".scheme", "%q is not HTTP or HTTPS", p.Scheme)
+		}
 	}
 	if g := c.Gateway; g != nil {
 		if len(g.Listeners) == 0 {
