@@ -96,6 +96,10 @@ type ControlPlane struct {
 	// onExternal is Options.OnExternalAddresses.
 	onExternal func(map[string]netip.Addr)
 	kube       *Kubernetes
+	// resourcesApplied is closed once the cluster's resources were first
+	// put in force (Kubernetes only).
+	resourcesApplied chan struct{}
+	appliedOnce      sync.Once
 
 	grpcLis, adminLis net.Listener
 	// webhookLis serves the sidecar injector (Kubernetes only).
@@ -142,6 +146,8 @@ func New(opts Options) (*ControlPlane, error) {
 		if err := checkKubernetesConfig(cfg); err != nil {
 			return nil, err
 		}
+		k := *opts.Kubernetes // New fills in WebhookURL: the caller's stays
+		opts.Kubernetes = &k
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
@@ -167,7 +173,7 @@ func New(opts Options) (*ControlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
-	cp := &ControlPlane{cfg: cfg, log: log, ca: authority, token: token, kube: opts.Kubernetes}
+	cp := &ControlPlane{cfg: cfg, log: log, ca: authority, token: token, kube: opts.Kubernetes, resourcesApplied: make(chan struct{})}
 	auths := []identityservice.Authenticator{
 		identityservice.JoinTokens{Store: jointoken.NewStore(cfg.StateDir, nil), TrustDomain: authority.TrustDomain()},
 	}
@@ -199,6 +205,7 @@ func New(opts Options) (*ControlPlane, error) {
 		RegistryOnly:  cfg.RegistryOnly(),
 		ExternalRange: cfg.externalRange(),
 		Encoded:       true,
+		Hold:          opts.Kubernetes != nil,
 		Log:           log.With("component", "push"),
 	})
 	cp.push = pushServer
@@ -236,6 +243,12 @@ func New(opts Options) (*ControlPlane, error) {
 		}
 		if k.WebhookURL == "auto" {
 			// Outside the cluster: the API server calls the listener.
+			if ap, err := netip.ParseAddrPort(cp.webhookLis.Addr().String()); err != nil || ap.Addr().IsUnspecified() {
+				cp.grpcLis.Close()
+				cp.adminLis.Close()
+				cp.webhookLis.Close()
+				return nil, fmt.Errorf("--webhook-url auto needs a --webhook-listen address the API server can call, not %s", cp.webhookLis.Addr())
+			}
 			k.WebhookURL = "https://" + cp.webhookLis.Addr().String() + install.WebhookPath
 		}
 	}

@@ -6,9 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/tls"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -40,6 +38,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/k8s/workloads"
 	"github.com/trellis-mesh/trellis/internal/meshid"
 	"github.com/trellis-mesh/trellis/internal/policy"
+	"github.com/trellis-mesh/trellis/internal/registry"
 	"github.com/trellis-mesh/trellis/internal/statefile"
 )
 
@@ -164,12 +163,52 @@ func (cp *ControlPlane) runKubernetes(ctx context.Context, k *Kubernetes, start 
 		broadcaster.Shutdown()
 		return nil
 	})
+	// Proxies wait until both the cluster's workloads and its resources
+	// are in: a view computed before would lack the policies. Resources
+	// are checked against the services, so they come second, and again
+	// whenever the services' names change.
+	src := resources.New(resources.Config{Client: k.Dynamic, Events: recorder, Apply: cp.applyResources, Log: cp.log.With("component", "resources")})
+	synced := make(chan struct{})
+	var serviceNames string
 	start(func() error {
-		return workloads.Watch(ctx, workloads.Config{Client: k.Client, OnChange: cp.registry.SetDeclarations, Log: cp.log.With("component", "workloads")}, nil)
+		return workloads.Watch(ctx, workloads.Config{
+			Client: k.Client,
+			OnChange: func(d registry.Declarations) {
+				cp.registry.SetDeclarations(d)
+				var names strings.Builder
+				for _, svc := range d.Services {
+					names.WriteString(svc.Namespace + "/" + svc.Name + "\n")
+				}
+				if n := names.String(); n != serviceNames {
+					serviceNames = n
+					src.Invalidate()
+				}
+			},
+			Log: cp.log.With("component", "workloads"),
+		}, synced)
 	})
 	start(func() error {
-		src := resources.New(resources.Config{Client: k.Dynamic, Events: recorder, Apply: cp.applyResources, Log: cp.log.With("component", "resources")})
+		select {
+		case <-synced:
+		case <-ctx.Done():
+			return nil
+		}
 		return src.Run(ctx)
+	})
+	start(func() error {
+		select {
+		case <-synced:
+		case <-ctx.Done():
+			return nil
+		}
+		select {
+		case <-cp.resourcesApplied:
+		case <-ctx.Done():
+			return nil
+		}
+		cp.log.Info("the cluster's workloads and resources are in: proxies may connect")
+		cp.push.Release()
+		return nil
 	})
 	start(func() error { return cp.publishBundle(ctx, k.Client) })
 	if k.CASecret != "" {
@@ -328,12 +367,8 @@ func (cp *ControlPlane) applyResources(sources []policy.SourceFile) error {
 		cp.mu.Unlock()
 		return err
 	}
-	h := sha256.New()
-	for _, s := range sources {
-		fmt.Fprintf(h, "%s\x00%d\x00", s.Name, len(s.Data))
-		h.Write(s.Data)
-	}
-	cp.install(set, hex.EncodeToString(h.Sum(nil))[:16])
+	cp.install(set, policy.Digest(sources)[:16])
+	cp.appliedOnce.Do(func() { close(cp.resourcesApplied) })
 	return nil
 }
 

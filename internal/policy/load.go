@@ -3,6 +3,8 @@ package policy
 import (
 	"bytes"
 	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -41,6 +43,16 @@ type Set struct {
 type SourceFile struct {
 	Name string `json:"name"`
 	Data []byte `json:"data"`
+}
+
+// Digest identifies a list of sources by their names and contents.
+func Digest(sources []SourceFile) string {
+	h := sha256.New()
+	for _, s := range sources {
+		fmt.Fprintf(h, "%s\x00%d\x00", s.Name, len(s.Data))
+		h.Write(s.Data)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // ParseSources parses files' contents as LoadFiles would the files.

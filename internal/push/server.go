@@ -63,6 +63,11 @@ type Config struct {
 	// Encoded says the gRPC server runs with Codec, so updates are
 	// encoded once per view rather than once per stream.
 	Encoded bool
+	// Hold keeps streams waiting until Release as well as the first views:
+	// a control plane whose sources (a cluster's pods and resources) are
+	// not listed yet would otherwise send proxies views without their
+	// policies — allow-all, PERMISSIVE.
+	Hold bool
 }
 
 // Server implements discoveryv1.DiscoveryServer.
@@ -76,6 +81,7 @@ type Server struct {
 	// it so that no proxy is sent an empty configuration at startup.
 	ready     chan struct{}
 	readyOnce sync.Once
+	released  atomic.Bool
 	// stopping ends every stream, so the gRPC server can stop gracefully.
 	stopping chan struct{}
 	stopOnce sync.Once
@@ -202,6 +208,7 @@ func New(cfg Config) *Server {
 		owners:   map[string]*stream{},
 	}
 	s.policies.Store(&policy.Set{})
+	s.released.Store(!cfg.Hold)
 	return s
 }
 
@@ -352,8 +359,16 @@ func (s *Server) recompute() {
 	for _, st := range wake {
 		st.wake()
 	}
-	s.readyOnce.Do(func() { close(s.ready) })
+	if s.released.Load() {
+		s.readyOnce.Do(func() { close(s.ready) })
+	}
 	s.cfg.Log.Debug("views computed", "workloads", len(views), "woken", len(wake))
+}
+
+// Release lets streams proceed once the sources Hold waited for are in.
+func (s *Server) Release() {
+	s.released.Store(true)
+	s.Changed()
 }
 
 // applies reports whether a policy of the given metadata and selector may

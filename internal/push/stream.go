@@ -141,6 +141,13 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+	// The registry and views first: a claim checked before the sources
+	// are listed would be refused for want of a declaration.
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	w, ports, err := s.claim(id, hello, peerAddr)
 	if err != nil {
 		s.cfg.Log.Warn("proxy registration refused", "id", id, "peer", peerAddr, "workload", hello.GetWorkload(), "err", err)
@@ -148,11 +155,6 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 			return status.Error(codes.PermissionDenied, err.Error())
 		}
 		return status.Error(codes.InvalidArgument, err.Error())
-	}
-	select {
-	case <-s.ready:
-	case <-ctx.Done():
-		return ctx.Err()
 	}
 
 	now := s.cfg.Now()
@@ -181,6 +183,12 @@ func (s *Server) Stream(ss discoveryv1.Discovery_StreamServer) error {
 	}
 	s.owners[st.key] = st
 	s.streams[st] = struct{}{}
+	// The declarations may have dropped the instance between Register and
+	// now, and that recompute's evict did not see this stream.
+	if !s.cfg.Registry.Holds(st.key, st.session) {
+		st.evictedClosed = true
+		close(st.evicted)
+	}
 	s.mu.Unlock()
 	s.cfg.Log.Info("proxy connected", "instance", in.Key(), "id", id, "peer", peerAddr)
 	graceful := false

@@ -44,9 +44,16 @@ type Workload struct {
 	Labels         map[string]string
 	Ports          []WorkloadPort
 	// Instances, when not nil, are the only instances that may register
-	// (a Kubernetes workload's pods, by name) and the IP address each
-	// serves at: a proxy can claim its own pod only.
-	Instances map[string]netip.Addr
+	// (a Kubernetes workload's pods, by name), each at its IP address and
+	// with its own service account: during a rollout that changes the
+	// service account, old and new pods both serve.
+	Instances map[string]DeclaredInstance
+}
+
+// DeclaredInstance is a pod a proxy may register as.
+type DeclaredInstance struct {
+	IP             netip.Addr
+	ServiceAccount string
 }
 
 // Ref returns "namespace/name".
@@ -208,7 +215,7 @@ func (r *Registry) claimLocked(id spiffeid.ID, name string) (Workload, error) {
 	if !ok {
 		return Workload{}, fmt.Errorf("%w: no workload %s/%s is declared (a proxy registers as a workload of its own namespace %s)", ErrNotAllowed, ns, name, ns)
 	}
-	if w.ServiceAccount != sa {
+	if w.ServiceAccount != sa && !slices.ContainsFunc(slices.Collect(maps.Values(w.Instances)), func(d DeclaredInstance) bool { return d.ServiceAccount == sa }) {
 		return Workload{}, fmt.Errorf("%w: identity %s may not serve workload %s, which runs as service account %s", ErrNotAllowed, id, w.Ref(), w.ServiceAccount)
 	}
 	return w, nil
@@ -226,7 +233,9 @@ var ErrAddressInUse = errors.New("address in use")
 // address was reused).
 func (r *Registry) Register(in Instance) (session uint64, err error) {
 	r.mu.Lock()
-	if err := r.admitLocked(in); err != nil {
+	// Checked again under the lock: the declarations may have changed
+	// since the stream's Claim.
+	if err := r.recheckLocked(in); err != nil {
 		r.mu.Unlock()
 		return 0, err
 	}
@@ -272,6 +281,19 @@ func (r *Registry) Holds(key string, session uint64) bool {
 	return ok && e.session == session
 }
 
+// recheckLocked checks an instance's identity against its workload's
+// declaration (Claim) and against its declared instance, if any.
+func (r *Registry) recheckLocked(in Instance) error {
+	id, err := spiffeid.FromString(in.Identity)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrNotAllowed, err)
+	}
+	if _, err := r.claimLocked(id, in.Workload); err != nil {
+		return err
+	}
+	return r.admitLocked(in)
+}
+
 // admitLocked checks an instance against its workload's declared
 // instances, if the declaration lists them.
 func (r *Registry) admitLocked(in Instance) error {
@@ -282,14 +304,21 @@ func (r *Registry) admitLocked(in Instance) error {
 	if w.Instances == nil {
 		return nil
 	}
-	ip, ok := w.Instances[in.Instance]
+	d, ok := w.Instances[in.Instance]
 	if !ok {
 		return fmt.Errorf("%w: workload %s has no instance (pod) %s with an address: register as your own pod (--instance $(POD_NAME))", ErrNotAllowed, w.Ref(), in.Instance)
 	}
+	id, err := spiffeid.FromString(in.Identity)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrNotAllowed, err)
+	}
+	if _, sa, err := meshid.Parse(id); err != nil || sa != d.ServiceAccount {
+		return fmt.Errorf("%w: identity %s may not serve instance %s, which runs as service account %s", ErrNotAllowed, id, in.Instance, d.ServiceAccount)
+	}
 	for port, addr := range in.Ports {
 		ap, err := netip.ParseAddrPort(addr)
-		if err != nil || ap.Addr().Unmap() != ip {
-			return fmt.Errorf("%w: port %d's address %s is not instance %s's address %s", ErrNotAllowed, port, addr, in.Instance, ip)
+		if err != nil || ap.Addr().Unmap() != d.IP {
+			return fmt.Errorf("%w: port %d's address %s is not instance %s's address %s", ErrNotAllowed, port, addr, in.Instance, d.IP)
 		}
 	}
 	return nil
@@ -308,14 +337,7 @@ func (r *Registry) SetDeclarations(d Declarations) {
 		r.workloads[w.Ref()] = w
 	}
 	for key, e := range r.instances {
-		id, err := spiffeid.FromString(e.Identity)
-		if err == nil {
-			_, err = r.claimLocked(id, e.Workload)
-		}
-		if err == nil {
-			err = r.admitLocked(e.Instance)
-		}
-		if err != nil {
+		if err := r.recheckLocked(e.Instance); err != nil {
 			r.removeLocked(key)
 			r.dirty = true
 			r.cfg.Log.Info("instance removed: the declarations no longer allow it", "instance", key, "why", err)

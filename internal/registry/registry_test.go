@@ -163,7 +163,11 @@ func TestAddressConflicts(t *testing.T) {
 func TestDeclaredInstances(t *testing.T) {
 	pods := Declarations{Workloads: []Workload{{
 		Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders"},
-		Instances: map[string]netip.Addr{"orders-7d9-a": netip.MustParseAddr("10.0.0.5"), "orders-7d9-b": netip.MustParseAddr("10.0.0.6")},
+		Instances: map[string]DeclaredInstance{
+			"orders-7d9-a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders"},
+			"orders-7d9-b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders"},
+			"orders-8ab-c": {IP: netip.MustParseAddr("10.0.0.7"), ServiceAccount: "orders-v2"},
+		},
 	}}}
 	changes := 0
 	r, err := New(Config{Declarations: pods, OnChange: func() { changes++ }})
@@ -182,6 +186,7 @@ func TestDeclaredInstances(t *testing.T) {
 		{"its own pod at another address", inst("orders-7d9-b", "10.0.0.5:8080"), false},
 		{"a pod that does not exist", inst("orders-7d9-z", "10.0.0.9:8080"), false},
 		{"an unparseable address", inst("orders-7d9-b", "pod-b:8080"), false},
+		{"a pod of another service account", inst("orders-8ab-c", "10.0.0.7:8080"), false},
 	} {
 		_, err := r.Register(tc.in)
 		if tc.ok != (err == nil) {
@@ -199,7 +204,7 @@ func TestDeclaredInstances(t *testing.T) {
 	changes = 0
 	gone := pods
 	gone.Workloads = []Workload{pods.Workloads[0]}
-	gone.Workloads[0].Instances = map[string]netip.Addr{"orders-7d9-b": netip.MustParseAddr("10.0.0.6")}
+	gone.Workloads[0].Instances = map[string]DeclaredInstance{"orders-7d9-b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders"}}
 	r.SetDeclarations(gone)
 	if n := len(r.Snapshot().Instances); n != 0 || changes != 1 {
 		t.Errorf("after the pod's deletion: %d instances, %d changes; want 0 and 1", n, changes)
@@ -211,6 +216,7 @@ func TestDeclaredInstances(t *testing.T) {
 	other := gone
 	other.Workloads = []Workload{gone.Workloads[0]}
 	other.Workloads[0].ServiceAccount = "orders-v2"
+	other.Workloads[0].Instances = map[string]DeclaredInstance{"orders-7d9-b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders-v2"}}
 	r.SetDeclarations(other)
 	if n := len(r.Snapshot().Instances); n != 0 {
 		t.Errorf("after a service account change: %d instances, want 0", n)

@@ -12,8 +12,6 @@ package resources
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -137,14 +135,20 @@ func (s *Source) Run(ctx context.Context) error {
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
 
-	syncCtx, cancel := context.WithTimeout(ctx, s.cfg.SyncTimeout)
-	defer cancel()
+	// A CRD that is not installed (yet) is reported, and waited for: the
+	// control plane keeps serving what it has meanwhile.
 	for kind, ok := range synced {
-		if !cache.WaitForCacheSync(syncCtx.Done(), ok) {
+		for {
+			syncCtx, cancel := context.WithTimeout(ctx, s.cfg.SyncTimeout)
+			done := cache.WaitForCacheSync(syncCtx.Done(), ok)
+			cancel()
+			if done {
+				break
+			}
 			if ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("resources: cannot list %s after %s: is its CRD installed (trellis install) and may the control plane read it?", kind, s.cfg.SyncTimeout)
+			s.cfg.Log.Error("cannot list a resource kind: is its CRD installed (trellis install) and may the control plane read it? Still trying", "kind", kind, "after", s.cfg.SyncTimeout)
 		}
 	}
 	s.cfg.Log.Info("watching resources", "kinds", len(Kinds))
@@ -179,11 +183,21 @@ type object struct {
 	key  string
 }
 
+// Invalidate makes the next sync apply the resources even if none
+// changed: what they are checked against (the mesh's services) did.
+func (s *Source) Invalidate() {
+	s.mu.Lock()
+	s.lastApplied = ""
+	s.mu.Unlock()
+	s.poke()
+}
+
 // Sync reads every resource from the informers' caches, checks each,
 // applies the valid ones and reports on each in its status.
 func (s *Source) Sync(ctx context.Context) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	before := maps.Clone(s.accepted)
 	var objs []object
 	for _, k := range Kinds {
 		list, err := s.listers[k.Kind].List(labels.Everything())
@@ -230,28 +244,75 @@ func (s *Source) Sync(ctx context.Context) {
 		}
 	}
 
-	sources := slices.SortedFunc(maps.Values(s.accepted), func(a, b policy.SourceFile) int { return strings.Compare(a.Name, b.Name) })
-	digest := digestOf(sources)
-	if digest != s.lastApplied {
-		if err := s.cfg.Apply(sources); err != nil {
-			var perrs policy.Errors
-			if !errors.As(err, &perrs) {
-				s.cfg.Log.Error("applying resources failed", "err", err)
-				return
-			}
-			byFile := map[string][]string{}
-			for _, e := range perrs {
-				byFile[e.File] = append(byFile[e.File], fieldMessage(e))
-			}
-			for key, msgs := range byFile {
-				if _, ok := verdicts[key]; !ok {
-					verdicts[key] = verdict{ReasonConflict, strings.Join(msgs, "; ") + "; the resources stay as they were before this change"}
-				}
-			}
-			s.cfg.Log.Error("resources rejected; the previous ones stay in force", "err", err)
-		} else {
+	// A conflict names the resources at fault: they go back to their
+	// previous version (or out, if new) and the rest is applied, so that
+	// one bad resource cannot hold back every other change.
+	for attempt := 0; ; attempt++ {
+		sources := slices.SortedFunc(maps.Values(s.accepted), func(a, b policy.SourceFile) int { return strings.Compare(a.Name, b.Name) })
+		digest := policy.Digest(sources)
+		if digest == s.lastApplied {
+			break
+		}
+		err := s.cfg.Apply(sources)
+		if err == nil {
 			s.lastApplied = digest
 			s.cfg.Log.Info("resources applied", "count", len(sources), "version", digest[:16])
+			break
+		}
+		var perrs policy.Errors
+		if !errors.As(err, &perrs) || attempt == 2 {
+			s.cfg.Log.Error("applying resources failed; the previous ones stay in force", "err", err)
+			for key := range s.accepted {
+				if _, ok := verdicts[key]; !ok && !equalSource(before[key], s.accepted[key]) {
+					verdicts[key] = verdict{ReasonConflict, "not applied: " + describe(err)}
+				}
+			}
+			break
+		}
+		byFile := map[string][]string{}
+		for _, e := range perrs {
+			byFile[e.File] = append(byFile[e.File], fieldMessage(e))
+		}
+		reverted := false
+		for key, msgs := range byFile {
+			prev, had := before[key]
+			cur, ok := s.accepted[key]
+			if !ok {
+				continue
+			}
+			msg := strings.Join(msgs, "; ")
+			switch {
+			case had && !equalSource(prev, cur):
+				s.accepted[key] = prev
+				msg += "; the previous version stays in force"
+				reverted = true
+			case !had:
+				delete(s.accepted, key)
+				msg += "; not in force"
+				reverted = true
+			default:
+				msg += "; in force, but in conflict with a newer resource"
+			}
+			if _, ok := verdicts[key]; !ok {
+				verdicts[key] = verdict{ReasonConflict, msg}
+			}
+		}
+		s.cfg.Log.Error("resources in conflict; applying the others", "err", err)
+		if !reverted {
+			// The resources at fault were already in force: what changed
+			// against them is what must wait.
+			for key, cur := range s.accepted {
+				if prev, had := before[key]; !had {
+					delete(s.accepted, key)
+				} else if !equalSource(prev, cur) {
+					s.accepted[key] = prev
+				} else {
+					continue
+				}
+				if _, ok := verdicts[key]; !ok {
+					verdicts[key] = verdict{ReasonConflict, "not applied: " + describe(err)}
+				}
+			}
 		}
 	}
 
@@ -308,13 +369,8 @@ func fieldMessage(e *policy.Error) string {
 	return e.Field + ": " + e.Message
 }
 
-func digestOf(sources []policy.SourceFile) string {
-	h := sha256.New()
-	for _, s := range sources {
-		fmt.Fprintf(h, "%s\x00%d\x00", s.Name, len(s.Data))
-		h.Write(s.Data)
-	}
-	return hex.EncodeToString(h.Sum(nil))
+func equalSource(a, b policy.SourceFile) bool {
+	return a.Name == b.Name && string(a.Data) == string(b.Data)
 }
 
 // report writes the condition into the resource's status when it

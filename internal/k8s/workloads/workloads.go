@@ -60,9 +60,17 @@ func Declarations(pods []*corev1.Pod, services []*corev1.Service, log *slog.Logg
 	var d registry.Declarations
 	for _, k := range slices.Sorted(maps.Keys(byWorkload)) {
 		ms := byWorkload[k]
-		// The newest pod speaks for the workload (labels, service account,
-		// ports): during a rollout, the revision being rolled out.
+		// The newest pod with an address speaks for the workload (labels,
+		// service account, ports): during a rollout, the revision being
+		// rolled out, once it runs. A pod still pending does not.
 		slices.SortFunc(ms, func(a, b member) int {
+			aIP, bIP := a.pod.Status.PodIP != "", b.pod.Status.PodIP != ""
+			if aIP != bIP {
+				if aIP {
+					return 1
+				}
+				return -1
+			}
 			return cmp.Or(a.pod.CreationTimestamp.Compare(b.pod.CreationTimestamp.Time), strings.Compare(a.pod.Name, b.pod.Name))
 		})
 		newest := ms[len(ms)-1]
@@ -71,17 +79,15 @@ func Declarations(pods []*corev1.Pod, services []*corev1.Service, log *slog.Logg
 			Name:           newest.cfg.Workload.Name,
 			ServiceAccount: serviceAccount(newest.pod),
 			Labels:         workloadLabels(newest.pod.Labels),
-			Instances:      map[string]netip.Addr{},
+			Instances:      map[string]registry.DeclaredInstance{},
 		}
 		for _, in := range newest.cfg.Inbound {
 			w.Ports = append(w.Ports, registry.WorkloadPort{Port: in.AppPort, Protocol: string(in.Protocol)})
 		}
+		// Every pod with an address, each with its own service account.
 		for _, m := range ms {
-			if serviceAccount(m.pod) != w.ServiceAccount {
-				continue // an older revision with another identity
-			}
 			if ip, err := netip.ParseAddr(m.pod.Status.PodIP); err == nil {
-				w.Instances[m.pod.Name] = ip.Unmap()
+				w.Instances[m.pod.Name] = registry.DeclaredInstance{IP: ip.Unmap(), ServiceAccount: serviceAccount(m.pod)}
 			}
 		}
 		d.Workloads = append(d.Workloads, w)
@@ -89,6 +95,13 @@ func Declarations(pods []*corev1.Pod, services []*corev1.Service, log *slog.Logg
 
 	for _, s := range services {
 		if len(s.Spec.Selector) == 0 || s.Spec.Type == corev1.ServiceTypeExternalName {
+			continue
+		}
+		// A service of no meshed workload is not the mesh's: its traffic
+		// passes through (kube-dns over TCP, namespaces outside the mesh).
+		if !slices.ContainsFunc(d.Workloads, func(w registry.Workload) bool {
+			return w.Namespace == s.Namespace && registry.Selects(s.Spec.Selector, w.Labels)
+		}) {
 			continue
 		}
 		rs := registry.Service{Namespace: s.Namespace, Name: s.Name, Selector: s.Spec.Selector}

@@ -38,7 +38,8 @@ func TestDeclarations(t *testing.T) {
 	next := map[string]string{"app": "orders", "version": "v2", "pod-template-hash": "8ab"}
 	a := pod(t, "orders-7d9-a", "orders", "orders", "10.0.0.5", 0, stable)
 	b := pod(t, "orders-8ab-b", "orders", "orders", "10.0.0.6", 10, next)
-	pending := pod(t, "orders-8ab-c", "orders", "orders", "", 20, next) // no IP yet
+	// The newest pod, but pending: no IP, so it speaks for nothing.
+	pending := pod(t, "orders-9zz-c", "orders", "orders-v3", "", 20, map[string]string{"app": "debug"})
 	oldSA := pod(t, "orders-6f1-d", "orders", "legacy", "10.0.0.7", -10, stable)
 	done := pod(t, "report-x", "report", "report", "10.0.0.8", 0, nil)
 	done.Status.Phase = corev1.PodSucceeded
@@ -60,18 +61,28 @@ func TestDeclarations(t *testing.T) {
 			Selector: map[string]string{"app": "orders"}, ClusterIP: "None", Ports: []corev1.ServicePort{{Name: "tcp-x", Port: 5000}}}},
 		{ObjectMeta: metav1.ObjectMeta{Name: "external", Namespace: "shipping"}, Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeExternalName, ExternalName: "example.com"}},
 		{ObjectMeta: metav1.ObjectMeta{Name: "manual", Namespace: "shipping"}, Spec: corev1.ServiceSpec{ClusterIP: "198.19.64.11"}},
+		// Selects no meshed pod (kube-dns, say): not the mesh's.
+		{ObjectMeta: metav1.ObjectMeta{Name: "kube-dns", Namespace: "kube-system"}, Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"k8s-app": "kube-dns"}, ClusterIP: "198.19.64.2", Ports: []corev1.ServicePort{{Name: "dns-tcp", Port: 53}}}},
+		{ObjectMeta: metav1.ObjectMeta{Name: "legacy", Namespace: "shipping"}, Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"app": "legacy"}, ClusterIP: "198.19.64.12", Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}},
 	}
 	got := Declarations([]*corev1.Pod{a, b, pending, oldSA, done, deleting, plain, defaultSA}, services, nil)
 	ports := []registry.WorkloadPort{{Port: 8080, Protocol: "http"}, {Port: 9000, Protocol: "grpc"}}
 	want := registry.Declarations{
 		Workloads: []registry.Workload{
 			{Namespace: "shipping", Name: "cli", ServiceAccount: "default", Labels: map[string]string{"app": "cli"}, Ports: ports,
-				Instances: map[string]netip.Addr{"cli": netip.MustParseAddr("10.0.0.11")}},
-			// The newest pod's labels and service account; the pod of
-			// another service account and the one without an IP cannot
-			// register; neither can the deleted or the finished one.
+				Instances: map[string]registry.DeclaredInstance{"cli": {IP: netip.MustParseAddr("10.0.0.11"), ServiceAccount: "default"}}},
+			// The newest running pod's labels and service account; every
+			// running pod, each with its own service account (a rollout
+			// that changes it serves throughout); not the pending, deleted
+			// or finished ones.
 			{Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders", "version": "v2"}, Ports: ports,
-				Instances: map[string]netip.Addr{"orders-7d9-a": netip.MustParseAddr("10.0.0.5"), "orders-8ab-b": netip.MustParseAddr("10.0.0.6")}},
+				Instances: map[string]registry.DeclaredInstance{
+					"orders-7d9-a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders"},
+					"orders-8ab-b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders"},
+					"orders-6f1-d": {IP: netip.MustParseAddr("10.0.0.7"), ServiceAccount: "legacy"},
+				}},
 		},
 		Services: []registry.Service{
 			{Namespace: "shipping", Name: "orders", Selector: map[string]string{"app": "orders"}, Address: "198.19.64.10", Ports: []registry.ServicePort{
