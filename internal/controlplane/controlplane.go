@@ -184,6 +184,9 @@ func New(opts Options) (*ControlPlane, error) {
 		CA:             authority,
 		Log:            log.With("component", "identity"),
 		Authenticators: auths,
+		// A pod's token goes with every request: its deletion ends its
+		// proxy's renewals.
+		RequireCredential: opts.Kubernetes != nil,
 	})
 	var pushServer *push.Server
 	cp.registry, err = registry.New(registry.Config{

@@ -21,6 +21,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -379,7 +380,14 @@ func (cp *ControlPlane) applyResources(sources []policy.SourceFile) error {
 func (cp *ControlPlane) publishBundle(ctx context.Context, client kubernetes.Interface) error {
 	t := time.NewTicker(caCheckInterval)
 	defer t.Stop()
-	published := map[string]string{} // namespace → bundle written
+	// By namespace UID: a namespace deleted and made again under the same
+	// name needs its ConfigMap again. Each is read again now and then, so
+	// that one deleted or edited by hand comes back.
+	type mark struct {
+		bundle string
+		at     time.Time
+	}
+	published := map[types.UID]mark{}
 	for {
 		bundle := string(certpem.EncodeCerts(cp.ca.Bundle()...))
 		nss, err := client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
@@ -387,15 +395,23 @@ func (cp *ControlPlane) publishBundle(ctx context.Context, client kubernetes.Int
 			cp.log.Error("listing namespaces to publish the trust bundle failed; retrying", "err", err)
 		}
 		if err == nil {
+			now := time.Now()
+			live := map[types.UID]bool{}
 			for _, ns := range nss.Items {
-				if published[ns.Name] == bundle || ns.DeletionTimestamp != nil {
+				live[ns.UID] = true
+				if m, ok := published[ns.UID]; (ok && m.bundle == bundle && now.Sub(m.at) < bundleRecheck) || ns.DeletionTimestamp != nil {
 					continue
 				}
 				if err := writeBundle(ctx, client, ns.Name, bundle); err != nil {
 					cp.log.Error("publishing the trust bundle failed; retrying", "namespace", ns.Name, "err", err)
 					continue
 				}
-				published[ns.Name] = bundle
+				published[ns.UID] = mark{bundle, now}
+			}
+			for uid := range published {
+				if !live[uid] {
+					delete(published, uid)
+				}
 			}
 		}
 		select {
@@ -405,6 +421,10 @@ func (cp *ControlPlane) publishBundle(ctx context.Context, client kubernetes.Int
 		}
 	}
 }
+
+// bundleRecheck is how often a published trust bundle ConfigMap is read
+// again, in case someone deleted or edited it.
+const bundleRecheck = 5 * time.Minute
 
 func writeBundle(ctx context.Context, client kubernetes.Interface, namespace, bundle string) error {
 	cms := client.CoreV1().ConfigMaps(namespace)

@@ -241,7 +241,9 @@ func (s *Source) Fetch(ctx context.Context) error {
 	cur := s.Current()
 	useSVID := cur != nil && now.Before(cur.NotAfter())
 	req := &identityv1.SignCertificateRequest{}
-	if !useSVID {
+	// A Kubernetes token proves the pod still exists: it goes with every
+	// request, renewals included.
+	if !useSVID || s.cfg.CredentialType == CredentialKubernetes {
 		cred, err := s.credential()
 		if err != nil {
 			return fmt.Errorf("fetch SVID: %w", err)

@@ -51,6 +51,11 @@ type controlPlane struct {
 
 func startControlPlane(t *testing.T) *controlPlane {
 	t.Helper()
+	return startControlPlaneWith(t, false)
+}
+
+func startControlPlaneWith(t *testing.T, requireCredential bool) *controlPlane {
+	t.Helper()
 	dir := t.TempDir()
 	authority, err := ca.Init(ca.Config{StateDir: dir, Log: testLogger(t)}, ca.InitOptions{TrustDomain: td.Name()})
 	if err != nil {
@@ -58,9 +63,10 @@ func startControlPlane(t *testing.T) *controlPlane {
 	}
 	tokens := jointoken.NewStore(dir, nil)
 	svc := identityservice.New(identityservice.Config{
-		CA:             authority,
-		Authenticators: []identityservice.Authenticator{identityservice.JoinTokens{Store: tokens, TrustDomain: td}},
-		Log:            testLogger(t),
+		CA:                authority,
+		Authenticators:    []identityservice.Authenticator{identityservice.JoinTokens{Store: tokens, TrustDomain: td}},
+		Log:               testLogger(t),
+		RequireCredential: requireCredential,
 	})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -494,5 +500,36 @@ func TestCredentialFileIsReadAtEachUse(t *testing.T) {
 	}
 	if err := src.Fetch(ctx(t)); err != nil {
 		t.Fatalf("once the file holds a token: %v", err)
+	}
+}
+
+// TestRenewalNeedsACredentialWhenRequired: a control plane that requires a
+// credential on every request (Kubernetes: the pod's token) refuses a
+// renewal by certificate alone — a deleted pod's certificate cannot renew
+// itself — and accepts one that carries a credential.
+func TestRenewalNeedsACredentialWhenRequired(t *testing.T) {
+	cp := startControlPlaneWith(t, true)
+	src := cp.source(t, "shipping", "orders-api", cp.token(t, "shipping", "orders-api"))
+	if err := src.Fetch(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	err := src.Fetch(ctx(t)) // the join token is spent: certificate only
+	if err == nil || !strings.Contains(err.Error(), "only against a credential") {
+		t.Fatalf("renewal by certificate alone: %v, want a refusal", err)
+	}
+	file := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(file, []byte(cp.token(t, "shipping", "orders-api")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	renewing, err := identity.NewSource(identity.Config{
+		Addr: cp.addr, ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/shipping/sa/orders-api"),
+		ServerID: meshid.ControlPlane(td), Bundle: cp.ca.Bundle(),
+		CredentialFile: file, CredentialType: identityservice.JoinTokenType,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := renewing.Fetch(ctx(t)); err != nil {
+		t.Fatalf("a request with a credential: %v", err)
 	}
 }

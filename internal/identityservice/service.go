@@ -89,6 +89,11 @@ type Config struct {
 	// credential cannot buy a certificate valid for months; zero means
 	// ca.DefaultWorkloadTTL.
 	MaxTTL time.Duration
+	// RequireCredential refuses renewals by certificate alone: every
+	// request proves its identity afresh (in Kubernetes, with the pod's
+	// token, so that a deleted pod's certificate — or its stolen key —
+	// cannot renew itself for ever).
+	RequireCredential bool
 }
 
 // Service implements the Identity gRPC service.
@@ -281,6 +286,9 @@ func (s *Service) authenticate(ctx context.Context, cred *identityv1.Credential)
 			return spiffeid.ID{}, "", status.Error(codes.Internal, "the credential could not be checked; see the control plane's log")
 		}
 		return id, cred.GetType(), nil
+	}
+	if s.cfg.RequireCredential {
+		return spiffeid.ID{}, "", status.Errorf(codes.Unauthenticated, "this control plane renews certificates only against a credential (%v), not a certificate alone", s.credentialTypes())
 	}
 	p, ok := peer.FromContext(ctx)
 	if !ok {

@@ -321,6 +321,13 @@ func (s *Server) claim(id spiffeid.ID, h *discoveryv1.Hello, peerAddr string) (r
 	if err := meshid.ValidateName("instance", h.GetInstance()); err != nil {
 		return w, nil, fmt.Errorf("hello.instance: %v", err)
 	}
+	// A pod's proxy connects from its pod's address: another pod of the
+	// same service account cannot register as this one.
+	if d, ok := w.Instances[h.GetInstance()]; ok {
+		if peer, err := netip.ParseAddrPort(peerAddr); err != nil || peer.Addr().Unmap() != d.IP {
+			return w, nil, fmt.Errorf("%w: instance %s is the pod at %s, and this proxy connects from %s", registry.ErrNotAllowed, h.GetInstance(), d.IP, peerAddr)
+		}
+	}
 	declared := map[uint32]bool{}
 	for _, p := range w.Ports {
 		declared[p.Port] = true

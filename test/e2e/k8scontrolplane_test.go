@@ -140,10 +140,10 @@ spec:
 		t.Errorf("the rejected policy's condition %q does not name the field", msg)
 	}
 
-	// A proxy for the pod, run here: the pod gets an address of the
-	// loopback range as a kubelet would give it an IP, and a token bound
-	// to it.
-	podIP := "127.0.0.77"
+	// A proxy for the pod, run here: the pod gets the address the proxy
+	// connects from (a pod's proxy connects from its pod's IP), as a
+	// kubelet would give it one, and a token bound to it.
+	podIP := "127.0.0.1"
 	kubectl("", "patch", "pod", pod.Metadata.Name, "-n", "shipping", "--subresource=status", "--type=merge",
 		"-p", fmt.Sprintf(`{"status":{"podIP":%q,"podIPs":[{"ip":%q}]}}`, podIP, podIP))
 	token := strings.TrimSpace(kubectl("", "create", "token", "orders-api", "-n", "shipping", "--audience", inject.TokenAudience,

@@ -56,10 +56,14 @@ func TestKubernetesManifests(t *testing.T) {
 	}{
 		{[]string{"create", "tokenreviews.authentication.k8s.io"}, "yes"},
 		{[]string{"watch", "pods", "--all-namespaces"}, "yes"},
-		{[]string{"patch", "authorizationpolicies.security.trellis.dev", "--subresource=status", "-n", "shipping"}, "yes"},
+		{[]string{"update", "authorizationpolicies.security.trellis.dev", "--subresource=status", "-n", "shipping"}, "yes"},
+		{[]string{"patch", "authorizationpolicies.security.trellis.dev", "--subresource=status", "-n", "shipping"}, "no"},
 		{[]string{"get", "secrets", "-n", "shipping"}, "no"},
 		{[]string{"update", "secrets/" + install.CASecret, "-n", install.Namespace}, "yes"},
 		{[]string{"get", "secrets/other", "-n", install.Namespace}, "no"},
+		{[]string{"list", "serviceaccounts", "--all-namespaces"}, "no"},
+		{[]string{"list", "customresourcedefinitions"}, "no"},
+		{[]string{"update", "configmaps/other", "-n", "shipping"}, "no"},
 		{[]string{"delete", "pods", "-n", "shipping"}, "no"},
 		{[]string{"update", "authorizationpolicies.security.trellis.dev", "-n", "shipping"}, "no"},
 	} {

@@ -163,6 +163,30 @@ spec:
 		t.Errorf("the valid PeerAuthentication is %q after another resource's bad edit", st)
 	}
 
+	// Two ServiceEntries for one host: the newer one is refused as a
+	// conflict, the older stays in force, and other changes still apply.
+	se := func(name string) string {
+		return "apiVersion: networking.trellis.dev/v1\nkind: ServiceEntry\nmetadata: {name: " + name + ", namespace: shipping}\n" +
+			"spec: {hosts: [api.partner.example], location: MESH_EXTERNAL, resolution: DNS, ports: [{number: 443, name: https, protocol: TLS}]}\n"
+	}
+	kubectl(se("partner"), "apply", "-f", "-")
+	waitFor(t, 30*time.Second, "the first ServiceEntry in force", func() bool {
+		st, _, _ := condition("serviceentry/partner")
+		return st == "True"
+	})
+	kubectl(se("partner-again"), "apply", "-f", "-")
+	waitFor(t, 30*time.Second, "the second ServiceEntry refused as a conflict", func() bool {
+		st, reason, _ := condition("serviceentry/partner-again")
+		return st == "False" && reason == resources.ReasonConflict
+	})
+	kubectl(strings.Replace(strict, "name: default", "name: after-conflict", 1), "apply", "-f", "-")
+	waitFor(t, 30*time.Second, "a later change applied despite the conflict", func() bool {
+		in := inForce()
+		return slices.ContainsFunc(in, func(s string) bool { return strings.Contains(s, "PeerAuthentication/shipping/after-conflict") }) &&
+			slices.ContainsFunc(in, func(s string) bool { return strings.Contains(s, "ServiceEntry/shipping/partner\n") }) &&
+			!slices.ContainsFunc(in, func(s string) bool { return strings.Contains(s, "ServiceEntry/shipping/partner-again") })
+	})
+
 	// Deleting a resource takes it out of force.
 	kubectl("", "delete", "peerauthentication", "default", "-n", "shipping")
 	waitFor(t, 30*time.Second, "the deleted PeerAuthentication out of force", func() bool {

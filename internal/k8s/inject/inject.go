@@ -161,10 +161,18 @@ func (c Config) Pod(workload string, meta *metav1.ObjectMeta, spec *corev1.PodSp
 	if err != nil {
 		return fmt.Errorf("annotation %s: %w", ExcludeOutboundPorts, err)
 	}
-	for _, ct := range spec.Containers {
+	for i, ct := range spec.Containers {
 		if ct.Name == InitContainer || ct.Name == ProxyContainer {
 			return fmt.Errorf("spec.containers: a container is named %s, which the sidecar needs: rename it", ct.Name)
 		}
+		// The interception lets the proxy's user out unredirected: an
+		// application running as that user would leave the mesh unseen.
+		if sc := ct.SecurityContext; sc != nil && sc.RunAsUser != nil && *sc.RunAsUser == ProxyUID {
+			return fmt.Errorf("spec.containers[%d].securityContext.runAsUser: %d is the sidecar's user, whose connections bypass the mesh: run the application as another user", i, ProxyUID)
+		}
+	}
+	if sc := spec.SecurityContext; sc != nil && sc.RunAsUser != nil && *sc.RunAsUser == ProxyUID {
+		return fmt.Errorf("spec.securityContext.runAsUser: %d is the sidecar's user, whose connections bypass the mesh: run the application as another user", ProxyUID)
 	}
 	Remove(meta, spec)
 

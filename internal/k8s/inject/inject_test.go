@@ -189,6 +189,10 @@ spec: {template: {spec: {containers: [{name: a, image: a, imagePullPolicyy: Alwa
 		{"second document named", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: q, annotations: {trellis.dev/exclude-outbound-ports: \"0\"}}\nspec: {containers: [{name: a, image: a}]}\n",
 			`document 2 (Pod q): annotation trellis.dev/exclude-outbound-ports: "0" is not a port number`},
 		{"not YAML", "kind: [", "document 1:"},
+		{"app as the sidecar's user", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: a, image: a, securityContext: {runAsUser: 1337}}]}\n",
+			"spec.containers[0].securityContext.runAsUser: 1337 is the sidecar's user"},
+		{"pod as the sidecar's user", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {securityContext: {runAsUser: 1337}, containers: [{name: a, image: a}]}\n",
+			"spec.securityContext.runAsUser: 1337"},
 		{"workload without a valid name", "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec: {containers: [{name: a, image: a}]}\n", "document 1 (Pod Bad_Name): workload name"},
 	}
 	for _, tt := range tests {

@@ -31,8 +31,8 @@ const (
 	Namespace   = "trellis-system"
 	Name        = "trellis-control-plane"
 	WebhookName = "trellis-sidecar-injector"
-	// CASecret holds the CA's root and intermediate when the control
-	// plane makes them (or the user supplies them).
+	// CASecret keeps the control plane's CA (its state file, keys
+	// included), created on its first start.
 	CASecret = "trellis-ca"
 )
 
@@ -62,7 +62,7 @@ type Options struct {
 // Render returns the manifests as one YAML stream, CRDs first.
 func Render(o Options) ([]byte, error) {
 	if o.Image == "" || o.ProxyImage == "" {
-		return nil, fmt.Errorf("install: the trellis and trellis-proxy images are required")
+		return nil, fmt.Errorf("install: the images are required: give --image (trellis) and --proxy-image (trellis-proxy)")
 	}
 	if o.TrustDomain == "" {
 		o.TrustDomain = meshid.DefaultTrustDomain
@@ -170,21 +170,17 @@ func clusterRole(labels map[string]string) *rbacv1.ClusterRole {
 		TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "ClusterRole"),
 		ObjectMeta: metav1.ObjectMeta{Name: Name, Labels: labels},
 		Rules: []rbacv1.PolicyRule{
-			{APIGroups: []string{""}, Resources: []string{"namespaces", "pods", "services", "serviceaccounts"}, Verbs: read},
-			{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: read},
-			{APIGroups: []string{"apps"}, Resources: []string{"replicasets"}, Verbs: read},
+			{APIGroups: []string{""}, Resources: []string{"namespaces", "pods", "services"}, Verbs: read},
 			{APIGroups: []string{"security.trellis.dev"}, Resources: []string{"peerauthentications", "authorizationpolicies"}, Verbs: read},
 			{APIGroups: []string{"networking.trellis.dev"}, Resources: []string{"serviceentries", "destinationrules", "virtualservices"}, Verbs: read},
-			{APIGroups: []string{"security.trellis.dev"}, Resources: []string{"peerauthentications/status", "authorizationpolicies/status"}, Verbs: []string{"update", "patch"}},
-			{APIGroups: []string{"networking.trellis.dev"}, Resources: []string{"serviceentries/status", "destinationrules/status", "virtualservices/status"}, Verbs: []string{"update", "patch"}},
-			{APIGroups: []string{"gateway.networking.k8s.io"}, Resources: []string{"httproutes"}, Verbs: read},
+			{APIGroups: []string{"security.trellis.dev"}, Resources: []string{"peerauthentications/status", "authorizationpolicies/status"}, Verbs: []string{"update"}},
+			{APIGroups: []string{"networking.trellis.dev"}, Resources: []string{"serviceentries/status", "destinationrules/status", "virtualservices/status"}, Verbs: []string{"update"}},
 			{APIGroups: []string{"", "events.k8s.io"}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
-			{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{inject.CAConfigMap}, Verbs: []string{"get", "update", "patch"}},
+			{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{inject.CAConfigMap}, Verbs: []string{"get", "update"}},
 			// create cannot be limited by name.
 			{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"create"}},
 			{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},
-			{APIGroups: []string{"admissionregistration.k8s.io"}, Resources: []string{"mutatingwebhookconfigurations"}, ResourceNames: []string{WebhookName}, Verbs: []string{"get", "update", "patch"}},
-			{APIGroups: []string{"apiextensions.k8s.io"}, Resources: []string{"customresourcedefinitions"}, Verbs: read},
+			{APIGroups: []string{"admissionregistration.k8s.io"}, Resources: []string{"mutatingwebhookconfigurations"}, ResourceNames: []string{WebhookName}, Verbs: []string{"get", "update"}},
 		},
 	}
 }
@@ -196,7 +192,7 @@ func namespaceRole(meta metav1.ObjectMeta, caSecret string) *rbacv1.Role {
 		TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "Role"),
 		ObjectMeta: meta,
 		Rules: []rbacv1.PolicyRule{
-			{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{caSecret}, Verbs: []string{"get", "update", "patch"}},
+			{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{caSecret}, Verbs: []string{"get", "update"}},
 			{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
 		},
 	}

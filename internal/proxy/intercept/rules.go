@@ -2,6 +2,7 @@ package intercept
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -84,9 +85,15 @@ func Cleanup() [][]string {
 // Install runs Rules in the current network namespace, with iptables and
 // then ip6tables, after Cleanup (an init container that runs again finds
 // its rules in place). It is what Kubernetes injection's init container
-// does; a kernel without IPv6 NAT is reported as such.
+// does. A namespace without IPv6 gets the IPv4 rules only.
 func Install(c RuleConfig) error {
-	for _, tool := range []string{"iptables", "ip6tables"} {
+	tools := []string{"iptables", "ip6tables"}
+	// Without IPv6 in the namespace there is nothing to go around the
+	// sidecar by, and ip6tables' NAT table may not exist.
+	if _, err := os.Stat("/proc/net/if_inet6"); err != nil {
+		tools = tools[:1]
+	}
+	for _, tool := range tools {
 		for _, rule := range Cleanup() {
 			_ = exec.Command(tool, append([]string{"-w", "5"}, rule...)...).Run()
 		}
