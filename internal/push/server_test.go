@@ -5,13 +5,18 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"io"
+	"net"
+	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
 	"github.com/trellis-mesh/trellis/internal/registry"
@@ -113,5 +118,66 @@ func TestViewRevertedDuringSendIsSent(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatalf("the proxy was left on B %s while its view is A %s", b.GetVersion(), a.GetVersion())
+	}
+}
+
+// TestStreamEndsWhenItsPodIsGone: a stream whose instance the declarations
+// drop (its pod was deleted) ends with PermissionDenied; so does one whose
+// proxy connects from another address than its pod's; a Hold server
+// sends nothing until Release.
+func TestStreamEndsWhenItsPodIsGone(t *testing.T) {
+	var srv *Server
+	pod := func(ip string) registry.Declarations {
+		return registry.Declarations{Workloads: []registry.Workload{{
+			Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Ports: []registry.WorkloadPort{{Port: 8080}},
+			Instances: map[string]registry.DeclaredInstance{"orders-a": {IP: netip.MustParseAddr(ip), ServiceAccount: "orders"}},
+		}}}
+	}
+	reg, err := registry.New(registry.Config{Declarations: pod("10.0.0.5"), GracePeriod: time.Hour, OnChange: func() { srv.Changed() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/shipping/sa/orders")
+	srv = New(Config{Registry: reg, Coalesce: 5 * time.Millisecond, Hold: true, Verify: func([]*x509.Certificate) (spiffeid.ID, error) { return id, nil }})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = srv.Run(ctx) }()
+
+	open := func(from string) (*heldStream, chan error) {
+		cert := &x509.Certificate{NotAfter: time.Now().Add(time.Hour)}
+		sctx := peer.NewContext(ctx, &peer.Peer{Addr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(from)),
+			AuthInfo: credentials.TLSInfo{State: tls.ConnectionState{PeerCertificates: []*x509.Certificate{cert}}}})
+		fs := &heldStream{ctx: sctx, in: make(chan *discoveryv1.ProxyMessage, 10), entered: make(chan struct{}, 10), sent: make(chan *discoveryv1.Update, 10)}
+		fs.in <- &discoveryv1.ProxyMessage{Message: &discoveryv1.ProxyMessage_Hello{Hello: &discoveryv1.Hello{Workload: "orders", Instance: "orders-a",
+			Ports: []*discoveryv1.PortAddress{{Port: 8080, Address: "10.0.0.5:8080"}}}}}
+		done := make(chan error, 1)
+		go func() { done <- srv.Stream(fs) }()
+		return fs, done
+	}
+
+	fs, done := open("10.0.0.5:40000")
+	select {
+	case <-fs.entered:
+		t.Fatal("an update was sent before Release")
+	case <-time.After(50 * time.Millisecond):
+	}
+	srv.Release()
+	<-fs.entered
+	<-fs.sent
+
+	reg.SetDeclarations(pod("10.0.0.6")) // the pod is gone; another took its name
+	select {
+	case err := <-done:
+		if status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("stream ended with %v, want PermissionDenied", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stream of a deleted pod is still open")
+	}
+
+	// The new pod's name, from the old pod's address: refused.
+	_, done = open("10.0.0.5:40001")
+	if err := <-done; status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "connects from") {
+		t.Fatalf("a proxy connecting from another pod's address: %v", err)
 	}
 }
