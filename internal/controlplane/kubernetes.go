@@ -27,6 +27,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/trellis-mesh/trellis/internal/ca"
@@ -388,6 +389,22 @@ func (cp *ControlPlane) publishBundle(ctx context.Context, client kubernetes.Int
 		at     time.Time
 	}
 	published := map[types.UID]mark{}
+	// A new namespace gets its ConfigMap at once: its pods cannot start
+	// without it.
+	created := make(chan struct{}, 1)
+	factory := informers.NewSharedInformerFactory(client, 0)
+	if _, err := factory.Core().V1().Namespaces().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) {
+			select {
+			case created <- struct{}{}:
+			default:
+			}
+		},
+	}); err != nil {
+		return fmt.Errorf("trust bundle: %w", err)
+	}
+	factory.Start(ctx.Done())
+	defer factory.Shutdown()
 	for {
 		bundle := string(certpem.EncodeCerts(cp.ca.Bundle()...))
 		nss, err := client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
@@ -418,6 +435,7 @@ func (cp *ControlPlane) publishBundle(ctx context.Context, client kubernetes.Int
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+		case <-created:
 		}
 	}
 }

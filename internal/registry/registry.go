@@ -54,6 +54,10 @@ type Workload struct {
 type DeclaredInstance struct {
 	IP             netip.Addr
 	ServiceAccount string
+	// Ready is the pod's readiness: its proxy registers as soon as it
+	// runs (before the application, by design), but the pod is an
+	// endpoint only once the kubelet finds it ready.
+	Ready bool
 }
 
 // Ref returns "namespace/name".
@@ -515,6 +519,9 @@ func (s Snapshot) Destinations() []Destination {
 					}
 				}
 				for _, in := range byWorkload[w.Ref()] {
+					if d, ok := w.Instances[in.Instance]; w.Instances != nil && (!ok || !d.Ready) {
+						continue
+					}
 					if addr, ok := in.Ports[sp.TargetPort]; ok {
 						d.Endpoints = append(d.Endpoints, Endpoint{Address: addr, Identity: in.Identity})
 					}

@@ -226,3 +226,24 @@ func TestDeclaredInstances(t *testing.T) {
 		t.Errorf("the new service account's claim: %v", err)
 	}
 }
+
+// A pod's proxy registers before its application runs; the pod is an
+// endpoint only once it is ready.
+func TestOnlyReadyPodsAreEndpoints(t *testing.T) {
+	d := Declarations{
+		Workloads: []Workload{{Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders"},
+			Instances: map[string]DeclaredInstance{
+				"a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders", Ready: true},
+				"b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders"},
+			}}},
+		Services: []Service{{Namespace: "shipping", Name: "orders", Selector: map[string]string{"app": "orders"}, Ports: []ServicePort{{Port: 80, TargetPort: 8080}}}},
+	}
+	snap := Snapshot{Declarations: d, Instances: []Instance{
+		{Namespace: "shipping", Workload: "orders", Instance: "a", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "10.0.0.5:8080"}},
+		{Namespace: "shipping", Workload: "orders", Instance: "b", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "10.0.0.6:8080"}},
+	}}
+	dests := snap.Destinations()
+	if len(dests) != 1 || len(dests[0].Endpoints) != 1 || dests[0].Endpoints[0].Address != "10.0.0.5:8080" {
+		t.Fatalf("destinations %+v, want the ready pod a alone", dests)
+	}
+}

@@ -87,7 +87,7 @@ func Declarations(pods []*corev1.Pod, services []*corev1.Service, log *slog.Logg
 		// Every pod with an address, each with its own service account.
 		for _, m := range ms {
 			if ip, err := netip.ParseAddr(m.pod.Status.PodIP); err == nil {
-				w.Instances[m.pod.Name] = registry.DeclaredInstance{IP: ip.Unmap(), ServiceAccount: serviceAccount(m.pod)}
+				w.Instances[m.pod.Name] = registry.DeclaredInstance{IP: ip.Unmap(), ServiceAccount: serviceAccount(m.pod), Ready: podReady(m.pod)}
 			}
 		}
 		d.Workloads = append(d.Workloads, w)
@@ -129,6 +129,17 @@ func Declarations(pods []*corev1.Pod, services []*corev1.Service, log *slog.Logg
 		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
 	return d
+}
+
+// podReady reports the pod's Ready condition: the application's
+// readiness, as the kubelet judges it.
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
 }
 
 func serviceAccount(p *corev1.Pod) string {

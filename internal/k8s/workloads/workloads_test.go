@@ -37,6 +37,7 @@ func TestDeclarations(t *testing.T) {
 	stable := map[string]string{"app": "orders", "pod-template-hash": "7d9"}
 	next := map[string]string{"app": "orders", "version": "v2", "pod-template-hash": "8ab"}
 	a := pod(t, "orders-7d9-a", "orders", "orders", "10.0.0.5", 0, stable)
+	a.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}
 	b := pod(t, "orders-8ab-b", "orders", "orders", "10.0.0.6", 10, next)
 	// The newest pod, but pending: no IP, so it speaks for nothing.
 	pending := pod(t, "orders-9zz-c", "orders", "orders-v3", "", 20, map[string]string{"app": "debug"})
@@ -79,7 +80,7 @@ func TestDeclarations(t *testing.T) {
 			// or finished ones.
 			{Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders", "version": "v2"}, Ports: ports,
 				Instances: map[string]registry.DeclaredInstance{
-					"orders-7d9-a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders"},
+					"orders-7d9-a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders", Ready: true},
 					"orders-8ab-b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders"},
 					"orders-6f1-d": {IP: netip.MustParseAddr("10.0.0.7"), ServiceAccount: "legacy"},
 				}},
