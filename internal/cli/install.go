@@ -1,6 +1,9 @@
 package cli
 
 import (
+	"fmt"
+	"os"
+
 	"github.com/spf13/cobra"
 
 	"github.com/trellis-mesh/trellis/internal/k8s/install"
@@ -11,6 +14,7 @@ import (
 // install, for kubectl apply.
 func newInstallCommand() *cobra.Command {
 	var o install.Options
+	var rootCert, rootKey string
 	cmd := &cobra.Command{
 		Use:   "install",
 		Short: "Print the Kubernetes manifests that install Trellis in a cluster",
@@ -22,12 +26,29 @@ injector's webhook configuration (pods of namespaces labelled
 trellis.dev/inject=enabled, and pods annotated trellis.dev/inject: enabled).
 
 The control plane keeps its CA in the Secret ` + install.Namespace + `/` + install.CASecret + `, created on
-first start. One control plane runs at a time.`,
+first start, from a root of its own, or from yours: --root-cert/--root-key
+(written into the Secret ` + install.RootSecret + `), or --root-secret naming a
+kubernetes.io/tls Secret of ` + install.Namespace + ` (one cert-manager keeps). One control
+plane runs at a time.`,
 		Example: `  trellis install | kubectl apply -f -
   kubectl label namespace shipping trellis.dev/inject=enabled
-  trellis install --image registry.example/trellis:v0.1.0 --proxy-image registry.example/trellis-proxy:v0.1.0`,
+  trellis install --image registry.example/trellis:v0.1.0 --proxy-image registry.example/trellis-proxy:v0.1.0
+  trellis install --root-cert root.pem --root-key root.key | kubectl apply -f -`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			for _, f := range []struct {
+				flag, path string
+				dst        *[]byte
+			}{{"--root-cert", rootCert, &o.RootCertPEM}, {"--root-key", rootKey, &o.RootKeyPEM}} {
+				if f.path == "" {
+					continue
+				}
+				data, err := os.ReadFile(f.path)
+				if err != nil {
+					return fmt.Errorf("%s: %w", f.flag, err)
+				}
+				*f.dst = data
+			}
 			out, err := install.Render(o)
 			if err != nil {
 				return err
@@ -39,5 +60,8 @@ first start. One control plane runs at a time.`,
 	cmd.Flags().StringVar(&o.Image, "image", version.ControlPlaneImage(), "the trellis (control plane) image")
 	cmd.Flags().StringVar(&o.ProxyImage, "proxy-image", version.ProxyImage(), "the trellis-proxy image injected into pods")
 	cmd.Flags().StringVar(&o.TrustDomain, "trust-domain", "", "the mesh's trust domain (default: cluster.local)")
+	cmd.Flags().StringVar(&rootCert, "root-cert", "", "PEM root certificate the CA is made from (with --root-key)")
+	cmd.Flags().StringVar(&rootKey, "root-key", "", "PEM key of --root-cert")
+	cmd.Flags().StringVar(&o.RootSecret, "root-secret", "", "name of a kubernetes.io/tls Secret in "+install.Namespace+" holding the root (such as one cert-manager keeps)")
 	return cmd
 }

@@ -26,6 +26,7 @@ type kubeFlags struct {
 	webhookListen string
 	webhookURL    string
 	caSecret      string
+	rootSecret    string
 }
 
 func (k *kubeFlags) add(cmd *cobra.Command) {
@@ -36,12 +37,13 @@ func (k *kubeFlags) add(cmd *cobra.Command) {
 	f.StringVar(&k.proxyAddress, "proxy-address", "", "host:port injected proxies reach the control plane at (default: its Service, trellis-control-plane.trellis-system.svc:15012)")
 	f.StringVar(&k.webhookListen, "webhook-listen", "", "address of the sidecar injector webhook (HTTPS), such as 0.0.0.0:15017; empty: no injector")
 	f.StringVar(&k.caSecret, "ca-secret", "", "namespace/name of a Secret keeping the CA, so a control plane whose state directory is emptied (a new pod) restarts with the same CA; empty: the state directory only")
+	f.StringVar(&k.rootSecret, "root-secret", "", "namespace/name of a kubernetes.io/tls Secret holding the root certificate and key the CA is made from (such as one cert-manager keeps), read when the CA is first created; empty: a root of its own")
 	f.StringVar(&k.webhookURL, "webhook-url", "", "URL the API server calls the injector at, written into its webhook configuration (\"auto\": the --webhook-listen address, for a control plane outside the cluster); empty: the Service")
 }
 
 // given returns a Kubernetes flag set without --kubernetes, if any.
 func (k *kubeFlags) given(cmd *cobra.Command) string {
-	for _, f := range []string{"kubeconfig", "proxy-image", "proxy-address", "webhook-listen", "webhook-url", "ca-secret"} {
+	for _, f := range []string{"kubeconfig", "proxy-image", "proxy-address", "webhook-listen", "webhook-url", "ca-secret", "root-secret"} {
 		if cmd.Flags().Changed(f) {
 			return f
 		}
@@ -73,8 +75,10 @@ func (k *kubeFlags) connect(trustDomain string) (*controlplane.Kubernetes, error
 	if err != nil {
 		return nil, err
 	}
-	if ns, name, ok := strings.Cut(k.caSecret, "/"); k.caSecret != "" && (!ok || ns == "" || name == "") {
-		return nil, fmt.Errorf("--ca-secret %q: write namespace/name, such as trellis-system/trellis-ca", k.caSecret)
+	for _, f := range []struct{ flag, value string }{{"ca-secret", k.caSecret}, {"root-secret", k.rootSecret}} {
+		if ns, name, ok := strings.Cut(f.value, "/"); f.value != "" && (!ok || ns == "" || name == "") {
+			return nil, fmt.Errorf("--%s %q: write namespace/name, such as trellis-system/trellis-ca", f.flag, f.value)
+		}
 	}
 	if k.webhookURL != "" && k.webhookListen == "" {
 		return nil, fmt.Errorf("--webhook-url needs --webhook-listen: the injector must listen somewhere")
@@ -87,5 +91,6 @@ func (k *kubeFlags) connect(trustDomain string) (*controlplane.Kubernetes, error
 		WebhookListen: k.webhookListen,
 		WebhookURL:    k.webhookURL,
 		CASecret:      k.caSecret,
+		RootSecret:    k.rootSecret,
 	}, nil
 }

@@ -160,8 +160,16 @@ func New(opts Options) (*ControlPlane, error) {
 	caCfg := ca.Config{StateDir: cfg.StateDir, Log: log}
 	authority, err := ca.Load(caCfg)
 	if errors.Is(err, ca.ErrNotInitialized) && opts.Init {
-		log.Info("no CA in the state directory; creating one", "dir", cfg.StateDir, "trustDomain", cfg.TrustDomain)
-		authority, err = ca.Init(caCfg, ca.InitOptions{TrustDomain: cfg.TrustDomain})
+		init := ca.InitOptions{TrustDomain: cfg.TrustDomain}
+		if k := opts.Kubernetes; k != nil && k.RootSecret != "" {
+			if init.RootCertPEM, init.RootKeyPEM, err = rootFromSecret(k); err != nil {
+				return nil, err
+			}
+			log.Info("no CA in the state directory; creating one from the root in a secret", "secret", k.RootSecret, "trustDomain", cfg.TrustDomain)
+		} else {
+			log.Info("no CA in the state directory; creating one", "dir", cfg.StateDir, "trustDomain", cfg.TrustDomain)
+		}
+		authority, err = ca.Init(caCfg, init)
 	}
 	if err != nil {
 		return nil, err

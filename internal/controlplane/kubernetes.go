@@ -63,6 +63,11 @@ type Kubernetes struct {
 	// is an emptyDir restarts with the same CA; empty keeps it in the state
 	// directory only.
 	CASecret string
+	// RootSecret, "namespace/name", is a kubernetes.io/tls Secret whose
+	// tls.crt and tls.key are the root the CA is made from (the control
+	// plane makes its intermediate), such as a CA cert-manager keeps;
+	// empty: a root of its own. Read only when the CA is first created.
+	RootSecret string
 	// WebhookURL, when set, is written into the webhook configuration in
 	// place of its Service, for a control plane outside the cluster;
 	// "auto" is the WebhookListen listener's own address.
@@ -106,6 +111,22 @@ func restoreCA(k *Kubernetes, dir string) error {
 		return fmt.Errorf("CA secret %s has no key %s: it is not a Trellis CA; remove it or name another with --ca-secret", k.CASecret, ca.StateFile)
 	}
 	return statefile.WriteAtomic(path, data, 0o600)
+}
+
+// rootFromSecret reads the root a new CA is made from.
+func rootFromSecret(k *Kubernetes) (cert, key []byte, err error) {
+	ns, name, _ := strings.Cut(k.RootSecret, "/")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	sec, err := k.Client.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("root secret %s: %w", k.RootSecret, err)
+	}
+	cert, key = sec.Data[corev1.TLSCertKey], sec.Data[corev1.TLSPrivateKeyKey]
+	if len(cert) == 0 || len(key) == 0 {
+		return nil, nil, fmt.Errorf("root secret %s has no %s and %s: give a kubernetes.io/tls Secret holding the root certificate and its key", k.RootSecret, corev1.TLSCertKey, corev1.TLSPrivateKeyKey)
+	}
+	return cert, key, nil
 }
 
 // mirrorCA keeps the Secret equal to the CA's state file (it changes when

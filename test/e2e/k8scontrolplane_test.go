@@ -200,3 +200,49 @@ spec:
 		t.Errorf("after a restart with an empty state directory the trust bundle changed:\nbefore %s\nafter %s", bundle, after)
 	}
 }
+
+// TestKubernetesUserRoot: a control plane given a kubernetes.io/tls
+// Secret (as cert-manager keeps a CA) makes its CA from that root: the
+// trust bundle it publishes is that root.
+func TestKubernetesUserRoot(t *testing.T) {
+	env := k8senv.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=user root",
+			"-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+			"-keyout", "root.key", "-out", "root.pem"},
+	} {
+		if r := run(t, dir, "", requireTool(t, "openssl"), args...); r.err != nil {
+			t.Fatalf("openssl: %v\n%s", r.err, r.stderr)
+		}
+	}
+	inst := run(t, dir, "", trellisBin, "install", "--image", "r.example/trellis:test", "--proxy-image", "r.example/trellis-proxy:test",
+		"--root-cert", "root.pem", "--root-key", "root.key")
+	if inst.err != nil {
+		t.Fatalf("trellis install: %v\n%s", inst.err, inst.stderr)
+	}
+	if _, err := env.Kubectl(ctx, inst.stdout, "apply", "-f", "-"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := fmt.Sprintf("apiVersion: trellis.dev/v1\nkind: ControlPlane\nstateDir: state\nlisten: \"127.0.0.1:%d\"\nadminListen: \"127.0.0.1:%d\"\n", freePort(t), freePort(t))
+	if err := os.WriteFile(filepath.Join(dir, "cp.yaml"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	background(t, dir, "control plane serving", trellisBin, "control-plane", "--config", "cp.yaml", "--init",
+		"--kubernetes", "--kubeconfig", env.Kubeconfig, "--root-secret", install.Namespace+"/"+install.RootSecret)
+	root, err := os.ReadFile(filepath.Join(dir, "root.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var published string
+	waitFor(t, 30*time.Second, "the trust bundle in trellis-system", func() bool {
+		out, err := env.Kubectl(ctx, "", "get", "configmap", inject.CAConfigMap, "-n", install.Namespace, "-o", "jsonpath={.data.root-cert\\.pem}")
+		published = out
+		return err == nil && out != ""
+	})
+	if strings.TrimSpace(published) != strings.TrimSpace(string(root)) {
+		t.Errorf("published bundle:\n%s\nwant the user's root:\n%s", published, root)
+	}
+}

@@ -6,6 +6,8 @@ package install
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io/fs"
 	"slices"
@@ -52,11 +54,20 @@ const (
 // WebhookPath is where the injector serves admission reviews.
 const WebhookPath = "/inject"
 
+// RootSecret is the Secret Render writes when given the root's files.
+const RootSecret = "trellis-root"
+
 // Options are what an install may choose.
 type Options struct {
 	Image       string // the trellis image
 	ProxyImage  string // the trellis-proxy image
 	TrustDomain string
+	// RootCertPEM and RootKeyPEM, together, are the root the CA is made
+	// from (written into the Secret RootSecret); RootSecret names an
+	// existing kubernetes.io/tls Secret of trellis-system instead (one
+	// cert-manager keeps). Neither: the control plane makes its own root.
+	RootCertPEM, RootKeyPEM []byte
+	RootSecret              string
 }
 
 // Render returns the manifests as one YAML stream, CRDs first.
@@ -69,6 +80,18 @@ func Render(o Options) ([]byte, error) {
 	}
 	if _, err := spiffeid.TrustDomainFromString(o.TrustDomain); err != nil {
 		return nil, fmt.Errorf("--trust-domain: %w", err)
+	}
+	if (len(o.RootCertPEM) > 0) != (len(o.RootKeyPEM) > 0) {
+		return nil, fmt.Errorf("--root-cert and --root-key go together: give both, or neither")
+	}
+	if len(o.RootCertPEM) > 0 {
+		if o.RootSecret != "" {
+			return nil, fmt.Errorf("--root-cert/--root-key and --root-secret are two ways to give the root: give one")
+		}
+		if err := checkRoot(o.RootCertPEM, o.RootKeyPEM); err != nil {
+			return nil, err
+		}
+		o.RootSecret = RootSecret
 	}
 
 	var out bytes.Buffer
@@ -100,7 +123,7 @@ func Render(o Options) ([]byte, error) {
 			RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: Name},
 			Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: Name, Namespace: Namespace}},
 		},
-		namespaceRole(meta(Name), CASecret),
+		namespaceRole(meta(Name), CASecret, o.RootSecret),
 		&rbacv1.RoleBinding{
 			TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "RoleBinding"),
 			ObjectMeta: meta(Name),
@@ -111,6 +134,9 @@ func Render(o Options) ([]byte, error) {
 		service(meta(Name), labels),
 		deployment(meta(Name), labels, o),
 		webhook(labels),
+	}
+	if len(o.RootCertPEM) > 0 {
+		objects = append(objects, rootSecret(meta(RootSecret), o))
 	}
 	for _, obj := range objects {
 		data, err := yaml.Marshal(obj)
@@ -187,8 +213,8 @@ func clusterRole(labels map[string]string) *rbacv1.ClusterRole {
 
 // namespaceRole is what the control plane may do in its own namespace:
 // keep the CA in a Secret.
-func namespaceRole(meta metav1.ObjectMeta, caSecret string) *rbacv1.Role {
-	return &rbacv1.Role{
+func namespaceRole(meta metav1.ObjectMeta, caSecret, rootSecret string) *rbacv1.Role {
+	r := &rbacv1.Role{
 		TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "Role"),
 		ObjectMeta: meta,
 		Rules: []rbacv1.PolicyRule{
@@ -196,6 +222,36 @@ func namespaceRole(meta metav1.ObjectMeta, caSecret string) *rbacv1.Role {
 			{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
 		},
 	}
+	if rootSecret != "" {
+		r.Rules = append(r.Rules, rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{rootSecret}, Verbs: []string{"get"}})
+	}
+	return r
+}
+
+// rootSecret holds the user's root, given as files.
+func rootSecret(meta metav1.ObjectMeta, o Options) *corev1.Secret {
+	return &corev1.Secret{
+		TypeMeta:   typeMeta("v1", "Secret"),
+		ObjectMeta: meta,
+		Type:       corev1.SecretTypeTLS,
+		Data:       map[string][]byte{corev1.TLSCertKey: o.RootCertPEM, corev1.TLSPrivateKeyKey: o.RootKeyPEM},
+	}
+}
+
+// checkRoot refuses a root the control plane could not sign with.
+func checkRoot(certPEM, keyPEM []byte) error {
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return fmt.Errorf("--root-cert/--root-key: %w", err)
+	}
+	cert, err := x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		return fmt.Errorf("--root-cert: %w", err)
+	}
+	if !cert.IsCA || !cert.BasicConstraintsValid {
+		return fmt.Errorf("--root-cert: %s is not a CA certificate (basicConstraints CA:TRUE)", cert.Subject)
+	}
+	return nil
 }
 
 func service(meta metav1.ObjectMeta, labels map[string]string) *corev1.Service {
@@ -237,6 +293,9 @@ func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options) *ap
 	args := []string{"control-plane", "--config", configDir + "/control-plane.yaml", "--init",
 		"--kubernetes", "--proxy-image", o.ProxyImage, "--ca-secret", Namespace + "/" + CASecret,
 		"--webhook-listen", fmt.Sprintf("0.0.0.0:%d", WebhookPort)}
+	if o.RootSecret != "" {
+		args = append(args, "--root-secret", Namespace+"/"+o.RootSecret)
+	}
 	probe := func(period int32) *corev1.Probe {
 		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
 			Path: "/healthz", Port: intstr.FromInt32(AdminPort), Scheme: corev1.URISchemeHTTPS,

@@ -2,8 +2,16 @@ package install
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
 	"strings"
 	"testing"
+	"time"
 
 	"sigs.k8s.io/yaml"
 )
@@ -66,5 +74,48 @@ func TestRenderErrors(t *testing.T) {
 				t.Fatalf("err = %v, want %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestRenderUserRoot(t *testing.T) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	mk := func(isCA bool) []byte {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour),
+			IsCA: isCA, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	}
+	der, _ := x509.MarshalECPrivateKey(key)
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
+
+	o := images
+	o.RootCertPEM, o.RootKeyPEM = mk(true), keyPEM
+	out, err := Render(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, byKind := kinds(t, out)
+	if len(byKind["Secret"]) != 1 || !strings.Contains(string(out), "--root-secret\n        - "+Namespace+"/"+RootSecret) {
+		t.Errorf("want the root in Secret %s and the control plane told of it:\n%s", RootSecret, out)
+	}
+	if !strings.Contains(string(out), "- "+RootSecret) {
+		t.Error("the control plane may not read the root's Secret")
+	}
+
+	for _, tc := range []struct {
+		name string
+		o    Options
+		want string
+	}{
+		{"cert without key", Options{Image: "a", ProxyImage: "b", RootCertPEM: mk(true)}, "go together"},
+		{"not a CA", Options{Image: "a", ProxyImage: "b", RootCertPEM: mk(false), RootKeyPEM: keyPEM}, "not a CA certificate"},
+		{"files and a secret", Options{Image: "a", ProxyImage: "b", RootCertPEM: mk(true), RootKeyPEM: keyPEM, RootSecret: "x"}, "give one"},
+	} {
+		if _, err := Render(tc.o); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.name, err, tc.want)
+		}
 	}
 }
