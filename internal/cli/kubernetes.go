@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -12,8 +13,10 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
+	"github.com/trellis-mesh/trellis/internal/k8s/clustercheck"
 	"github.com/trellis-mesh/trellis/internal/k8s/inject"
 	"github.com/trellis-mesh/trellis/internal/k8s/tokenreview"
+	"github.com/trellis-mesh/trellis/internal/meshcheck"
 	"github.com/trellis-mesh/trellis/internal/version"
 )
 
@@ -39,6 +42,31 @@ func (k *kubeFlags) add(cmd *cobra.Command) {
 	f.StringVar(&k.caSecret, "ca-secret", "", "namespace/name of a Secret keeping the CA, so a control plane whose state directory is emptied (a new pod) restarts with the same CA; empty: the state directory only")
 	f.StringVar(&k.rootSecret, "root-secret", "", "namespace/name of a kubernetes.io/tls Secret holding the root certificate and key the CA is made from (such as one cert-manager keeps), read when the CA is first created; empty: a root of its own")
 	f.StringVar(&k.webhookURL, "webhook-url", "", "URL the API server calls the injector at, written into its webhook configuration (\"auto\": the --webhook-listen address, for a control plane outside the cluster); empty: the Service")
+}
+
+// clusterFindings judges Trellis in the cluster a kubeconfig names.
+func clusterFindings(cmd *cobra.Command, kubeconfig string) ([]meshcheck.Finding, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	if kubeconfig != "" {
+		rules.ExplicitPath = kubeconfig
+	}
+	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("--kubernetes: %w", err)
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	dyn, err := dynamic.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	facts, err := clustercheck.Gather(cmd.Context(), client, dyn)
+	if err != nil {
+		return []meshcheck.Finding{{Check: "cluster", Level: meshcheck.Fail, Message: err.Error()}}, nil
+	}
+	return clustercheck.Evaluate(facts, time.Now()), nil
 }
 
 // given returns a Kubernetes flag set without --kubernetes, if any.

@@ -224,6 +224,8 @@ func newCheckCommand() *cobra.Command {
 		mesh              meshFlags
 		adminAddr, output string
 		window            time.Duration
+		kubernetes        bool
+		kubeconfig        string
 	)
 	cmd := &cobra.Command{
 		Use:   "check",
@@ -233,9 +235,14 @@ configuration accepted; every proxy connected and running its current
 configuration; the roots and intermediate valid (a warning 30 days ahead of
 expiry); every workload certificate valid and renewed in time; and no caller
 still reaching a meshed workload in plaintext (which STRICT would refuse).
+With --kubernetes, the cluster too: the CRDs installed, the control plane's
+Deployment available, the injector's webhook configured, every injected pod's
+proxy ready, no pod of a meshed namespace left without the sidecar, and the
+roots of the published trust bundle not about to expire.
 Exits with status 1 if a check fails; warnings do not fail.`,
 		Example: `  trellis check -f examples/zero-trust/mesh.yaml
-  trellis check --state-dir /var/lib/trellis -o json`,
+  trellis check --state-dir /var/lib/trellis -o json
+  trellis check --kubernetes --kubeconfig ~/.kube/config`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != "text" && output != "json" {
@@ -245,14 +252,26 @@ Exits with status 1 if a check fails; warnings do not fail.`,
 				return fmt.Errorf("--window %s: give a duration up to %s", window, controlplane.MaxTrafficWindow)
 			}
 			var findings []meshcheck.Finding
+			if kubernetes {
+				cf, err := clusterFindings(cmd, kubeconfig)
+				if err != nil {
+					return err
+				}
+				findings = append(findings, cf...)
+			}
+			// In a cluster, the control plane's own view (proxies'
+			// versions, certificates) needs its state: --state-dir or -f.
+			askControlPlane := !kubernetes || cmd.Flags().Changed("state-dir") || cmd.Flags().Changed("file") || cmd.Flags().Changed("admin-addr")
 			client, err := controlplane.Dial(mesh.dir(cmd), adminAddr)
 			var st controlplane.Status
-			if err == nil {
+			if err == nil && askControlPlane {
 				st, err = client.Status(cmd.Context())
 			}
-			if err != nil {
+			switch {
+			case !askControlPlane:
+			case err != nil:
 				findings = append(findings, meshcheck.Finding{Check: "control plane", Level: meshcheck.Fail, Message: err.Error()})
-			} else {
+			default:
 				findings = append(findings, meshcheck.Finding{Check: "control plane", Level: meshcheck.OK, Message: "reachable, trust domain " + st.TrustDomain})
 				var traffic *controlplane.Traffic
 				if t, err := client.Traffic(cmd.Context(), window); err == nil {
@@ -284,6 +303,8 @@ Exits with status 1 if a check fails; warnings do not fail.`,
 	cmd.Flags().StringVar(&adminAddr, "admin-addr", "", "admin API address (default: read from the state directory)")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	cmd.Flags().DurationVarP(&window, "window", "w", 5*time.Minute, "how far back to look for plaintext traffic")
+	cmd.Flags().BoolVar(&kubernetes, "kubernetes", false, "check Trellis in a Kubernetes cluster too")
+	cmd.Flags().StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the cluster (default: $KUBECONFIG or ~/.kube/config)")
 	return cmd
 }
 

@@ -57,14 +57,11 @@ func TestKubernetesMesh(t *testing.T) {
 	if _, err := os.Stat(python); err != nil {
 		requireTool(t, python)
 	}
-	nginxConf, err := filepath.Abs("../../examples/zero-trust/nginx.conf")
-	if err != nil {
-		t.Fatal(err)
-	}
-	www, err := filepath.Abs("../../examples/zero-trust/www")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The example's files, where the pods' users can read them whatever
+	// the checkout's place (pods mount volumes over /tmp, where CI may
+	// have cloned it).
+	example := installExample(t, "../../examples/zero-trust", "nginx.conf", "www")
+	nginxConf, www := filepath.Join(example, "nginx.conf"), filepath.Join(example, "www")
 	// The proxy runs as uid 1337 and mounts a volume over /tmp, where
 	// TestMain built it.
 	proxy := installProgram(t, proxyBin)
@@ -239,6 +236,19 @@ spec:
 		t.Logf("trellis status:\n%s", r.stdout)
 	}
 
+	// trellis check, of the cluster and of the control plane: nothing
+	// fails (the control plane runs outside the cluster: a warning).
+	if r := run(t, dir, "", trellisBin, "check", "--kubernetes", "--kubeconfig", env.Kubeconfig, "--state-dir", stateDir); r.err != nil {
+		t.Errorf("trellis check --kubernetes: %v\n%s%s", r.err, r.stdout, r.stderr)
+	} else {
+		for _, want := range []string{"ok    CRDs", "ok    injector", "4 of 4 injected pods have a ready proxy", "ok    trust bundle", "WARN  control plane"} {
+			if !strings.Contains(r.stdout, want) {
+				t.Errorf("trellis check --kubernetes lacks %q:\n%s", want, r.stdout)
+			}
+		}
+		t.Logf("trellis check --kubernetes:\n%s", r.stdout)
+	}
+
 	// curl runs in a pod's namespaces as its program's user.
 	curl := func(p corev1.Pod, args ...string) result {
 		t.Helper()
@@ -266,6 +276,13 @@ spec:
 	// checkout places orders, served by both replicas (nginx answers with
 	// its address).
 	served := map[string]bool{}
+	// The replicas' readiness reaches checkout's sidecar through the
+	// control plane's watch of the pods, a moment after the kubelet (here
+	// k8snode) reports it.
+	waitFor(t, 15*time.Second, "checkout's first order", func() bool {
+		_, err := order(pods["checkout"])
+		return err == nil
+	})
 	for i := 0; i < 20 && len(served) < 2; i++ {
 		addr, err := order(pods["checkout"])
 		if err != nil {
@@ -417,6 +434,42 @@ spec:
         args: ["-m", "http.server", "8080", "--directory", %[5]q]
         ports: [{name: http, containerPort: 8080}]
 `, name, ann, sa, pythonImage, www)
+}
+
+// installExample copies files and directories of an example where any
+// user can read them, outside /tmp, until the test ends.
+func installExample(t *testing.T, from string, names ...string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/var/tmp", "trellis-e2e-example-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		root := filepath.Join(from, name)
+		err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			rel, _ := filepath.Rel(from, path)
+			dst := filepath.Join(dir, rel)
+			if d.IsDir() {
+				return os.MkdirAll(dst, 0o755)
+			}
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			return os.WriteFile(dst, data, 0o644)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
 }
 
 // installProgram copies a program where any user can run it, outside
