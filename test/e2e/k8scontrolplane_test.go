@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -12,7 +11,6 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/k8s/inject"
 	"github.com/trellis-mesh/trellis/internal/k8s/install"
-	"github.com/trellis-mesh/trellis/test/k8senv"
 )
 
 // TestKubernetesControlPlane runs 'trellis control-plane --kubernetes'
@@ -24,23 +22,8 @@ import (
 // proving its pod's service account with a projected token gets a
 // certificate, registers as its pod, and leaves when the pod is deleted.
 func TestKubernetesControlPlane(t *testing.T) {
-	env := k8senv.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	kubectl := func(stdin string, args ...string) string {
-		t.Helper()
-		out, err := env.Kubectl(ctx, stdin, args...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
-	manifests, err := install.Render(install.Options{Image: "r.example/trellis:test", ProxyImage: "r.example/trellis-proxy:test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	kubectl(string(manifests), "apply", "-f", "-")
-	kubectl("", "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+	env, ctx, kubectl := startCluster(t, 3*time.Minute)
+	installTrellis(t, kubectl)
 
 	dir := t.TempDir()
 	grpcAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -205,9 +188,7 @@ spec:
 // Secret (as cert-manager keeps a CA) makes its CA from that root: the
 // trust bundle it publishes is that root.
 func TestKubernetesUserRoot(t *testing.T) {
-	env := k8senv.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
+	env, ctx, _ := startCluster(t, 2*time.Minute)
 	dir := t.TempDir()
 	for _, args := range [][]string{
 		{"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=user root",

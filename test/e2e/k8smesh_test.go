@@ -22,7 +22,6 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/k8s/inject"
 	"github.com/trellis-mesh/trellis/internal/k8s/install"
-	"github.com/trellis-mesh/trellis/test/k8senv"
 	"github.com/trellis-mesh/trellis/test/k8snode"
 )
 
@@ -66,17 +65,7 @@ func TestKubernetesMesh(t *testing.T) {
 	// TestMain built it.
 	proxy := installProgram(t, proxyBin)
 
-	env := k8senv.Start(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
-	defer cancel()
-	kubectl := func(stdin string, args ...string) string {
-		t.Helper()
-		out, err := env.Kubectl(ctx, stdin, args...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
+	env, ctx, kubectl := startCluster(t, 5*time.Minute)
 	node := k8snode.Start(t, k8snode.Config{
 		Kubeconfig: env.Kubeconfig,
 		// The control plane listens on the host's side of the bridge.

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -12,7 +11,6 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/k8s/inject"
 	"github.com/trellis-mesh/trellis/internal/k8s/install"
-	"github.com/trellis-mesh/trellis/test/k8senv"
 )
 
 var (
@@ -26,17 +24,7 @@ var (
 // custom resources, and a Deployment injected by 'trellis inject', whose
 // pods the controllers create with the sidecar in them.
 func TestKubernetesManifests(t *testing.T) {
-	env := k8senv.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	kubectl := func(stdin string, args ...string) string {
-		t.Helper()
-		out, err := env.Kubectl(ctx, stdin, args...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
+	env, ctx, kubectl := startCluster(t, 3*time.Minute)
 
 	// trellis install | kubectl apply -f -, with strict field validation:
 	// a field the API does not know fails here.

@@ -18,10 +18,8 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
 
-	"github.com/trellis-mesh/trellis/internal/k8s/install"
 	"github.com/trellis-mesh/trellis/internal/k8s/resources"
 	"github.com/trellis-mesh/trellis/internal/policy"
-	"github.com/trellis-mesh/trellis/test/k8senv"
 )
 
 // TestKubernetesResources: the control plane's view of the custom
@@ -30,23 +28,8 @@ import (
 // a Warning event, and its previous valid version stays in force; a
 // deleted one leaves.
 func TestKubernetesResources(t *testing.T) {
-	env := k8senv.Start(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	kubectl := func(stdin string, args ...string) string {
-		t.Helper()
-		out, err := env.Kubectl(ctx, stdin, args...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
-	manifests, err := install.Render(install.Options{Image: "r.example/trellis:test", ProxyImage: "r.example/trellis-proxy:test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	kubectl(string(manifests), "apply", "-f", "-")
-	kubectl("", "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+	env, ctx, kubectl := startCluster(t, 2*time.Minute)
+	installTrellis(t, kubectl)
 	kubectl("apiVersion: v1\nkind: Namespace\nmetadata: {name: shipping}\n", "apply", "-f", "-")
 
 	rc, err := clientcmd.BuildConfigFromFlags("", env.Kubeconfig)

@@ -32,7 +32,6 @@ import (
 	"github.com/trellis-mesh/trellis/internal/k8s/inject"
 	"github.com/trellis-mesh/trellis/internal/k8s/install"
 	"github.com/trellis-mesh/trellis/internal/k8s/webhook"
-	"github.com/trellis-mesh/trellis/test/k8senv"
 )
 
 // TestWebhook registers the sidecar injector with a real API server (the
@@ -42,17 +41,7 @@ import (
 // a meshed namespace; a pod that opts out there; a pod that opts in
 // elsewhere; and a pod the injector must refuse.
 func TestWebhook(t *testing.T) {
-	env := k8senv.Start(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	kubectl := func(stdin string, args ...string) string {
-		t.Helper()
-		out, err := env.Kubectl(ctx, stdin, args...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
+	env, ctx, kubectl := startCluster(t, 3*time.Minute)
 	restConfig, err := clientcmd.BuildConfigFromFlags("", env.Kubeconfig)
 	if err != nil {
 		t.Fatal(err)

@@ -291,7 +291,9 @@ func (s *Source) Sync(ctx context.Context) {
 				msg += "; not in force"
 				reverted = true
 			default:
-				msg += "; in force, but in conflict with a newer resource"
+				// Already in force: the newer side of the conflict is
+				// the one to refuse (below), not this one.
+				continue
 			}
 			if _, ok := verdicts[key]; !ok {
 				verdicts[key] = verdict{ReasonConflict, msg}
