@@ -15,6 +15,7 @@ import (
 func newInstallCommand() *cobra.Command {
 	var o install.Options
 	var rootCert, rootKey string
+	var ha bool
 	cmd := &cobra.Command{
 		Use:   "install",
 		Short: "Print the Kubernetes manifests that install Trellis in a cluster",
@@ -28,12 +29,16 @@ trellis.dev/inject=enabled, and pods annotated trellis.dev/inject: enabled).
 The control plane keeps its CA in the Secret ` + install.Namespace + `/` + install.CASecret + `, created on
 first start, from a root of its own, or from yours: --root-cert/--root-key
 (written into the Secret ` + install.RootSecret + `), or --root-secret naming a
-kubernetes.io/tls Secret of ` + install.Namespace + ` (one cert-manager keeps). One control
-plane runs at a time.`,
+kubernetes.io/tls Secret of ` + install.Namespace + ` (one cert-manager keeps).
+
+--ha runs three control planes (or --replicas): the first to start creates the
+CA, the others take it from its Secret; every one serves proxies, and a
+disruption budget keeps one up through node drains.`,
 		Example: `  trellis install | kubectl apply -f -
   kubectl label namespace shipping trellis.dev/inject=enabled
   trellis install --image registry.example/trellis:v0.1.0 --proxy-image registry.example/trellis-proxy:v0.1.0
-  trellis install --root-cert root.pem --root-key root.key | kubectl apply -f -`,
+  trellis install --root-cert root.pem --root-key root.key | kubectl apply -f -
+  trellis install --ha | kubectl apply -f -`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			for _, f := range []struct {
@@ -49,6 +54,9 @@ plane runs at a time.`,
 				}
 				*f.dst = data
 			}
+			if ha && !cmd.Flags().Changed("replicas") {
+				o.Replicas = 3
+			}
 			out, err := install.Render(o)
 			if err != nil {
 				return err
@@ -60,6 +68,8 @@ plane runs at a time.`,
 	cmd.Flags().StringVar(&o.Image, "image", version.ControlPlaneImage(), "the trellis (control plane) image")
 	cmd.Flags().StringVar(&o.ProxyImage, "proxy-image", version.ProxyImage(), "the trellis-proxy image injected into pods")
 	cmd.Flags().StringVar(&o.TrustDomain, "trust-domain", "", "the mesh's trust domain (default: cluster.local)")
+	cmd.Flags().BoolVar(&ha, "ha", false, "run three control plane replicas")
+	cmd.Flags().Int32Var(&o.Replicas, "replicas", 1, "control plane replicas")
 	cmd.Flags().StringVar(&rootCert, "root-cert", "", "PEM root certificate the CA is made from (with --root-key)")
 	cmd.Flags().StringVar(&rootKey, "root-key", "", "PEM key of --root-cert")
 	cmd.Flags().StringVar(&o.RootSecret, "root-secret", "", "name of a kubernetes.io/tls Secret in "+install.Namespace+" holding the root (such as one cert-manager keeps)")

@@ -34,6 +34,7 @@ import (
 
 	discoveryv1 "github.com/trellis-mesh/trellis/api/discovery/v1"
 	"github.com/trellis-mesh/trellis/internal/ca"
+	"github.com/trellis-mesh/trellis/internal/certpem"
 	"github.com/trellis-mesh/trellis/internal/dirwatch"
 	"github.com/trellis-mesh/trellis/internal/identityservice"
 	"github.com/trellis-mesh/trellis/internal/jointoken"
@@ -170,9 +171,30 @@ func New(opts Options) (*ControlPlane, error) {
 			log.Info("no CA in the state directory; creating one", "dir", cfg.StateDir, "trustDomain", cfg.TrustDomain)
 		}
 		authority, err = ca.Init(caCfg, init)
+		if k := opts.Kubernetes; err == nil && k != nil {
+			// Several control planes may have started together: one CA.
+			won, cerr := claimCA(k, cfg.StateDir)
+			switch {
+			case cerr != nil:
+				err = cerr
+			case !won:
+				log.Info("another control plane created the CA first; taking its", "secret", k.CASecret)
+				if err = os.Remove(filepath.Join(cfg.StateDir, ca.StateFile)); err == nil {
+					// Its bundle.pem is rewritten below.
+					if err = restoreCA(k, cfg.StateDir); err == nil {
+						authority, err = ca.Load(caCfg)
+					}
+				}
+			}
+		}
 	}
 	if err != nil {
 		return nil, err
+	}
+	// The CLI verifies the admin API with bundle.pem: a CA restored from
+	// a Secret (or taken from another control plane) comes without it.
+	if err := statefile.WriteAtomic(ca.BundlePath(cfg.StateDir), certpem.EncodeCerts(authority.Bundle()...), 0o644); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	if td := authority.TrustDomain().Name(); td != cfg.TrustDomain {
 		return nil, fmt.Errorf("trustDomain: the CA in %s is for %q, the configuration says %q; fix the configuration or use another stateDir", cfg.StateDir, td, cfg.TrustDomain)

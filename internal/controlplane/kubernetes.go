@@ -113,6 +113,34 @@ func restoreCA(k *Kubernetes, dir string) error {
 	return statefile.WriteAtomic(path, data, 0o600)
 }
 
+// claimCA publishes a CA just made into the Secret, if none is there: of
+// control planes starting together, the first to create the Secret wins,
+// and the others (won == false) must take its CA instead of their own.
+func claimCA(k *Kubernetes, dir string) (won bool, err error) {
+	if k.CASecret == "" {
+		return true, nil
+	}
+	data, err := os.ReadFile(filepath.Join(dir, ca.StateFile))
+	if err != nil {
+		return false, err
+	}
+	ns, name, _ := strings.Cut(k.CASecret, "/")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err = k.Client.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app.kubernetes.io/part-of": "trellis"}},
+		Data:       map[string][]byte{ca.StateFile: data},
+	}, metav1.CreateOptions{})
+	switch {
+	case err == nil:
+		return true, nil
+	case apierrors.IsAlreadyExists(err):
+		return false, nil
+	default:
+		return false, fmt.Errorf("CA secret %s: %w", k.CASecret, err)
+	}
+}
+
 // rootFromSecret reads the root a new CA is made from.
 func rootFromSecret(k *Kubernetes) (cert, key []byte, err error) {
 	ns, name, _ := strings.Cut(k.RootSecret, "/")
@@ -195,7 +223,8 @@ func (cp *ControlPlane) runKubernetes(ctx context.Context, k *Kubernetes, start 
 	var serviceNames string
 	start(func() error {
 		return workloads.Watch(ctx, workloads.Config{
-			Client: k.Client,
+			Client:      k.Client,
+			TrustDomain: cp.ca.TrustDomain(),
 			OnChange: func(d registry.Declarations) {
 				cp.registry.SetDeclarations(d)
 				var names strings.Builder

@@ -58,6 +58,8 @@ type DeclaredInstance struct {
 	// runs (before the application, by design), but the pod is an
 	// endpoint only once the kubelet finds it ready.
 	Ready bool
+	// Identity is the SPIFFE ID its proxy proves (its service account's).
+	Identity string
 }
 
 // Ref returns "namespace/name".
@@ -518,10 +520,19 @@ func (s Snapshot) Destinations() []Destination {
 						}
 					}
 				}
-				for _, in := range byWorkload[w.Ref()] {
-					if d, ok := w.Instances[in.Instance]; w.Instances != nil && (!ok || !d.Ready) {
-						continue
+				// A cluster's pods are endpoints once ready, whichever
+				// control plane replica their proxies are connected to (or
+				// none, while it restarts): at their IP and the target
+				// port, with their service account's identity.
+				if w.Instances != nil {
+					for _, name := range slices.Sorted(maps.Keys(w.Instances)) {
+						if di := w.Instances[name]; di.Ready && di.Identity != "" {
+							d.Endpoints = append(d.Endpoints, Endpoint{Address: net.JoinHostPort(di.IP.String(), strconv.Itoa(int(sp.TargetPort))), Identity: di.Identity})
+						}
 					}
+					continue
+				}
+				for _, in := range byWorkload[w.Ref()] {
 					if addr, ok := in.Ports[sp.TargetPort]; ok {
 						d.Endpoints = append(d.Endpoints, Endpoint{Address: addr, Identity: in.Identity})
 					}

@@ -227,23 +227,28 @@ func TestDeclaredInstances(t *testing.T) {
 	}
 }
 
-// A pod's proxy registers before its application runs; the pod is an
-// endpoint only once it is ready.
+// A cluster's pods are endpoints once ready — their proxy registers
+// before the application runs — whether or not their proxy is connected
+// to this control plane (several replicas share the proxies).
 func TestOnlyReadyPodsAreEndpoints(t *testing.T) {
 	d := Declarations{
 		Workloads: []Workload{{Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders"},
 			Instances: map[string]DeclaredInstance{
-				"a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders", Ready: true},
-				"b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders"},
+				"a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders", Ready: true, Identity: "spiffe://td/ns/shipping/sa/orders"},
+				"b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders", Identity: "spiffe://td/ns/shipping/sa/orders"},
+				"c": {IP: netip.MustParseAddr("10.0.0.7"), ServiceAccount: "orders-v2", Ready: true, Identity: "spiffe://td/ns/shipping/sa/orders-v2"},
 			}}},
 		Services: []Service{{Namespace: "shipping", Name: "orders", Selector: map[string]string{"app": "orders"}, Ports: []ServicePort{{Port: 80, TargetPort: 8080}}}},
 	}
+	// Only b's proxy is connected here.
 	snap := Snapshot{Declarations: d, Instances: []Instance{
-		{Namespace: "shipping", Workload: "orders", Instance: "a", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "10.0.0.5:8080"}},
 		{Namespace: "shipping", Workload: "orders", Instance: "b", Identity: "spiffe://td/ns/shipping/sa/orders", Ports: map[uint32]string{8080: "10.0.0.6:8080"}},
 	}}
-	dests := snap.Destinations()
-	if len(dests) != 1 || len(dests[0].Endpoints) != 1 || dests[0].Endpoints[0].Address != "10.0.0.5:8080" {
-		t.Fatalf("destinations %+v, want the ready pod a alone", dests)
+	want := []Destination{{Service: "orders.shipping", Port: 80, Endpoints: []Endpoint{
+		{Address: "10.0.0.5:8080", Identity: "spiffe://td/ns/shipping/sa/orders"},
+		{Address: "10.0.0.7:8080", Identity: "spiffe://td/ns/shipping/sa/orders-v2"},
+	}}}
+	if diff := cmp.Diff(want, snap.Destinations()); diff != "" {
+		t.Fatalf("destinations (-want +got):\n%s", diff)
 	}
 }

@@ -227,3 +227,34 @@ func TestKubernetesUserRoot(t *testing.T) {
 		t.Errorf("published bundle:\n%s\nwant the user's root:\n%s", published, root)
 	}
 }
+
+// TestKubernetesControlPlanes: several control planes (trellis install
+// --ha) share one CA — the first creates it and keeps it in its Secret,
+// the others take it — so a proxy trusts whichever it reaches.
+func TestKubernetesControlPlanes(t *testing.T) {
+	env, _, kubectl := startCluster(t, 2*time.Minute)
+	installTrellis(t, kubectl)
+	dir := t.TempDir()
+	start := func(name string) {
+		t.Helper()
+		cfg := fmt.Sprintf("apiVersion: trellis.dev/v1\nkind: ControlPlane\nstateDir: %s\nlisten: \"127.0.0.1:%d\"\nadminListen: \"127.0.0.1:%d\"\n", name, freePort(t), freePort(t))
+		if err := os.WriteFile(filepath.Join(dir, name+".yaml"), []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		background(t, dir, "control plane serving", trellisBin, "control-plane", "--config", name+".yaml", "--init",
+			"--kubernetes", "--kubeconfig", env.Kubeconfig, "--ca-secret", install.Namespace+"/"+install.CASecret)
+	}
+	start("a")
+	start("b")
+	a, errA := os.ReadFile(filepath.Join(dir, "a", "bundle.pem"))
+	b, errB := os.ReadFile(filepath.Join(dir, "b", "bundle.pem"))
+	if errA != nil || errB != nil || len(a) == 0 || string(a) != string(b) {
+		t.Fatalf("the control planes trust different roots (%v, %v):\n%s\n%s", errA, errB, a, b)
+	}
+	// Each answers the CLI with the CA it took.
+	for _, name := range []string{"a", "b"} {
+		if r := run(t, dir, "", trellisBin, "status", "--state-dir", filepath.Join(dir, name)); r.err != nil {
+			t.Errorf("trellis status of %s: %v\n%s%s", name, r.err, r.stdout, r.stderr)
+		}
+	}
+}

@@ -16,6 +16,7 @@ import (
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -68,6 +69,11 @@ type Options struct {
 	// cert-manager keeps). Neither: the control plane makes its own root.
 	RootCertPEM, RootKeyPEM []byte
 	RootSecret              string
+	// Replicas of the control plane (default 1). Several share the CA
+	// through its Secret (the first to start creates it), and every one
+	// serves proxies: endpoints come from the pods, not from which
+	// replica a proxy is connected to.
+	Replicas int32
 }
 
 // Render returns the manifests as one YAML stream, CRDs first.
@@ -80,6 +86,12 @@ func Render(o Options) ([]byte, error) {
 	}
 	if _, err := spiffeid.TrustDomainFromString(o.TrustDomain); err != nil {
 		return nil, fmt.Errorf("--trust-domain: %w", err)
+	}
+	if o.Replicas == 0 {
+		o.Replicas = 1
+	}
+	if o.Replicas < 0 {
+		return nil, fmt.Errorf("--replicas %d: give a positive number", o.Replicas)
 	}
 	if (len(o.RootCertPEM) > 0) != (len(o.RootKeyPEM) > 0) {
 		return nil, fmt.Errorf("--root-cert and --root-key go together: give both, or neither")
@@ -137,6 +149,17 @@ func Render(o Options) ([]byte, error) {
 	}
 	if len(o.RootCertPEM) > 0 {
 		objects = append(objects, rootSecret(meta(RootSecret), o))
+	}
+	if o.Replicas > 1 {
+		// A node drain leaves at least one control plane serving.
+		objects = append(objects, &policyv1.PodDisruptionBudget{
+			TypeMeta:   typeMeta("policy/v1", "PodDisruptionBudget"),
+			ObjectMeta: meta(Name),
+			Spec: policyv1.PodDisruptionBudgetSpec{
+				MaxUnavailable: ptr.To(intstr.FromInt32(1)),
+				Selector:       &metav1.LabelSelector{MatchLabels: labels},
+			},
+		})
 	}
 	for _, obj := range objects {
 		data, err := yaml.Marshal(obj)
@@ -286,9 +309,9 @@ adminListen: 0.0.0.0:%d
 	}
 }
 
-// deployment runs one control plane: the CA's state lives in an emptyDir
-// and is kept in a Secret, so a restarted pod signs with the same CA.
-// (Several replicas would need leader election for the CA, not built yet.)
+// deployment runs the control planes: the CA's state lives in an
+// emptyDir and is kept in a Secret, so a restarted pod, or another
+// replica, signs with the same CA.
 func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options) *appsv1.Deployment {
 	args := []string{"control-plane", "--config", configDir + "/control-plane.yaml", "--init",
 		"--kubernetes", "--proxy-image", o.ProxyImage, "--ca-secret", Namespace + "/" + CASecret,
@@ -335,17 +358,32 @@ func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options) *ap
 		SecurityContext: &corev1.PodSecurityContext{FSGroup: ptr.To[int64](65532)},
 	}
 	podMeta := metav1.ObjectMeta{Labels: labels, Annotations: map[string]string{inject.Annotation: "disabled"}}
-	return &appsv1.Deployment{
+	d := &appsv1.Deployment{
 		TypeMeta:   typeMeta("apps/v1", "Deployment"),
 		ObjectMeta: meta,
 		Spec: appsv1.DeploymentSpec{
-			Replicas: ptr.To[int32](1),
-			// One control plane at a time: two would both write the CA.
-			Strategy: appsv1.DeploymentStrategy{Type: appsv1.RecreateDeploymentStrategyType},
+			Replicas: ptr.To(o.Replicas),
+			// A new control plane is up before an old one goes.
+			Strategy: appsv1.DeploymentStrategy{Type: appsv1.RollingUpdateDeploymentStrategyType, RollingUpdate: &appsv1.RollingUpdateDeployment{
+				MaxUnavailable: ptr.To(intstr.FromInt32(0)), MaxSurge: ptr.To(intstr.FromInt32(1)),
+			}},
 			Selector: &metav1.LabelSelector{MatchLabels: labels},
 			Template: corev1.PodTemplateSpec{ObjectMeta: podMeta, Spec: pod},
 		},
 	}
+	if o.Replicas > 1 {
+		// Spread over nodes, so that one node's loss leaves the others.
+		d.Spec.Template.Spec.Affinity = &corev1.Affinity{PodAntiAffinity: &corev1.PodAntiAffinity{
+			PreferredDuringSchedulingIgnoredDuringExecution: []corev1.WeightedPodAffinityTerm{{
+				Weight: 100,
+				PodAffinityTerm: corev1.PodAffinityTerm{
+					TopologyKey:   "kubernetes.io/hostname",
+					LabelSelector: &metav1.LabelSelector{MatchLabels: labels},
+				},
+			}},
+		}}
+	}
+	return d
 }
 
 // webhook calls the injector for pods of namespaces labelled

@@ -55,8 +55,26 @@ func TestRender(t *testing.T) {
 			t.Errorf("%d %s documents, want 1", len(byKind[k]), k)
 		}
 	}
-	if s := string(out); !strings.Contains(s, "replicas: 1") || !strings.Contains(s, "type: Recreate") {
-		t.Error("want one control plane at a time: two would both write the CA")
+	if s := string(out); !strings.Contains(s, "replicas: 1") || len(byKind["PodDisruptionBudget"]) != 0 {
+		t.Error("want one control plane by default, and no disruption budget that would block a drain")
+	}
+}
+
+func TestRenderReplicas(t *testing.T) {
+	o := images
+	o.Replicas = 3
+	out, err := Render(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, byKind := kinds(t, out)
+	if len(byKind["PodDisruptionBudget"]) != 1 {
+		t.Error("several control planes without a disruption budget")
+	}
+	for _, want := range []string{"replicas: 3", "podAntiAffinity", "maxSurge: 1"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("manifests lack %q", want)
+		}
 	}
 }
 
@@ -67,6 +85,7 @@ func TestRenderErrors(t *testing.T) {
 		want string
 	}{
 		{"no images", Options{}, "images are required"},
+		{"negative replicas", Options{Image: "a", ProxyImage: "b", Replicas: -1}, "--replicas -1"},
 		{"bad trust domain", Options{Image: "a", ProxyImage: "b", TrustDomain: "Not A Domain"}, "--trust-domain"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

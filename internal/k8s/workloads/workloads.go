@@ -18,6 +18,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
@@ -25,6 +26,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/trellis-mesh/trellis/internal/k8s/inject"
+	"github.com/trellis-mesh/trellis/internal/meshid"
 	proxyconfig "github.com/trellis-mesh/trellis/internal/proxy/config"
 	"github.com/trellis-mesh/trellis/internal/registry"
 )
@@ -35,7 +37,7 @@ var revisionLabels = []string{"pod-template-hash", "controller-revision-hash"}
 
 // Declarations computes the registry's declarations from the cluster's
 // pods and services.
-func Declarations(pods []*corev1.Pod, services []*corev1.Service, log *slog.Logger) registry.Declarations {
+func Declarations(td spiffeid.TrustDomain, pods []*corev1.Pod, services []*corev1.Service, log *slog.Logger) registry.Declarations {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -87,7 +89,11 @@ func Declarations(pods []*corev1.Pod, services []*corev1.Service, log *slog.Logg
 		// Every pod with an address, each with its own service account.
 		for _, m := range ms {
 			if ip, err := netip.ParseAddr(m.pod.Status.PodIP); err == nil {
-				w.Instances[m.pod.Name] = registry.DeclaredInstance{IP: ip.Unmap(), ServiceAccount: serviceAccount(m.pod), Ready: podReady(m.pod)}
+				di := registry.DeclaredInstance{IP: ip.Unmap(), ServiceAccount: serviceAccount(m.pod), Ready: podReady(m.pod)}
+				if id, err := meshid.Workload(td, m.pod.Namespace, di.ServiceAccount); err == nil {
+					di.Identity = id.String()
+				}
+				w.Instances[m.pod.Name] = di
 			}
 		}
 		d.Workloads = append(d.Workloads, w)
@@ -193,6 +199,8 @@ func ptrValue(s *string) string {
 // Config configures a Watcher.
 type Config struct {
 	Client kubernetes.Interface
+	// TrustDomain names the pods' identities.
+	TrustDomain spiffeid.TrustDomain
 	// OnChange receives the declarations after the first listing and
 	// after every change (changes arriving together give one call).
 	OnChange func(registry.Declarations)
@@ -244,7 +252,7 @@ func Watch(ctx context.Context, cfg Config, synced chan<- struct{}) error {
 			cfg.Log.Error("listing services failed", "err", err)
 			return
 		}
-		cfg.OnChange(Declarations(ps, ss, cfg.Log))
+		cfg.OnChange(Declarations(cfg.TrustDomain, ps, ss, cfg.Log))
 	}
 	deliver()
 	if synced != nil {

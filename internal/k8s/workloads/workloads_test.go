@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -15,7 +16,10 @@ import (
 	"github.com/trellis-mesh/trellis/internal/registry"
 )
 
-var t0 = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+var (
+	t0 = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	td = spiffeid.RequireTrustDomainFromString("cluster.local")
+)
 
 // pod is an injected pod of workload in shipping, created at t0+age.
 func pod(t *testing.T, name, workload, sa, ip string, age int, labels map[string]string) *corev1.Pod {
@@ -68,21 +72,21 @@ func TestDeclarations(t *testing.T) {
 		{ObjectMeta: metav1.ObjectMeta{Name: "legacy", Namespace: "shipping"}, Spec: corev1.ServiceSpec{
 			Selector: map[string]string{"app": "legacy"}, ClusterIP: "198.19.64.12", Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}},
 	}
-	got := Declarations([]*corev1.Pod{a, b, pending, oldSA, done, deleting, plain, defaultSA}, services, nil)
+	got := Declarations(td, []*corev1.Pod{a, b, pending, oldSA, done, deleting, plain, defaultSA}, services, nil)
 	ports := []registry.WorkloadPort{{Port: 8080, Protocol: "http"}, {Port: 9000, Protocol: "grpc"}}
 	want := registry.Declarations{
 		Workloads: []registry.Workload{
 			{Namespace: "shipping", Name: "cli", ServiceAccount: "default", Labels: map[string]string{"app": "cli"}, Ports: ports,
-				Instances: map[string]registry.DeclaredInstance{"cli": {IP: netip.MustParseAddr("10.0.0.11"), ServiceAccount: "default"}}},
+				Instances: map[string]registry.DeclaredInstance{"cli": {IP: netip.MustParseAddr("10.0.0.11"), ServiceAccount: "default", Identity: "spiffe://cluster.local/ns/shipping/sa/default"}}},
 			// The newest running pod's labels and service account; every
 			// running pod, each with its own service account (a rollout
 			// that changes it serves throughout); not the pending, deleted
 			// or finished ones.
 			{Namespace: "shipping", Name: "orders", ServiceAccount: "orders", Labels: map[string]string{"app": "orders", "version": "v2"}, Ports: ports,
 				Instances: map[string]registry.DeclaredInstance{
-					"orders-7d9-a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders", Ready: true},
-					"orders-8ab-b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders"},
-					"orders-6f1-d": {IP: netip.MustParseAddr("10.0.0.7"), ServiceAccount: "legacy"},
+					"orders-7d9-a": {IP: netip.MustParseAddr("10.0.0.5"), ServiceAccount: "orders", Ready: true, Identity: "spiffe://cluster.local/ns/shipping/sa/orders"},
+					"orders-8ab-b": {IP: netip.MustParseAddr("10.0.0.6"), ServiceAccount: "orders", Identity: "spiffe://cluster.local/ns/shipping/sa/orders"},
+					"orders-6f1-d": {IP: netip.MustParseAddr("10.0.0.7"), ServiceAccount: "legacy", Identity: "spiffe://cluster.local/ns/shipping/sa/legacy"},
 				}},
 		},
 		Services: []registry.Service{
@@ -106,7 +110,7 @@ func TestInvalidProxyConfigIsLeftOut(t *testing.T) {
 	bad := pod(t, "x", "x", "x", "10.0.0.1", 0, nil)
 	bad.Annotations[inject.ProxyConfigAnnotation] = "kind: Nonsense\n"
 	good := pod(t, "y", "y", "y", "10.0.0.2", 0, nil)
-	got := Declarations([]*corev1.Pod{bad, good}, nil, nil)
+	got := Declarations(td, []*corev1.Pod{bad, good}, nil, nil)
 	if len(got.Workloads) != 1 || got.Workloads[0].Name != "y" {
 		t.Errorf("workloads %+v, want y alone", got.Workloads)
 	}
