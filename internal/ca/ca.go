@@ -406,14 +406,21 @@ func (c *CA) mutate(fn func(p *parsedState) (changed bool, err error)) error {
 
 // Reload re-reads the state file if another process changed it (a root
 // rotation step run from the CLI). It reports whether anything changed.
-func (c *CA) Reload() (bool, error) {
+func (c *CA) Reload() (bool, error) { return c.reload(false) }
+
+// Replaced reads the state file that was just replaced whole (by another
+// control plane's CA, taken from its Secret), whatever its modification
+// time says: two writes within the clock's resolution look the same.
+func (c *CA) Replaced() (bool, error) { return c.reload(true) }
+
+func (c *CA) reload(force bool) (bool, error) {
 	fi, err := os.Stat(filepath.Join(c.cfg.StateDir, stateFileName))
 	if err != nil {
 		return false, fmt.Errorf("reload CA state: %w", err)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if fi.ModTime().Equal(c.stateMod) {
+	if !force && fi.ModTime().Equal(c.stateMod) {
 		return false, nil
 	}
 	p, err := readState(c.cfg.StateDir)

@@ -30,6 +30,7 @@ type kubeFlags struct {
 	webhookURL    string
 	caSecret      string
 	rootSecret    string
+	leaderElect   bool
 }
 
 func (k *kubeFlags) add(cmd *cobra.Command) {
@@ -40,6 +41,7 @@ func (k *kubeFlags) add(cmd *cobra.Command) {
 	f.StringVar(&k.proxyAddress, "proxy-address", "", "host:port injected proxies reach the control plane at (default: its Service, trellis-control-plane.trellis-system.svc:15012)")
 	f.StringVar(&k.webhookListen, "webhook-listen", "", "address of the sidecar injector webhook (HTTPS), such as 0.0.0.0:15017; empty: no injector")
 	f.StringVar(&k.caSecret, "ca-secret", "", "namespace/name of a Secret keeping the CA, so a control plane whose state directory is emptied (a new pod) restarts with the same CA; empty: the state directory only")
+	f.BoolVar(&k.leaderElect, "leader-elect", false, "with several control planes sharing --ca-secret: elect the one that keeps the CA in it (a Lease of that name); the others take the CA from it")
 	f.StringVar(&k.rootSecret, "root-secret", "", "namespace/name of a kubernetes.io/tls Secret holding the root certificate and key the CA is made from (such as one cert-manager keeps), read when the CA is first created; empty: a root of its own")
 	f.StringVar(&k.webhookURL, "webhook-url", "", "URL the API server calls the injector at, written into its webhook configuration (\"auto\": the --webhook-listen address, for a control plane outside the cluster); empty: the Service")
 }
@@ -71,7 +73,7 @@ func clusterFindings(cmd *cobra.Command, kubeconfig string) ([]meshcheck.Finding
 
 // given returns a Kubernetes flag set without --kubernetes, if any.
 func (k *kubeFlags) given(cmd *cobra.Command) string {
-	for _, f := range []string{"kubeconfig", "proxy-image", "proxy-address", "webhook-listen", "webhook-url", "ca-secret", "root-secret"} {
+	for _, f := range []string{"kubeconfig", "proxy-image", "proxy-address", "webhook-listen", "webhook-url", "ca-secret", "root-secret", "leader-elect"} {
 		if cmd.Flags().Changed(f) {
 			return f
 		}
@@ -108,6 +110,9 @@ func (k *kubeFlags) connect(trustDomain string) (*controlplane.Kubernetes, error
 			return nil, fmt.Errorf("--%s %q: write namespace/name, such as trellis-system/trellis-ca", f.flag, f.value)
 		}
 	}
+	if k.leaderElect && k.caSecret == "" {
+		return nil, fmt.Errorf("--leader-elect needs --ca-secret: the leader keeps the CA there for the others")
+	}
 	if k.webhookURL != "" && k.webhookListen == "" {
 		return nil, fmt.Errorf("--webhook-url needs --webhook-listen: the injector must listen somewhere")
 	}
@@ -120,5 +125,6 @@ func (k *kubeFlags) connect(trustDomain string) (*controlplane.Kubernetes, error
 		WebhookURL:    k.webhookURL,
 		CASecret:      k.caSecret,
 		RootSecret:    k.rootSecret,
+		LeaderElect:   k.leaderElect,
 	}, nil
 }

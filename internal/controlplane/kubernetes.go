@@ -14,8 +14,10 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -28,6 +30,8 @@ import (
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/trellis-mesh/trellis/internal/ca"
@@ -63,6 +67,10 @@ type Kubernetes struct {
 	// is an emptyDir restarts with the same CA; empty keeps it in the state
 	// directory only.
 	CASecret string
+	// LeaderElect makes the control planes sharing CASecret elect one
+	// (a Lease named like the Secret) that keeps the CA in it — the
+	// intermediate it rotates; the others take the CA from the Secret.
+	LeaderElect bool
 	// RootSecret, "namespace/name", is a kubernetes.io/tls Secret whose
 	// tls.crt and tls.key are the root the CA is made from (the control
 	// plane makes its intermediate), such as a CA cert-manager keeps;
@@ -157,24 +165,34 @@ func rootFromSecret(k *Kubernetes) (cert, key []byte, err error) {
 	return cert, key, nil
 }
 
-// mirrorCA keeps the Secret equal to the CA's state file (it changes when
-// the intermediate rotates) until ctx ends.
-func (cp *ControlPlane) mirrorCA(ctx context.Context, k *Kubernetes) error {
+// syncCA keeps the CA and its Secret one until ctx ends: the leader (the
+// only control plane without LeaderElect) writes its CA into the Secret
+// when it changes (the intermediate rotated); the others take the
+// leader's from it, so that every replica signs under the same issuer.
+func (cp *ControlPlane) syncCA(ctx context.Context, k *Kubernetes, leading func() bool) error {
 	ns, name, _ := strings.Cut(k.CASecret, "/")
 	secrets := k.Client.CoreV1().Secrets(ns)
+	path := filepath.Join(cp.cfg.StateDir, ca.StateFile)
 	t := time.NewTicker(caCheckInterval)
 	defer t.Stop()
 	var mirrored []byte
 	for {
-		data, err := os.ReadFile(filepath.Join(cp.cfg.StateDir, ca.StateFile))
-		if err == nil && !bytes.Equal(data, mirrored) {
-			if err = writeSecret(ctx, secrets, ns, name, data); err == nil {
-				mirrored = data
-				cp.log.Info("CA kept in its secret", "secret", k.CASecret)
+		var err error
+		if leading() {
+			var data []byte
+			data, err = os.ReadFile(path)
+			if err == nil && !bytes.Equal(data, mirrored) {
+				if err = writeSecret(ctx, secrets, ns, name, data); err == nil {
+					mirrored = data
+					cp.log.Info("CA kept in its secret", "secret", k.CASecret)
+				}
 			}
+		} else {
+			mirrored = nil // a new leader writes again
+			err = cp.followCA(ctx, secrets, name, path)
 		}
 		if err != nil && ctx.Err() == nil {
-			cp.log.Error("keeping the CA in its secret failed; retrying", "secret", k.CASecret, "err", err)
+			cp.log.Error("keeping the CA and its secret one failed; retrying", "secret", k.CASecret, "err", err)
 		}
 		select {
 		case <-ctx.Done():
@@ -182,6 +200,65 @@ func (cp *ControlPlane) mirrorCA(ctx context.Context, k *Kubernetes) error {
 		case <-t.C:
 		}
 	}
+}
+
+// followCA takes the leader's CA from the Secret when it differs.
+func (cp *ControlPlane) followCA(ctx context.Context, secrets typedcorev1.SecretInterface, name, path string) error {
+	sec, err := secrets.Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	data := sec.Data[ca.StateFile]
+	local, _ := os.ReadFile(path)
+	if len(data) == 0 || bytes.Equal(data, local) {
+		return nil
+	}
+	if err := statefile.WriteAtomic(path, data, 0o600); err != nil {
+		return err
+	}
+	if changed, err := cp.ca.Replaced(); err != nil {
+		return err
+	} else if changed {
+		cp.log.Info("took the leader's CA from its secret", "secret", sec.Namespace+"/"+name)
+	}
+	return nil
+}
+
+// elect runs for the Lease until ctx ends, and reports whether this
+// control plane leads.
+func (cp *ControlPlane) elect(ctx context.Context, k *Kubernetes, leading *atomic.Bool) error {
+	ns, name, _ := strings.Cut(k.CASecret, "/")
+	id, err := os.Hostname()
+	if err != nil {
+		return fmt.Errorf("leader election: %w", err)
+	}
+	id += "-" + strconv.Itoa(os.Getpid())
+	lock := &resourcelock.LeaseLock{
+		LeaseMeta:  metav1.ObjectMeta{Name: name, Namespace: ns},
+		Client:     k.Client.CoordinationV1(),
+		LockConfig: resourcelock.ResourceLockConfig{Identity: id},
+	}
+	for ctx.Err() == nil {
+		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+			Lock: lock, LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second,
+			ReleaseOnCancel: true, Name: name,
+			Callbacks: leaderelection.LeaderCallbacks{
+				OnStartedLeading: func(context.Context) {
+					leading.Store(true)
+					cp.log.Info("leading: this control plane keeps the CA in its secret", "lease", ns+"/"+name, "id", id)
+				},
+				OnStoppedLeading: func() {
+					leading.Store(false)
+					cp.log.Info("no longer leading", "lease", ns+"/"+name, "id", id)
+				},
+			},
+		})
+		if err != nil {
+			return fmt.Errorf("leader election: %w", err)
+		}
+		le.Run(ctx) // returns when leadership is lost: stand again
+	}
+	return nil
 }
 
 func writeSecret(ctx context.Context, secrets typedcorev1.SecretInterface, ns, name string, data []byte) error {
@@ -264,7 +341,12 @@ func (cp *ControlPlane) runKubernetes(ctx context.Context, k *Kubernetes, start 
 	})
 	start(func() error { return cp.publishBundle(ctx, k.Client) })
 	if k.CASecret != "" {
-		start(func() error { return cp.mirrorCA(ctx, k) })
+		var leading atomic.Bool
+		leading.Store(!k.LeaderElect)
+		if k.LeaderElect {
+			start(func() error { return cp.elect(ctx, k, &leading) })
+		}
+		start(func() error { return cp.syncCA(ctx, k, leading.Load) })
 	}
 	if cp.webhookLis != nil {
 		start(func() error { return cp.serveWebhook(ctx, k) })

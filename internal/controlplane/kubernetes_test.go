@@ -2,10 +2,12 @@ package controlplane
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
@@ -45,5 +47,31 @@ func TestClaimCA(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(filepath.Join(other, ca.StateFile)); string(got) != `{"mine":true}` {
 		t.Errorf("the loser restored %s, want the winner's CA", got)
+	}
+}
+
+// A follower takes the leader's CA from the Secret when it differs (the
+// leader rotated its intermediate), and signs under it from then on.
+func TestFollowCA(t *testing.T) {
+	leaderDir, followerDir := t.TempDir(), t.TempDir()
+	leader, err := ca.Init(ca.Config{StateDir: leaderDir}, ca.InitOptions{TrustDomain: "cluster.local"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	follower, err := ca.Init(ca.Config{StateDir: followerDir}, ca.InitOptions{TrustDomain: "cluster.local"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(leaderDir, ca.StateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := fake.NewClientset(&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "trellis-ca", Namespace: "trellis-system"}, Data: map[string][]byte{ca.StateFile: data}})
+	cp := &ControlPlane{ca: follower, cfg: &Config{StateDir: followerDir}, log: slog.New(slog.DiscardHandler)}
+	if err := cp.followCA(context.Background(), client.CoreV1().Secrets("trellis-system"), "trellis-ca", filepath.Join(followerDir, ca.StateFile)); err != nil {
+		t.Fatal(err)
+	}
+	if !follower.Issuer().Equal(leader.Issuer()) || !follower.Bundle()[0].Equal(leader.Bundle()[0]) {
+		t.Error("the follower still signs under its own CA")
 	}
 }

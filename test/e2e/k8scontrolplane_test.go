@@ -232,27 +232,38 @@ func TestKubernetesUserRoot(t *testing.T) {
 // --ha) share one CA — the first creates it and keeps it in its Secret,
 // the others take it — so a proxy trusts whichever it reaches.
 func TestKubernetesControlPlanes(t *testing.T) {
-	env, _, kubectl := startCluster(t, 2*time.Minute)
+	env, ctx, kubectl := startCluster(t, 2*time.Minute)
 	installTrellis(t, kubectl)
 	dir := t.TempDir()
-	start := func(name string) {
+	start := func(name string) *proc {
 		t.Helper()
 		cfg := fmt.Sprintf("apiVersion: trellis.dev/v1\nkind: ControlPlane\nstateDir: %s\nlisten: \"127.0.0.1:%d\"\nadminListen: \"127.0.0.1:%d\"\n", name, freePort(t), freePort(t))
 		if err := os.WriteFile(filepath.Join(dir, name+".yaml"), []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		background(t, dir, "control plane serving", trellisBin, "control-plane", "--config", name+".yaml", "--init",
-			"--kubernetes", "--kubeconfig", env.Kubeconfig, "--ca-secret", install.Namespace+"/"+install.CASecret)
+		return background(t, dir, "control plane serving", trellisBin, "control-plane", "--config", name+".yaml", "--init",
+			"--kubernetes", "--kubeconfig", env.Kubeconfig, "--ca-secret", install.Namespace+"/"+install.CASecret, "--leader-elect")
 	}
-	start("a")
+	a := start("a")
 	start("b")
-	a, errA := os.ReadFile(filepath.Join(dir, "a", "bundle.pem"))
-	b, errB := os.ReadFile(filepath.Join(dir, "b", "bundle.pem"))
-	if errA != nil || errB != nil || len(a) == 0 || string(a) != string(b) {
-		t.Fatalf("the control planes trust different roots (%v, %v):\n%s\n%s", errA, errB, a, b)
+	bundleA, errA := os.ReadFile(filepath.Join(dir, "a", "bundle.pem"))
+	bundleB, errB := os.ReadFile(filepath.Join(dir, "b", "bundle.pem"))
+	if errA != nil || errB != nil || len(bundleA) == 0 || string(bundleA) != string(bundleB) {
+		t.Fatalf("the control planes trust different roots (%v, %v):\n%s\n%s", errA, errB, bundleA, bundleB)
 	}
-	// Each answers the CLI with the CA it took.
-	for _, name := range []string{"a", "b"} {
+	// One leads (a, which started first), holding the Lease; when it
+	// stops, b takes over.
+	holder := func() string {
+		out, _ := env.Kubectl(ctx, "", "get", "lease", install.CASecret, "-n", install.Namespace, "-o", "jsonpath={.spec.holderIdentity}")
+		return out
+	}
+	var first string
+	waitFor(t, 30*time.Second, "a leader", func() bool { first = holder(); return first != "" })
+	_ = a.cmd.Process.Signal(os.Interrupt) // released on a clean stop
+	<-a.exited
+	waitFor(t, 30*time.Second, "another leader once the first stopped", func() bool { h := holder(); return h != "" && h != first })
+	// Each answers the CLI with the CA it took (b, still running).
+	for _, name := range []string{"b"} {
 		if r := run(t, dir, "", trellisBin, "status", "--state-dir", filepath.Join(dir, name)); r.err != nil {
 			t.Errorf("trellis status of %s: %v\n%s%s", name, r.err, r.stdout, r.stderr)
 		}

@@ -235,7 +235,7 @@ func clusterRole(labels map[string]string) *rbacv1.ClusterRole {
 }
 
 // namespaceRole is what the control plane may do in its own namespace:
-// keep the CA in a Secret.
+// keep the CA in a Secret, and elect the replica that writes it.
 func namespaceRole(meta metav1.ObjectMeta, caSecret, rootSecret string) *rbacv1.Role {
 	r := &rbacv1.Role{
 		TypeMeta:   typeMeta("rbac.authorization.k8s.io/v1", "Role"),
@@ -243,6 +243,10 @@ func namespaceRole(meta metav1.ObjectMeta, caSecret, rootSecret string) *rbacv1.
 		Rules: []rbacv1.PolicyRule{
 			{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{caSecret}, Verbs: []string{"get", "update"}},
 			{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
+			// The Lease of the control plane that keeps the CA in its
+			// Secret, named like it.
+			{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{caSecret}, Verbs: []string{"get", "update"}},
+			{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		},
 	}
 	if rootSecret != "" {
@@ -318,6 +322,9 @@ func deployment(meta metav1.ObjectMeta, labels map[string]string, o Options) *ap
 		"--webhook-listen", fmt.Sprintf("0.0.0.0:%d", WebhookPort)}
 	if o.RootSecret != "" {
 		args = append(args, "--root-secret", Namespace+"/"+o.RootSecret)
+	}
+	if o.Replicas > 1 {
+		args = append(args, "--leader-elect")
 	}
 	probe := func(period int32) *corev1.Probe {
 		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{

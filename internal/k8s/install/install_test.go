@@ -71,7 +71,7 @@ func TestRenderReplicas(t *testing.T) {
 	if len(byKind["PodDisruptionBudget"]) != 1 {
 		t.Error("several control planes without a disruption budget")
 	}
-	for _, want := range []string{"replicas: 3", "podAntiAffinity", "maxSurge: 1"} {
+	for _, want := range []string{"replicas: 3", "podAntiAffinity", "maxSurge: 1", "--leader-elect", "leases"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("manifests lack %q", want)
 		}
