@@ -226,7 +226,7 @@ func (cp *ControlPlane) followCA(ctx context.Context, secrets typedcorev1.Secret
 
 // elect runs for the Lease until ctx ends, and reports whether this
 // control plane leads.
-func (cp *ControlPlane) elect(ctx context.Context, k *Kubernetes, leading *atomic.Bool) error {
+func (cp *ControlPlane) elect(ctx context.Context, k *Kubernetes, leading *atomic.Bool, onLead func()) error {
 	ns, name, _ := strings.Cut(k.CASecret, "/")
 	id, err := os.Hostname()
 	if err != nil {
@@ -245,6 +245,7 @@ func (cp *ControlPlane) elect(ctx context.Context, k *Kubernetes, leading *atomi
 			Callbacks: leaderelection.LeaderCallbacks{
 				OnStartedLeading: func(context.Context) {
 					leading.Store(true)
+					onLead()
 					cp.log.Info("leading: this control plane keeps the CA in its secret", "lease", ns+"/"+name, "id", id)
 				},
 				OnStoppedLeading: func() {
@@ -295,7 +296,11 @@ func (cp *ControlPlane) runKubernetes(ctx context.Context, k *Kubernetes, start 
 	// are in: a view computed before would lack the policies. Resources
 	// are checked against the services, so they come second, and again
 	// whenever the services' names change.
-	src := resources.New(resources.Config{Client: k.Dynamic, Events: recorder, Apply: cp.applyResources, Log: cp.log.With("component", "resources")})
+	// With several control planes, the leader alone writes statuses and
+	// events (each would write the same, and the events N times).
+	var leading atomic.Bool
+	leading.Store(!k.LeaderElect)
+	src := resources.New(resources.Config{Client: k.Dynamic, Events: recorder, Apply: cp.applyResources, Reporting: leading.Load, Log: cp.log.With("component", "resources")})
 	synced := make(chan struct{})
 	var serviceNames string
 	start(func() error {
@@ -341,10 +346,9 @@ func (cp *ControlPlane) runKubernetes(ctx context.Context, k *Kubernetes, start 
 	})
 	start(func() error { return cp.publishBundle(ctx, k.Client) })
 	if k.CASecret != "" {
-		var leading atomic.Bool
-		leading.Store(!k.LeaderElect)
 		if k.LeaderElect {
-			start(func() error { return cp.elect(ctx, k, &leading) })
+			// A new leader reports what changed while it followed.
+			start(func() error { return cp.elect(ctx, k, &leading, src.Invalidate) })
 		}
 		start(func() error { return cp.syncCA(ctx, k, leading.Load) })
 	}

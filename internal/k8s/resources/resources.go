@@ -75,6 +75,10 @@ type Config struct {
 	// the name SourceName gives), which are then reported as conflicting.
 	Apply func(sources []policy.SourceFile) error
 	Log   *slog.Logger
+	// Reporting, when set, says whether this control plane writes the
+	// statuses and events (several replicas: the leader alone); nil: it
+	// does.
+	Reporting func() bool
 	// SyncTimeout bounds the first listing: a CRD that is not installed
 	// is reported rather than waited for forever (default 30 s).
 	SyncTimeout time.Duration
@@ -378,6 +382,9 @@ func equalSource(a, b policy.SourceFile) bool {
 // report writes the condition into the resource's status when it
 // changed, and records an event when the resource is newly rejected.
 func (s *Source) report(ctx context.Context, o object, cond metav1.Condition) {
+	if s.cfg.Reporting != nil && !s.cfg.Reporting() {
+		return
+	}
 	old := currentCondition(o.u)
 	if old != nil && old.Status == cond.Status && old.Reason == cond.Reason && old.Message == cond.Message && old.ObservedGeneration == cond.ObservedGeneration {
 		return
